@@ -1,0 +1,42 @@
+r"""Embedded default: a tiny RILS model on generated coloured-shape pictures, on CPU.
+
+  python -m rils_jax.main --config=configs/default.py --workdir=/tmp/rils_default
+
+What to expect on 2 CPU cores: the dataset (4,000 training pictures with 3 captions each, 200
+held-out pictures, 20 zero-shot classes 'colour shape') is generated once under
+~/.cache/rils_jax; a 16k-piece-max sentencepiece model is trained on its captions; then a
+ViT (width 128, 4 blocks, patch 4, 32 px) + text transformer (width 128, 3 layers) trains with
+CLIP + RILS reconstruction for `total_steps`. The loss falls from about 5.2, and the final
+zero-shot top-1 over the 20 classes ends far above the 5% chance level; held-out retrieval R@K is
+printed next to its chance level. See README.md for measured figures.
+
+Argument (optional): `configs/default.py:num_train=4000`.
+"""
+
+from rils_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, num_train=4000)
+  c = config_lib.base_config()
+  c.total_steps = 300
+  c.log_every = 25
+  c.checkpoint_every = 150
+
+  c.model.variant = 'Ti/4'
+  c.model.vision = dict(width=128, depth=4, num_heads=4)
+  c.model.image_size = 32
+  c.model.decoder = dict(width=128, depth=1, num_heads=4)
+  c.model.text = dict(width=128, num_layers=3, num_heads=4, context_length=16, vocab_size=128)
+  c.model.embed_dim = 64
+
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 30
+  c.optim.weight_decay = 0.1
+
+  c.input.batch_size = 128
+  c.input.crop_scale = (0.8, 1.0)  # Milder than 0.5: a 32 px shape must stay in the crop.
+  c.tokenizer.vocab_size = 128
+  config_lib.synthetic_data(c, image_size=32, num_train=arg.num_train)
+  c.evals.batch_size = 200
+  return c

@@ -1,0 +1,52 @@
+r"""RILS ViT-B/16: the paper's set-up (Yang et al., CVPR 2023, arXiv:2301.06958).
+
+  python -m rils_jax.main --config=configs/vit_b16.py --workdir=DIR \
+      --config.input.sources.0.captions=laion.csv ...      # real pre-training
+  python -m rils_jax.main --config=configs/vit_b16.py --config.input.batch_size=8 \
+      --config.total_steps=3 --workdir=/tmp/b16            # CPU smoke test, generated data
+
+Recipe and sources (see ../shared/docs/RILS_METHOD.md):
+- Model (RILS release): ViT-B/16 at 224 px (width 768, 12 blocks, 12 heads, q/v bias, sin-cos
+  positions), 1-block decoder 768 wide, text transformer 512 wide / 12 layers / 8 heads, context
+  77, joint width 512. The release uses CLIP's 49,408-token BPE; this code base uses
+  sentencepiece, so `model.text.vocab_size` = 49,408 rows and the tokenizer may use up to that.
+- Loss (release): lambda = 0.5, tau_s = 0.1, tau_t = 0.04, mask ratio 0.75, retrieval gate on,
+  no L_rec gradient into the captions; logit scale init ln(1/0.07), clipped at 100 (CLIP).
+- Optimisation (SLIP, the code base RILS descends from; the release has no training loop):
+  global batch 4096, AdamW beta = (0.9, 0.98), eps 1e-8, weight decay 0.5, lr 5e-4, cosine
+  schedule with 1 warm-up epoch, 25 epochs, RandomResizedCrop(224, scale 0.5-1.0), ImageNet
+  mean / std, mixed precision (bfloat16 compute, float32 parameters).
+- Steps: 25 epochs of LAION-20M at batch 4096 = 122,070 steps; 1 epoch = 4,883 warm-up steps.
+
+Data: with no argument the config points at the generated shapes data (224 px) so that it runs
+anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini); for LAION-scale data set
+`config.input.sources` to your CSV / COCO files.
+
+Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=bfloat16|float32`.
+"""
+
+from rils_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, data='synthetic', dtype='bfloat16')
+  c = config_lib.base_config()
+  c.total_steps = 122_070
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.model.variant = 'B/16'
+  c.model.image_size = 224
+  c.model.dtype = arg.dtype
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 4_883
+  c.optim.weight_decay = 0.5
+  c.input.batch_size = 4096
+  c.input.num_workers = 8
+  c.tokenizer.vocab_size = 49_408
+  if arg.data == 'synthetic':
+    config_lib.synthetic_data(c, image_size=224)
+  elif arg.data == 'shared':
+    config_lib.shared_data(c)
+  else:
+    raise ValueError(f"data must be 'synthetic' or 'shared', got {arg.data!r}")
+  return c

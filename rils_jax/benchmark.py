@@ -1,0 +1,142 @@
+r"""Measures the train step of a config and prints one JSON line.
+
+  python -m rils_jax.benchmark --config=configs/vit_b16.py --config.input.batch_size=8
+
+Fields: `compile_s` (lower + compile of the jitted step), `step_s` (median of `--steps` steps
+after `--warmup`), `images_per_s`, `model_flops_per_step` (analytic, `rils_jax.flops`),
+`model_tflops_per_s` (achieved), `matmul_tflops_per_s` (a large square matmul measured in the
+same process, in the compute dtype), `fraction_of_matmul` (achieved / matmul: the portable
+speed figure on shared machines), `mfu` (achieved / the chip's peak where the chip is known),
+`peak_memory_bytes` (device peak where the runtime reports it, else the compiled step's
+arguments + outputs + temporaries) and `host_max_rss_bytes`.
+
+Batches are random uint8 images and token rows made on the host: this measures the model, not
+the input pipeline.
+"""
+
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from rils_jax import flops as flops_lib
+from rils_jax import optim
+from rils_jax import train_step as train_step_lib
+from rils_jax.models import rils as rils_lib
+
+config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+flags.DEFINE_integer('steps', 5, 'Timed steps.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+flags.DEFINE_integer('matmul_size', 0, 'Side of the reference matmul (0: 4096 on CPU, 8192 '
+                     'on accelerators).')
+flags.mark_flags_as_required(['config'])
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def peak_flops(device) -> float:
+  """Peak FLOP/s of one device of this kind, or 0 when unknown (e.g. CPU)."""
+  kind = getattr(device, 'device_kind', '')
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), 0.0)
+
+
+def matmul_tflops(size: int, dtype) -> float:
+  """Achieved TFLOP/s of a (size, size) @ (size, size) product on one device (median of 5)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return flops_lib.matmul_flops(size) / statistics.median(times) / 1e12
+
+
+def random_batch(config, rng: np.random.Generator, eot_id: int):
+  batch = train_step_lib.dummy_batch(config, config.input.batch_size)
+  batch['image'] = rng.integers(0, 256, batch['image'].shape, dtype=np.uint8)
+  length = batch['text'].shape[1]
+  batch['text'] = rng.integers(3, config.model.text.vocab_size, batch['text'].shape,
+                               dtype=np.int32)
+  batch['text'][:, length // 2] = eot_id
+  return batch
+
+
+def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
+  """Runs the benchmark and returns its figures (see the module docstring)."""
+  eot_id = 2
+  model = rils_lib.build_model(config, eot_id)
+  mesh = train_step_lib.make_mesh(config)
+  optimizer = optim.make_optimizer(config)
+  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
+  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  batch = train_step_lib.put_batch(random_batch(config, np.random.default_rng(0), eot_id), mesh)
+
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+
+  device = jax.devices()[0]
+  flops = flops_lib.train_step_flops(config)['total']
+  achieved = flops / step_s / 1e12
+  on_cpu = device.platform == 'cpu'
+  size = matmul_size or (4096 if on_cpu else 8192)
+  dtype = jnp.float32 if on_cpu or config.model.dtype == 'float32' else jnp.bfloat16
+  reference = matmul_tflops(size, dtype)
+  stats = device.memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    peak_memory = int(stats['peak_bytes_in_use'])
+  else:
+    mem = compiled.memory_analysis()
+    peak_memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      + mem.temp_size_in_bytes) if mem is not None else -1
+  peak = peak_flops(device) * jax.device_count()
+  return dict(
+      config=dict(variant=config.model.variant, image_size=config.model.image_size,
+                  batch_size=config.input.batch_size, dtype=config.model.dtype,
+                  loss=config.loss.kind),
+      device=f'{jax.device_count()}x {device.device_kind}',
+      compile_s=round(compile_s, 3), step_s=round(step_s, 4),
+      images_per_s=round(config.input.batch_size / step_s, 2),
+      model_flops_per_step=flops, model_tflops_per_s=round(achieved, 4),
+      matmul_tflops_per_s=round(reference * jax.device_count(), 4),
+      matmul=f'{size}x{size} {jnp.dtype(dtype).name}',
+      fraction_of_matmul=round(achieved / (reference * jax.device_count()), 4),
+      mfu=round(achieved * 1e12 / peak, 4) if peak else None,
+      peak_memory_bytes=peak_memory,
+      host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      loss=float(metrics['loss']))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  print(json.dumps(run(f.config, f.steps, f.warmup, f.matmul_size)))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,150 @@
+"""Shared configuration defaults and helpers for the files in configs/.
+
+Every field that `rils_jax.main` reads is defined here, so a config file only states what it
+changes, and an override such as `--config.loss.kind=clip` works for every config.
+"""
+
+import os
+from typing import Any, Dict
+
+import ml_collections
+
+# ImageNet mean / std (RGB, [0, 1] scale), used by SLIP and the RILS release.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data')
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config-file argument 'key=value,key=value' (big_vision's `parse_arg`).
+
+  Values take the type of their default (bool accepts true/false/1/0).
+
+  Raises:
+    ValueError: for an unknown key or a malformed pair.
+  """
+  out = dict(defaults)
+  for pair in filter(None, (arg or '').split(',')):
+    if '=' not in pair:
+      raise ValueError(f'config argument {pair!r} must look like key=value')
+    key, value = pair.split('=', 1)
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)
+
+
+def cache_dir() -> str:
+  """Where generated data lives: $RILS_JAX_CACHE, else $XDG_CACHE_HOME/rils_jax, else
+  ~/.cache/rils_jax."""
+  if os.environ.get('RILS_JAX_CACHE'):
+    return os.environ['RILS_JAX_CACHE']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'rils_jax')
+
+
+def synthetic_data(config: ml_collections.ConfigDict, image_size: int, num_train: int = 4000,
+                   seed: int = 0, num_heldout: int = 200, zeroshot_per_class: int = 20,
+                   root: str = '') -> None:
+  """Points the config at the generated shapes dataset (see rils_jax/data/synthetic.py).
+
+  `rils_jax.main` generates it on first use under `cache_dir()`.
+  """
+  root = root or os.path.join(cache_dir(), f'shapes_v2_{image_size}px_{num_train}_seed{seed}')
+  config.synthetic = dict(root=root, image_size=image_size, num_train=num_train, seed=seed,
+                          num_heldout=num_heldout, zeroshot_per_class=zeroshot_per_class)
+  config.input.sources = [dict(kind='csv', captions=os.path.join(root, 'train', 'captions.csv'),
+                               images=os.path.join(root, 'train', 'images'), select='')]
+  config.evals.zeroshot.root = os.path.join(root, 'zeroshot')
+  config.evals.retrieval.sources = [
+      dict(kind='csv', captions=os.path.join(root, 'heldout', 'captions.csv'),
+           images=os.path.join(root, 'heldout', 'images'), select='')]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: RILS release hyper-parameters, ViT-B/16 sizes, no data."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10            # Steps between metric lines.
+  c.checkpoint_every = 1000   # Steps between orbax checkpoints (and one at the end).
+  c.keep_checkpoints = 2
+  c.mesh = ml_collections.ConfigDict({'data': -1})  # Axis name -> size; -1 fills the devices.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 'B/16'    # Ti/S/B/L with any patch size, e.g. 'L/14'.
+  c.model.vision = dict(width=0, depth=0, num_heads=0)  # Non-zero values override the variant.
+  c.model.image_size = 224
+  c.model.mask_ratio = 0.75   # RILS release (MAE-style, 25% visible).
+  c.model.decoder = dict(width=0, depth=1, num_heads=0)  # 0: same as the encoder (release).
+  c.model.text = dict(width=512, num_layers=12, num_heads=8, context_length=77, vocab_size=49408)
+  c.model.embed_dim = 512
+  c.model.dtype = 'float32'   # Compute dtype; parameters are always float32.
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = 'rils'        # 'rils' or 'clip' (baseline: no masked branch).
+  c.loss.weight = 0.5         # lambda (release).
+  c.loss.student_temperature = 0.1   # tau_s (release).
+  c.loss.teacher_temperature = 0.04  # tau_t (release).
+  c.loss.gate = True          # Reconstruction only for correctly retrieved samples (release).
+  c.loss.stop_gradient_prototypes = True  # Captions as prototypes get no L_rec gradient (release).
+  c.loss.max_logit_scale = 100.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.5
+  c.optim.grad_clip = 1.0     # Global-norm clipping; 0 disables.
+
+  c.input = ml_collections.ConfigDict()
+  c.input.sources = []        # dicts: kind ('csv'|'coco'), captions, images, select.
+  c.input.batch_size = 4096   # Global batch.
+  c.input.num_workers = 0     # grain worker processes per host.
+  c.input.crop_scale = (0.5, 1.0)
+  c.input.mean = IMAGENET_MEAN
+  c.input.std = IMAGENET_STD
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.model = ''      # sentencepiece .model; '' trains one on the training captions.
+  c.tokenizer.vocab_size = 8000  # Upper bound when training one.
+
+  c.evals = ml_collections.ConfigDict()
+  c.evals.batch_size = 256
+  c.evals.zeroshot = dict(root='', max_per_class=0,
+                          templates=('a photo of a {}.', 'a {}.', 'a picture of a {}.'))
+  c.evals.retrieval = dict(sources=[])
+  return c
+
+
+def to_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Plain nested dict, for JSON."""
+  return config.to_dict()
+
+
+def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
+                heldout: int = 100) -> None:
+  """Points the config at ../shared/data: Flickr8k 1k (all but the last `heldout` images) + COCO
+  mini for training, the last `heldout` Flickr8k images for retrieval, CIFAR-10 for zero-shot."""
+  flickr, coco = os.path.join(data_dir, 'flickr8k_1k'), os.path.join(data_dir, 'coco_mini_train')
+  config.input.sources = [
+      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
+           images=os.path.join(flickr, 'images'), select=f':-{heldout}'),
+      dict(kind='coco', captions=os.path.join(coco, 'captions_train2017.json'),
+           images=os.path.join(coco, 'images'), select=''),
+  ]
+  config.evals.retrieval.sources = [
+      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
+           images=os.path.join(flickr, 'images'), select=f'-{heldout}:')]
+  config.evals.zeroshot.root = os.path.join(data_dir, 'cifar10_test')

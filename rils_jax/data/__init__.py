@@ -1,0 +1,1 @@
+"""Input: dataset readers, image transforms, grain pipelines and the generated default dataset."""

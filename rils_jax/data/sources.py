@@ -1,0 +1,183 @@
+"""Readers of image-caption and labelled-image datasets into in-memory record lists.
+
+- CSV `image,caption` + an image folder (the Flickr8k / Kaggle layout): one row per caption.
+- COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + image folder.
+- Image folder `<class_name>/<file>` for zero-shot classification.
+
+Records group all captions of an image, in file order. Empty or whitespace-only captions are
+dropped and counted; an image left with no caption is dropped and counted. Images are not
+opened here: missing or corrupt files are found (and counted) by the input pipeline.
+"""
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCaptions:
+  """One image and all its captions. `image` is a file path."""
+  image: str
+  captions: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class SourceStats:
+  """What a reader kept and dropped."""
+  images: int = 0
+  captions: int = 0
+  empty_captions: int = 0
+  images_without_caption: int = 0
+
+  def add(self, other: 'SourceStats') -> 'SourceStats':
+    return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                                dataclasses.astuple(other))))
+
+
+def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str],
+           ) -> Tuple[List[ImageCaptions], SourceStats]:
+  captions: Dict[str, List[str]] = collections.OrderedDict((name, []) for name in order)
+  stats = SourceStats()
+  for name, caption in pairs:
+    caption = ' '.join(caption.split()) if caption else ''
+    if not caption:
+      stats.empty_captions += 1
+      captions.setdefault(name, [])
+      continue
+    captions.setdefault(name, []).append(caption)
+  records = []
+  for name, caps in captions.items():
+    if not caps:
+      stats.images_without_caption += 1
+      continue
+    records.append(ImageCaptions(os.path.join(image_dir, name), tuple(caps)))
+    stats.captions += len(caps)
+  stats.images = len(records)
+  return records, stats
+
+
+def select(records: Sequence, spec: Optional[str]):
+  """Python-style slice of the image list, e.g. ':-100' (all but the last 100) or '-100:'.
+
+  Raises:
+    ValueError: for a malformed spec.
+  """
+  if not spec:
+    return list(records)
+  parts = spec.split(':')
+  if len(parts) != 2:
+    raise ValueError(f'select must look like "start:stop", got {spec!r}')
+  try:
+    start, stop = (int(p) if p.strip() else None for p in parts)
+  except ValueError as e:
+    raise ValueError(f'select must look like "start:stop", got {spec!r}') from e
+  return list(records)[start:stop]
+
+
+def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]:
+  """Reads a CSV with header `image,caption` (extra columns ignored, any number of rows per image).
+
+  Raises:
+    FileNotFoundError: if the CSV or the image folder does not exist.
+    ValueError: if the header lacks `image` or `caption`.
+  """
+  if not os.path.isfile(captions_csv):
+    raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  with open(captions_csv, encoding='utf-8', errors='replace', newline='') as f:
+    reader = csv.DictReader(f)
+    if not {'image', 'caption'} <= set(reader.fieldnames or []):
+      raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
+                       f'got {reader.fieldnames}')
+    pairs = [(row['image'] or '', row['caption'] or '') for row in reader]
+  order = list(dict.fromkeys(name for name, _ in pairs if name))
+  return _group([p for p in pairs if p[0]], image_dir, order)
+
+
+def read_coco_captions(annotations_json: str, image_dir: str
+                       ) -> Tuple[List[ImageCaptions], SourceStats]:
+  """Reads the official COCO captions JSON layout, images in the order of `images`.
+
+  Raises:
+    FileNotFoundError: if the JSON or the image folder does not exist.
+    ValueError: if the JSON lacks `images` or `annotations`.
+  """
+  if not os.path.isfile(annotations_json):
+    raise FileNotFoundError(f'COCO captions JSON not found: {annotations_json}')
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  with open(annotations_json, encoding='utf-8') as f:
+    data = json.load(f)
+  if 'images' not in data or 'annotations' not in data:
+    raise ValueError(f'{annotations_json} is not a COCO captions file (needs "images" and '
+                     '"annotations")')
+  names = {img['id']: img['file_name'] for img in data['images']}
+  pairs = [(names[a['image_id']], str(a.get('caption') or ''))
+           for a in data['annotations'] if a.get('image_id') in names]
+  return _group(pairs, image_dir, [img['file_name'] for img in data['images']])
+
+
+def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions], SourceStats]:
+  """Reads one source config: `kind` ('csv' or 'coco'), `captions` (file), `images` (folder),
+  optional `select` (slice of the image list, see `select`).
+
+  Raises:
+    ValueError: for an unknown kind or a missing key; the readers' errors otherwise.
+  """
+  readers = {'csv': read_csv_captions, 'coco': read_coco_captions}
+  for key in ('kind', 'captions', 'images'):
+    if key not in source:
+      raise ValueError(f'image-caption source {dict(source)} lacks {key!r}')
+  if source['kind'] not in readers:
+    raise ValueError(f"unknown image-caption source kind {source['kind']!r}; one of "
+                     f'{list(readers)}')
+  records, stats = readers[source['kind']](source['captions'], source['images'])
+  records = select(records, source.get('select'))
+  return records, dataclasses.replace(stats, images=len(records),
+                                      captions=sum(len(r.captions) for r in records))
+
+
+def read_sources(sources: Sequence[Mapping[str, Any]]
+                 ) -> Tuple[List[ImageCaptions], SourceStats]:
+  """Concatenates the records of several sources (see `read_image_captions`)."""
+  records, stats = [], SourceStats()
+  for source in sources:
+    r, s = read_image_captions(source)
+    records.extend(r)
+    stats = stats.add(s)
+  return records, stats
+
+
+def read_image_folder(root: str, max_per_class: Optional[int] = None
+                      ) -> Tuple[List[str], List[int], List[str]]:
+  """Reads an image-folder dataset `<root>/<class_name>/<image>`.
+
+  Classes are the sorted sub-folder names; files are sorted within a class; the first
+  `max_per_class` files of each class are kept when given.
+
+  Returns:
+    (paths, labels, class_names).
+
+  Raises:
+    FileNotFoundError: if `root` does not exist.
+    ValueError: if it holds no class folder with images.
+  """
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'image folder dataset not found: {root}')
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    files = sorted(f for f in os.listdir(os.path.join(root, name))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = files[:max_per_class] if max_per_class else files
+    paths.extend(os.path.join(root, name, f) for f in files)
+    labels.extend([label] * len(files))
+  if not paths:
+    raise ValueError(f'{root} holds no <class>/<image> files')
+  return paths, labels, classes

@@ -1,0 +1,157 @@
+"""End-of-training evaluations: zero-shot classification and image<->text retrieval.
+
+- Zero-shot (CLIP, Radford et al. 2021, Sec. 3.1.4): each class's text embedding is the
+  normalised mean of its prompt-template embeddings; an image is assigned the class of highest
+  cosine similarity. Reports top-1 / top-5 and the chance level 1 / classes.
+- Retrieval (Karpathy & Fei-Fei COCO / Flickr30k protocol): image->text R@K counts an image as
+  correct when any of its captions ranks in the top K; text->image R@K counts a caption as
+  correct when its image ranks in the top K. Chance levels are computed exactly.
+
+Embedding runs through jitted functions whose batch is sharded over the mesh's `data` axis;
+batches are padded to a fixed size so that each function compiles once.
+"""
+
+import math
+from typing import Dict, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rils_jax import tokenizer as tokenizer_lib
+from rils_jax import train_step as train_step_lib
+from rils_jax.data import pipeline
+from rils_jax.data import sources
+from rils_jax.data import transforms
+from rils_jax.models import rils as rils_lib
+
+
+class Embedder:
+  """Jitted image and text embedding with a fixed, device-divisible batch size."""
+
+  def __init__(self, model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh,
+               tokenizer: tokenizer_lib.Tokenizer):
+    self.config = config
+    self.mesh = mesh
+    self.tokenizer = tokenizer
+    self.batch_size = math.ceil(config.evals.batch_size / mesh.size) * mesh.size
+    data, rep = train_step_lib.batch_sharding(mesh), train_step_lib.replicated(mesh)
+    self._images = jax.jit(
+        lambda p, x: model.apply({'params': p}, transforms.normalize(x, config.input),
+                                 method=rils_lib.RILS.encode_image)[0],
+        in_shardings=(rep, data), out_shardings=rep)
+    self._texts = jax.jit(
+        lambda p, t: model.apply({'params': p}, t, method=rils_lib.RILS.encode_text),
+        in_shardings=(rep, data), out_shardings=rep)
+
+  def _run(self, fn, params, rows: np.ndarray) -> np.ndarray:
+    n = rows.shape[0]
+    padded = np.zeros((self.batch_size, *rows.shape[1:]), rows.dtype)
+    padded[:n] = rows
+    return np.asarray(fn(params, padded))[:n]
+
+  def images(self, params, paths: Sequence[str]):
+    """(embeddings float32 (n_kept, D), kept indices into `paths`); bad images are skipped."""
+    embeds, kept = [], []
+    for batch in pipeline.eval_batches(paths, self.config.model.image_size, self.batch_size,
+                                       self.config.input.num_workers):
+      embeds.append(self._run(self._images, params, batch['image']))
+      kept.append(batch['index'])
+    if not embeds:
+      raise ValueError('no evaluation image could be decoded')
+    return np.concatenate(embeds), np.concatenate(kept)
+
+  def texts(self, params, texts: Sequence[str]) -> np.ndarray:
+    """float32 (len(texts), D) L2-normalised text embeddings."""
+    tokens = self.tokenizer.encode(texts, self.config.model.text.context_length)
+    return np.concatenate([self._run(self._texts, params, tokens[i:i + self.batch_size])
+                           for i in range(0, len(texts), self.batch_size)])
+
+
+def zeroshot_accuracy(image_embeds: np.ndarray, labels: np.ndarray,
+                      class_embeds: np.ndarray) -> Dict[str, float]:
+  """Top-1 / top-5 accuracy of nearest-class assignment by cosine similarity.
+
+  Args:
+    image_embeds: (n, D) L2-normalised.
+    labels: int (n,) true class indices.
+    class_embeds: (C, D) L2-normalised class embeddings.
+  """
+  ranks = np.argsort(-(image_embeds @ class_embeds.T), axis=1)
+  labels = np.asarray(labels)
+  k = min(5, class_embeds.shape[0])
+  return dict(top1=float(np.mean(ranks[:, 0] == labels)),
+              top5=float(np.mean(np.any(ranks[:, :k] == labels[:, None], axis=1))),
+              chance_top1=1.0 / class_embeds.shape[0])
+
+
+def class_embeddings(embedder: Embedder, params, class_names: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+  """(C, D): normalised mean over templates of each class's prompt embeddings (CLIP)."""
+  prompts = [t.format(name) for name in class_names for t in templates]
+  embeds = embedder.texts(params, prompts).reshape(len(class_names), len(templates), -1).mean(1)
+  return embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
+
+
+def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
+                     text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+                     ) -> Dict[str, float]:
+  """Image<->text recall at K with several captions per image.
+
+  Args:
+    image_embeds: (n_images, D) L2-normalised.
+    text_embeds: (n_texts, D) L2-normalised.
+    text_to_image: int (n_texts,) index of each caption's image.
+    ks: the K values.
+
+  Returns:
+    dict with `i2t_r{K}`, `t2i_r{K}` in [0, 1] and their exact chance levels `chance_i2t_r{K}`
+    (uniformly random ranking) and `chance_t2i_r{K}`.
+  """
+  sim = image_embeds @ text_embeds.T
+  text_to_image = np.asarray(text_to_image)
+  n_images, n_texts = sim.shape
+  out = {}
+  # Rank of the best caption of each image, and of each caption's image.
+  order_i2t = np.argsort(-sim, axis=1)
+  owner = text_to_image[order_i2t]
+  first_hit = np.argmax(owner == np.arange(n_images)[:, None], axis=1)
+  order_t2i = np.argsort(-sim.T, axis=1)
+  rank_t2i = np.argmax(order_t2i == text_to_image[:, None], axis=1)
+  captions_per_image = np.bincount(text_to_image, minlength=n_images)
+  for k in ks:
+    out[f'i2t_r{k}'] = float(np.mean(first_hit < k))
+    out[f't2i_r{k}'] = float(np.mean(rank_t2i < k))
+    # P(no own caption in K random draws without replacement), averaged over images.
+    miss = [math.comb(n_texts - c, k) / math.comb(n_texts, k) if k <= n_texts else 0.0
+            for c in captions_per_image]
+    out[f'chance_i2t_r{k}'] = float(1.0 - np.mean(miss))
+    out[f'chance_t2i_r{k}'] = min(1.0, k / n_images)
+  return out
+
+
+def run_evals(config: ml_collections.ConfigDict, params, embedder: Embedder) -> Dict[str, float]:
+  """Runs the evaluations that `config.evals` names; returns flat `zeroshot/*`, `retrieval/*`."""
+  results = {}
+  zs = config.evals.zeroshot
+  if zs.root:
+    paths, labels, classes = sources.read_image_folder(zs.root, zs.max_per_class or None)
+    names = [c.replace('_', ' ') for c in classes]
+    image_embeds, kept = embedder.images(params, paths)
+    acc = zeroshot_accuracy(image_embeds, np.asarray(labels)[kept],
+                            class_embeddings(embedder, params, names, zs.templates))
+    results.update({f'zeroshot/{k}': v for k, v in acc.items()})
+    results['zeroshot/skipped_images'] = len(paths) - len(kept)
+    logging.info('Zero-shot on %s: %d images, %d classes: %s', zs.root, len(kept), len(classes),
+                 acc)
+  if config.evals.retrieval.sources:
+    records, _ = sources.read_sources(config.evals.retrieval.sources)
+    image_embeds, kept = embedder.images(params, [r.image for r in records])
+    texts = [c for i in kept for c in records[i].captions]
+    text_to_image = np.repeat(np.arange(len(kept)), [len(records[i].captions) for i in kept])
+    recall = retrieval_recall(image_embeds, embedder.texts(params, texts), text_to_image)
+    results.update({f'retrieval/{k}': v for k, v in recall.items()})
+    results['retrieval/skipped_images'] = len(records) - len(kept)
+    logging.info('Retrieval on %d images / %d captions: %s', len(kept), len(texts), recall)
+  return results

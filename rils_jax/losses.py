@@ -1,0 +1,124 @@
+"""RILS losses as pure functions of embeddings (../shared/docs/RILS_METHOD.md "Losses").
+
+- `clip_loss`: symmetric InfoNCE over the batch (Radford et al. 2021, CLIP).
+- `retrieval_gate`: 1 for samples whose top-1 image->text retrieval in the batch is their own
+  caption (RILS official release: the reconstruction loss applies to correctly retrieved samples).
+- `rils_reconstruction_loss`: KL(teacher || student) between patch-to-caption distributions,
+  averaged over the weighted (masked and gated) patches (RILS paper Sec. 3, official release).
+- `rils_loss`: L_clip + lambda * L_rec with the switches of `config.loss`.
+
+All inputs are expected L2-normalised; all arithmetic is float32.
+"""
+
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Metrics = Dict[str, jax.Array]
+
+
+def clip_loss(image_embed, text_embed, logit_scale) -> Tuple[jax.Array, jax.Array]:
+  """Symmetric contrastive loss L = 1/2 [CE(s I T^T, diag) + CE(s T I^T, diag)] (CLIP).
+
+  Args:
+    image_embed: (B, D) L2-normalised image embeddings.
+    text_embed: (B, D) L2-normalised text embeddings; row b is the caption of image b.
+    logit_scale: scalar s = exp(logit_scale param), already exponentiated and clipped.
+
+  Returns:
+    (loss, logits): scalar float32 loss and the (B, B) image->text logits s * I T^T.
+  """
+  logits = logit_scale * image_embed.astype(jnp.float32) @ text_embed.astype(jnp.float32).T
+  labels = jnp.arange(logits.shape[0])
+  loss_i2t = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1).mean()
+  loss_t2i = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0).mean()
+  return 0.5 * (loss_i2t + loss_t2i), logits
+
+
+def retrieval_gate(logits) -> jax.Array:
+  """g_b = 1 if argmax_j logits[b, j] == b else 0 (RILS release's correct-retrieval gate).
+
+  Args:
+    logits: (B, B) image->text similarities, caption b belongs to image b.
+
+  Returns:
+    float32 (B,) of 0/1.
+  """
+  return (jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).astype(jnp.float32)
+
+
+def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_temperature: float,
+                             teacher_temperature: float) -> jax.Array:
+  """Masked reconstruction in language semantic space (RILS paper Sec. 3.2, official release).
+
+  q_i = softmax(t_i P^T / teacher_temperature)  (stop-gradient)
+  p_i = softmax(s_i P^T / student_temperature)
+  L = sum_i w_i KL(q_i || p_i) / (sum_i w_i + 1e-6)
+
+  Args:
+    student: (B, M, D) L2-normalised student patch features (decoder output).
+    teacher: (B, M, D) L2-normalised teacher patch features (full branch, same patches).
+    prototypes: (C, D) L2-normalised caption embeddings (all captions of the global batch).
+    weights: (B, M) per-patch weights w_i = m_i * g(b): 1 for masked patches of gated samples.
+    student_temperature: tau_s (release: 0.1).
+    teacher_temperature: tau_t (release: 0.04).
+
+  Returns:
+    Scalar float32 loss. The teacher is always stop-gradiented; whether gradients reach the
+    prototypes is the caller's choice (see `rils_loss`).
+  """
+  prototypes = prototypes.astype(jnp.float32)
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  log_q = jax.nn.log_softmax(teacher @ prototypes.T / teacher_temperature, axis=-1)
+  log_p = jax.nn.log_softmax(student.astype(jnp.float32) @ prototypes.T / student_temperature,
+                             axis=-1)
+  kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(weights * kl) / (jnp.sum(weights) + 1e-6)
+
+
+def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigDict,
+              max_logit_scale: float = 100.0) -> Tuple[jax.Array, Metrics]:
+  """Total loss L = L_clip + weight * L_rec and its metrics.
+
+  Args:
+    outputs: the dict of `RILS.__call__` (`image_embed`, `text_embed`, `logit_scale`, and for
+      kind 'rils' `student`, `teacher` at the masked patches).
+    loss_config: `config.loss` with `kind` ('rils' or 'clip'), `weight` (lambda),
+      `student_temperature`, `teacher_temperature`, `gate` (bool: apply the retrieval gate) and
+      `stop_gradient_prototypes` (bool: captions as prototypes get no gradient from L_rec).
+    max_logit_scale: the logit scale s = exp(logit_scale) is clipped at this value (CLIP).
+
+  Returns:
+    (loss, metrics) with float32 scalars `loss`, `clip_loss`, `recon_loss`, `clip_acc`
+    (image->text top-1 in batch), `gate_fraction` (fraction of samples whose reconstruction
+    weight is non-zero) and `logit_scale` (s).
+
+  Raises:
+    ValueError: for an unknown `kind`.
+  """
+  scale = jnp.minimum(jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32)), max_logit_scale)
+  l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale)
+  correct = retrieval_gate(jax.lax.stop_gradient(logits))
+  metrics = dict(clip_loss=l_clip, clip_acc=correct.mean(), logit_scale=scale)
+  if loss_config.kind == 'clip':
+    metrics.update(loss=l_clip, recon_loss=jnp.zeros(()), gate_fraction=jnp.zeros(()))
+    return l_clip, metrics
+  if loss_config.kind != 'rils':
+    raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {loss_config.kind!r}")
+  gate = correct if loss_config.gate else jnp.ones_like(correct)
+  prototypes = outputs['text_embed']
+  if loss_config.stop_gradient_prototypes:
+    prototypes = jax.lax.stop_gradient(prototypes)
+  student = outputs['student']
+  # Student/teacher hold only the masked patches, so m_i = 1 for every entry.
+  weights = jnp.broadcast_to(gate[:, None], student.shape[:2])
+  l_rec = rils_reconstruction_loss(
+      student, outputs['teacher'], prototypes, weights,
+      student_temperature=loss_config.student_temperature,
+      teacher_temperature=loss_config.teacher_temperature)
+  loss = l_clip + loss_config.weight * l_rec
+  metrics.update(loss=loss, recon_loss=l_rec, gate_fraction=gate.mean())
+  return loss, metrics

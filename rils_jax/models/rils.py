@@ -1,0 +1,168 @@
+"""The RILS two-tower model: ViT encoder + decoder, text transformer, joint-space projections.
+
+Forward pass (../shared/docs/RILS_METHOD.md "Forward pass", RILS official release):
+- full branch: the encoder on all N patches; image embedding = mean of the N patch tokens after
+  the final LayerNorm (CLS excluded) times `image_projection`;
+- masked branch: the same encoder (same weights) on the visible patches, the decoder predicts an
+  encoder-width feature per masked patch;
+- text embedding: the end-of-text feature times `text_projection`;
+- student (decoder output) and teacher (full-branch patch tokens) go through the same
+  `image_projection` and are L2-normalised.
+`logit_scale` is a learnable log-temperature initialised to ln(1/0.07) (CLIP).
+"""
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rils_jax.models import text as text_lib
+from rils_jax.models import vit
+
+# (width, depth, heads) of the standard ViT sizes (Dosovitskiy et al. 2021; DeiT for Ti/S).
+VIT_SIZES = {
+    'Ti': (192, 12, 3),
+    'S': (384, 12, 6),
+    'B': (768, 12, 12),
+    'L': (1024, 24, 16),
+}
+
+
+def l2_normalize(x, eps: float = 1e-6):
+  """x / max(||x||_2, eps) over the last axis, computed in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class RILS(nn.Module):
+  """Image and text towers of RILS. Sizes are plain attributes; see `build_model`."""
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_depth: int
+  vision_heads: int
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+  vocab_size: int
+  context_length: int
+  embed_dim: int
+  eot_id: int
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
+                              self.vision_heads, self.mlp_ratio, self.dtype)
+    self.decoder = vit.Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
+                               out_width=self.vision_width, mlp_ratio=self.mlp_ratio,
+                               dtype=self.dtype)
+    self.text = text_lib.TextTransformer(self.vocab_size, self.context_length, self.text_width,
+                                         self.text_layers, self.text_heads, self.eot_id,
+                                         self.mlp_ratio, self.dtype)
+    self.image_projection = self.param('image_projection',
+                                       nn.initializers.normal(self.vision_width ** -0.5),
+                                       (self.vision_width, self.embed_dim))
+    self.text_projection = self.param('text_projection',
+                                      nn.initializers.normal(self.text_width ** -0.5),
+                                      (self.text_width, self.embed_dim))
+    self.logit_scale = self.param('logit_scale', nn.initializers.constant(np.log(1 / 0.07)), ())
+
+  def grid_shape(self):
+    """Patch grid (rows, cols); callable on an unbound module."""
+    return vit.grid_size(self.image_size, self.patch_size)
+
+  def _project_image(self, x):
+    return x @ self.image_projection.astype(self.dtype)
+
+  def encode_image(self, images):
+    """Full-branch image embedding.
+
+    Args:
+      images: float (B, H, W, 3) normalised pixels.
+
+    Returns:
+      embedding: (B, embed_dim) float32, L2-normalised.
+      patch_tokens: (B, N, vision_width) in `dtype`, after the encoder's final LayerNorm.
+    """
+    tokens = self.visual(images)[:, 1:]
+    return l2_normalize(self._project_image(tokens.mean(axis=1))), tokens
+
+  def encode_text(self, tokens):
+    """Text embedding: (B, L) int32 token ids -> (B, embed_dim) float32, L2-normalised."""
+    return l2_normalize(self.text(tokens) @ self.text_projection.astype(self.dtype))
+
+  def __call__(self, images, tokens, masking: Optional[vit.Masking] = None) -> Dict[str, jax.Array]:
+    """Both branches of one RILS step.
+
+    Args:
+      images: float (B, H, W, 3) normalised pixels.
+      tokens: int32 (B, L) caption token ids.
+      masking: a `vit.Masking` for the masked branch, or None to skip it (CLIP baseline).
+
+    Returns:
+      dict with float32 `image_embed` (B, D), `text_embed` (B, D), `logit_scale` () (the raw
+      log-scale), and when `masking` is given `student` and `teacher` (B, M, D): L2-normalised
+      projections of the decoder prediction and of the full-branch patch token at each of the
+      M masked patches (in `masking.ids_masked` order). The teacher is not stop-gradiented here;
+      the loss does that.
+    """
+    image_embed, patch_tokens = self.encode_image(images)
+    out = dict(image_embed=image_embed, text_embed=self.encode_text(tokens),
+               logit_scale=self.logit_scale)
+    if masking is not None:
+      visible = self.visual(images, masking.ids_keep)
+      predicted = self.decoder(visible, masking.ids_restore, self.grid_shape(),
+                               ids_predict=masking.ids_masked)
+      teacher = jnp.take_along_axis(patch_tokens, masking.ids_masked[..., None], axis=1)
+      out['student'] = l2_normalize(self._project_image(predicted))
+      out['teacher'] = l2_normalize(self._project_image(teacher))
+    return out
+
+
+def vision_size(variant: str):
+  """Parses a ViT variant name such as 'B/16' or 'Ti/14'.
+
+  Returns:
+    (width, depth, heads, patch_size).
+
+  Raises:
+    ValueError: for an unknown size or a malformed name.
+  """
+  try:
+    size, patch = variant.split('/')
+    return (*VIT_SIZES[size], int(patch))
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'unknown ViT variant {variant!r}; expected one of '
+                     f'{[k + "/16" for k in VIT_SIZES]} (any integer patch size)') from e
+
+
+def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
+  """Builds a `RILS` module from `config.model` (see configs/*.py for the fields).
+
+  Raises:
+    ValueError: for an unknown variant or dtype, or an image size not divisible by the patch.
+  """
+  m = config.model
+  width, depth, heads, patch = vision_size(m.variant)
+  # Explicit sizes in config.model.vision override the named variant (for tiny CPU models).
+  width = m.vision.get('width') or width
+  depth = m.vision.get('depth') or depth
+  heads = m.vision.get('num_heads') or heads
+  vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  return RILS(
+      image_size=m.image_size, patch_size=patch,
+      vision_width=width, vision_depth=depth, vision_heads=heads,
+      decoder_width=m.decoder.width or width, decoder_depth=m.decoder.depth,
+      decoder_heads=m.decoder.num_heads or heads,
+      text_width=m.text.width, text_layers=m.text.num_layers, text_heads=m.text.num_heads,
+      vocab_size=m.text.vocab_size, context_length=m.text.context_length,
+      embed_dim=m.embed_dim, eot_id=eot_id, dtype=jnp.dtype(m.dtype))

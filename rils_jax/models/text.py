@@ -1,0 +1,94 @@
+"""CLIP-style causal text transformer (Radford et al. 2021; RILS release text tower).
+
+Token + learned position embedding, pre-norm blocks with QuickGELU and a causal mask, final
+LayerNorm, the feature at the end-of-text token. Inits follow CLIP's `initialize_parameters`:
+token embedding N(0, 0.02), positional embedding N(0, 0.01), attention in-projection
+N(0, width^-0.5), out-projection and MLP output N(0, width^-0.5 * (2 * layers)^-0.5), MLP input
+N(0, (2 * width)^-0.5). LayerNorm eps 1e-5 (PyTorch default, as in CLIP).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x):
+  """x * sigmoid(1.702 x) (CLIP's QuickGELU)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+class TextBlock(nn.Module):
+  """Pre-norm causal block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+  num_heads: int
+  num_layers: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'text width {width} is not divisible by heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    attn_std = width ** -0.5
+    proj_std = width ** -0.5 * (2 * self.num_layers) ** -0.5
+    y = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_1')(x)
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
+                          kernel_init=nn.initializers.normal(attn_std), name='qkv')(y)
+    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
+    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                        kernel_init=nn.initializers.normal(proj_std), name='proj')(y)
+    x = x + y
+    y = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_2')(x)
+    y = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype,
+                 kernel_init=nn.initializers.normal((2 * width) ** -0.5), name='fc1')(y)
+    y = nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std),
+                 name='fc2')(quick_gelu(y))
+    return x + y
+
+
+class TextTransformer(nn.Module):
+  """Causal text encoder with end-of-text pooling.
+
+  Attributes:
+    vocab_size: embedding rows; must exceed every token id.
+    context_length: maximum sequence length L.
+    width, num_layers, num_heads: transformer size.
+    eot_id: id of the end-of-text token whose feature is pooled.
+  """
+  vocab_size: int
+  context_length: int
+  width: int
+  num_layers: int
+  num_heads: int
+  eot_id: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    """Encodes token ids.
+
+    Args:
+      tokens: int32 (B, L), L <= context_length; each row holds exactly one `eot_id` (padding
+        after it is ignored thanks to the causal mask).
+
+    Returns:
+      (B, width) in `dtype`: the final-LayerNorm feature at the end-of-text position.
+    """
+    length = tokens.shape[1]
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                 dtype=self.dtype, name='token_embedding')(tokens)
+    pos = self.param('positional_embedding', nn.initializers.normal(0.01),
+                     (self.context_length, self.width))
+    x = x + pos[:length].astype(self.dtype)
+    for i in range(self.num_layers):
+      x = TextBlock(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype,
+                    name=f'blocks_{i}')(x)
+    x = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_final')(x)
+    eot = jnp.argmax(tokens == self.eot_id, axis=-1)
+    return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,258 @@
+"""Vision Transformer encoder and MAE-style decoder used by RILS.
+
+Architecture (RILS official release, see ../shared/docs/RILS_METHOD.md "Architectures"):
+pre-norm blocks, LayerNorm eps 1e-6, MLP ratio 4, exact GELU, BEiT-style attention bias (learned
+q and v biases, no k bias), fixed 2-D sin-cos position embeddings with a zero CLS position
+(MAE, He et al. 2022, `get_2d_sincos_pos_embed`), Xavier-uniform linear layers and patch
+embedding, CLS / mask tokens ~ N(0, 0.02).
+
+All modules compute in `dtype` (float32 or bfloat16) and keep float32 parameters.
+"""
+
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def grid_size(image_size: Union[int, Sequence[int]], patch_size: int) -> Tuple[int, int]:
+  """Patch grid (rows, cols) of an image.
+
+  Args:
+    image_size: int (square) or (height, width) in pixels.
+    patch_size: patch side in pixels.
+
+  Raises:
+    ValueError: if a side is not divisible by `patch_size`.
+  """
+  h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  if h % patch_size or w % patch_size:
+    raise ValueError(f'image size {(h, w)} is not divisible by patch size {patch_size}')
+  return h // patch_size, w // patch_size
+
+
+def sincos_pos_embed_2d(width: int, grid: Tuple[int, int], cls_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (MAE's `get_2d_sincos_pos_embed`).
+
+  Half of the channels encode the column index, half the row index; each half is
+  [sin(pos * omega), cos(pos * omega)] with omega_d = 10000^(-d / (width / 4)).
+
+  Args:
+    width: embedding width; must be divisible by 4.
+    grid: (rows, cols) of the patch grid.
+    cls_token: prepend an all-zero row for the CLS position.
+
+  Returns:
+    float32 array (1, [1 +] rows * cols, width), rows in raster order.
+
+  Raises:
+    ValueError: if `width` is not divisible by 4.
+  """
+  if width % 4:
+    raise ValueError(f'sin-cos position embedding needs width divisible by 4, got {width}')
+  rows, cols = grid
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+
+  def embed_1d(pos):
+    out = np.einsum('m,d->md', pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  grid_w, grid_h = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+  # MAE concatenates the embedding of the column coordinate first, then the row coordinate.
+  emb = np.concatenate([embed_1d(grid_w), embed_1d(grid_h)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, width]), emb], axis=0)
+  return emb[None].astype(np.float32)
+
+
+class Masking(NamedTuple):
+  """Indices of one per-sample random masking (see `random_masking`)."""
+  ids_keep: jax.Array     # int32 (B, K): visible patches, in noise order.
+  ids_masked: jax.Array   # int32 (B, N - K): masked patches, in noise order.
+  ids_restore: jax.Array  # int32 (B, N): inverse permutation of concat(ids_keep, ids_masked).
+  mask: jax.Array         # float32 (B, N): 1 where masked, 0 where visible, raster order.
+
+
+def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float) -> Masking:
+  """Per-sample random masking by argsort of uniform noise (MAE, He et al. 2022, Sec. 3).
+
+  Exactly `round(num_patches * (1 - mask_ratio))` patches stay visible in every sample.
+
+  Args:
+    rng: PRNG key.
+    batch: number of samples B.
+    num_patches: patches per image N.
+    mask_ratio: fraction of patches to mask, in (0, 1).
+
+  Returns:
+    A `Masking`; `take_along_axis(concat(visible, masked), ids_restore)` restores raster order.
+
+  Raises:
+    ValueError: if `mask_ratio` leaves no visible or no masked patch.
+  """
+  num_keep = int(round(num_patches * (1.0 - mask_ratio)))
+  if not 1 <= num_keep < num_patches:
+    raise ValueError(f'mask_ratio={mask_ratio} must keep between 1 and {num_patches - 1} of '
+                     f'{num_patches} patches visible (got {num_keep})')
+  noise = jax.random.uniform(rng, (batch, num_patches))
+  ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
+  mask = jnp.ones((batch, num_patches), jnp.float32).at[:, :num_keep].set(0.0)
+  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+  return Masking(ids_shuffle[:, :num_keep], ids_shuffle[:, num_keep:], ids_restore, mask)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with BEiT-style bias: learned q and v biases, no k bias.
+
+  Input/output: (B, T, width) in `dtype`. The qkv kernel is (width, 3, heads, head_dim), Xavier
+  uniform over the flattened (width, 3 * width) matrix as in the release.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
+        kernel_init=xavier_uniform, name='qkv')(x)  # DenseGeneral inits the flat (W, 3W) kernel.
+    q_bias = self.param('q_bias', nn.initializers.zeros, (self.num_heads, head_dim))
+    v_bias = self.param('v_bias', nn.initializers.zeros, (self.num_heads, head_dim))
+    q = qkv[:, :, 0] + q_bias.astype(self.dtype)
+    k = qkv[:, :, 1]
+    v = qkv[:, :, 2] + v_bias.astype(self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=xavier_uniform,
+                           name='proj')(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with exact GELU: width -> mlp_ratio * width -> width."""
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=xavier_uniform,
+                 name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=xavier_uniform, name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (LayerNorm eps 1e-6): x + attn(ln(x)); x + mlp(ln(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + Attention(self.num_heads, self.dtype, name='attn')(
+        nn.LayerNorm(1e-6, dtype=self.dtype, name='norm1')(x))
+    x = x + Mlp(self.mlp_ratio, self.dtype, name='mlp')(
+        nn.LayerNorm(1e-6, dtype=self.dtype, name='norm2')(x))
+    return x
+
+
+class Encoder(nn.Module):
+  """ViT encoder: patch_embed + sin-cos pos_embed + CLS, `depth` blocks, final LayerNorm.
+
+  Attributes:
+    patch_size: patch side in pixels.
+    width, depth, num_heads, mlp_ratio: transformer size.
+    dtype: compute dtype.
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, ids_keep: Optional[jax.Array] = None):
+    """Encodes images, optionally only the visible patches.
+
+    Args:
+      images: float (B, H, W, 3), normalised pixels.
+      ids_keep: optional int32 (B, K) indices of the visible patches (see `random_masking`).
+
+    Returns:
+      (B, 1 + T, width) in `dtype` after the final LayerNorm, CLS first; T = K if `ids_keep`
+      is given, else all N patches in raster order.
+    """
+    grid = grid_size(images.shape[1:3], self.patch_size)
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding='VALID', dtype=self.dtype,
+                kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+                name='patch_embed')(images.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, self.width)
+    pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
+    x = x + pos_embed[:, 1:]
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    cls_token = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, self.width))
+    cls = jnp.broadcast_to(cls_token.astype(self.dtype) + pos_embed[:, :1],
+                           (x.shape[0], 1, self.width))
+    x = jnp.concatenate([cls, x], axis=1)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x)
+    return nn.LayerNorm(1e-6, dtype=self.dtype, name='norm')(x)
+
+
+class Decoder(nn.Module):
+  """MAE-style decoder predicting an encoder-width feature for every patch (RILS release).
+
+  decoder_embed (linear) -> fill masked positions with `mask_token` -> sin-cos pos embed ->
+  `depth` blocks -> decoder_norm -> decoder_pred (linear back to the encoder width).
+  """
+  width: int
+  depth: int
+  num_heads: int
+  out_width: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, ids_restore, grid: Tuple[int, int], ids_predict: Optional[jax.Array] = None):
+    """Decodes visible-token features into per-patch predictions.
+
+    Args:
+      x: (B, 1 + K, encoder width) encoder output on visible tokens, CLS first.
+      ids_restore: int32 (B, N) from `random_masking`.
+      grid: patch grid (rows, cols), rows * cols = N.
+      ids_predict: optional int32 (B, M) patch indices to predict; default all N.
+
+    Returns:
+      (B, N or M, out_width) in `dtype`.
+    """
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=xavier_uniform,
+                 name='decoder_embed')(x)
+    batch, num_patches = ids_restore.shape
+    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
+    num_masked = num_patches + 1 - x.shape[1]
+    tokens = jnp.concatenate(
+        [x[:, 1:], jnp.broadcast_to(mask_token.astype(self.dtype), (batch, num_masked, self.width))],
+        axis=1)
+    tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
+    x = jnp.concatenate([x[:, :1], tokens], axis=1)
+    x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_blocks_{i}')(x)
+    x = x[:, 1:]
+    if ids_predict is not None:
+      # Norm and prediction head are per-token: only the patches the loss uses are computed.
+      x = jnp.take_along_axis(x, ids_predict[..., None], axis=1)
+    x = nn.LayerNorm(1e-6, dtype=self.dtype, name='decoder_norm')(x)
+    return nn.Dense(self.out_width, dtype=self.dtype, kernel_init=xavier_uniform,
+                    name='decoder_pred')(x)

@@ -1,0 +1,150 @@
+"""sentencepiece tokenisation for captions, and the tokenizer-training command.
+
+Train a model on caption files (CSV with a `caption` column, COCO captions JSON, or plain text
+with one caption per line):
+
+  python -m rils_jax.tokenizer train --captions=../shared/data/flickr8k_1k/captions.csv \
+      --vocab_size=2000 --out=/tmp/flickr.model
+
+Models trained here reserve id 0 for padding, 1 for unknown pieces and 2 for end-of-text; there
+is no start token (the text tower pools the end-of-text feature, CLIP-style).
+"""
+
+import csv
+import io
+import json
+import os
+from typing import Iterable, List, Sequence
+
+import numpy as np
+import sentencepiece as spm
+from absl import app
+from absl import flags
+
+PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer:
+  """A sentencepiece model that maps captions to fixed-length id rows ending in end-of-text.
+
+  Raises:
+    FileNotFoundError: if `model_path` does not exist.
+    ValueError: if the model has no end-of-text id.
+  """
+
+  def __init__(self, model_path: str):
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f'sentencepiece model not found: {model_path}')
+    self.model_path = model_path
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    if self._sp.eos_id() < 0:
+      raise ValueError(f'{model_path} has no end-of-text (eos) id; train it with '
+                       '`python -m rils_jax.tokenizer train`')
+
+  def __getstate__(self):  # grain workers receive a path, not the C++ object.
+    return {'model_path': self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_path'])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def eot_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return max(self._sp.pad_id(), 0)
+
+  def encode(self, captions: Sequence[str], context_length: int) -> np.ndarray:
+    """Tokenises captions into int32 (len(captions), context_length).
+
+    Each row is the caption's pieces, truncated to `context_length - 1`, then end-of-text, then
+    padding; the end-of-text token is always present.
+    """
+    out = np.full((len(captions), context_length), self.pad_id, np.int32)
+    for row, ids in enumerate(self._sp.encode(list(captions))):
+      ids = ids[:context_length - 1] + [self.eot_id]
+      out[row, :len(ids)] = ids
+    return out
+
+
+def read_captions(path: str) -> List[str]:
+  """All captions of a file: CSV (`caption` column), COCO captions JSON, or text (one per line).
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if a CSV has no `caption` column or a JSON has no `annotations`.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'caption file not found: {path}')
+  if path.endswith('.json'):
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+    if 'annotations' not in data:
+      raise ValueError(f'{path} is not a COCO captions file (no "annotations")')
+    return [str(a.get('caption', '')) for a in data['annotations']]
+  with open(path, encoding='utf-8', errors='replace', newline='') as f:
+    if path.endswith('.csv'):
+      reader = csv.DictReader(f)
+      if 'caption' not in (reader.fieldnames or []):
+        raise ValueError(f'{path} has no "caption" column (columns: {reader.fieldnames})')
+      return [row['caption'] or '' for row in reader]
+    return f.read().splitlines()
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str) -> str:
+  """Trains a unigram sentencepiece model on captions and writes it to `out_path`.
+
+  `vocab_size` is an upper bound: small corpora get fewer pieces instead of an error.
+
+  Returns:
+    `out_path`.
+
+  Raises:
+    ValueError: if there is no non-empty caption.
+  """
+  sentences = [c.strip() for c in captions if c and c.strip()]
+  if not sentences:
+    raise ValueError('no non-empty caption to train a tokenizer on')
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+      model_type='unigram', character_coverage=1.0, hard_vocab_limit=False,
+      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, normalization_rule_name='nmt_nfkc_cf',
+      max_sentence_length=4096, num_threads=os.cpu_count() or 1, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = out_path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(model.getvalue())
+  os.replace(tmp, out_path)  # Never leave a half-written model behind.
+  return out_path
+
+
+def _define_flags():
+  # Defined only when run as a command, so importing this module adds no flags to other tools.
+  flags.DEFINE_list('captions', [], 'Caption files (.csv with a caption column, COCO .json, .txt).')
+  flags.DEFINE_integer('vocab_size', 8000, 'Maximum number of pieces.')
+  flags.DEFINE_string('out', None, 'Output .model path.')
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] != 'train':
+    raise app.UsageError('usage: python -m rils_jax.tokenizer train --captions=F[,F...] '
+                         '--vocab_size=N --out=PATH')
+  f = flags.FLAGS
+  if not f.captions or not f.out:
+    raise app.UsageError('--captions and --out are required')
+  captions = [c for path in f.captions for c in read_captions(path)]
+  train_tokenizer(captions, f.vocab_size, f.out)
+  tok = Tokenizer(f.out)
+  print(json.dumps(dict(out=f.out, vocab_size=tok.vocab_size, eot_id=tok.eot_id,
+                        captions=len(captions))))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

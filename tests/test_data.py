@@ -1,0 +1,242 @@
+"""Readers, transforms, tokenizer and the grain pipeline on tiny generated fixtures, including a
+corrupt JPEG, a missing file and empty captions."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.data import pipeline
+from rils_jax.data import sources
+from rils_jax.data import transforms
+
+GOOD = ['a.jpg', 'b.png', 'c.jpg', 'd.png']
+
+
+def _write_images(folder):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name in GOOD:
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
+        os.path.join(folder, name))
+  with open(os.path.join(folder, 'a.jpg'), 'rb') as f:
+    data = f.read()
+  with open(os.path.join(folder, 'corrupt.jpg'), 'wb') as f:
+    f.write(data[:len(data) // 3])  # Truncated JPEG.
+
+
+@pytest.fixture
+def csv_dataset(tmp_path):
+  images = str(tmp_path / 'images')
+  _write_images(images)
+  rows = [('a.jpg', 'a red box'), ('a.jpg', 'a box that is red'), ('b.png', 'green circle'),
+          ('c.jpg', 'blue sky over a field'), ('d.png', 'yellow dog'), ('d.png', '   '),
+          ('corrupt.jpg', 'a broken file'), ('missing.jpg', 'a file that is not there'),
+          ('empty_only.jpg', '')]
+  path = str(tmp_path / 'captions.csv')
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['image', 'caption'])
+    w.writerows(rows)
+  return path, images
+
+
+def test_csv_reader_groups_captions_and_counts_empty(csv_dataset):
+  path, images = csv_dataset
+  records, stats = sources.read_csv_captions(path, images)
+  assert [os.path.basename(r.image) for r in records] == GOOD + ['corrupt.jpg', 'missing.jpg']
+  assert records[0].captions == ('a red box', 'a box that is red')
+  assert records[3].captions == ('yellow dog',)
+  assert stats.empty_captions == 2 and stats.images_without_caption == 1
+  assert stats.images == 6 and stats.captions == 7
+  sel, sel_stats = sources.read_image_captions(
+      dict(kind='csv', captions=path, images=images, select='-2:'))
+  assert [os.path.basename(r.image) for r in sel] == ['corrupt.jpg', 'missing.jpg']
+  assert sel_stats.images == 2 and sel_stats.captions == 2
+
+
+def test_coco_reader(tmp_path):
+  images = str(tmp_path / 'images')
+  _write_images(images)
+  data = dict(images=[dict(id=7, file_name='b.png'), dict(id=3, file_name='a.jpg')],
+              annotations=[dict(image_id=3, caption='first'), dict(image_id=7, caption='x'),
+                           dict(image_id=3, caption='second'), dict(image_id=99, caption='orphan'),
+                           dict(image_id=7, caption='')])
+  path = str(tmp_path / 'captions.json')
+  with open(path, 'w') as f:
+    json.dump(data, f)
+  records, stats = sources.read_coco_captions(path, images)
+  assert [(os.path.basename(r.image), r.captions) for r in records] == [
+      ('b.png', ('x',)), ('a.jpg', ('first', 'second'))]
+  assert stats.empty_captions == 1
+
+
+def test_reader_errors_are_clear(tmp_path, csv_dataset):
+  path, images = csv_dataset
+  with pytest.raises(FileNotFoundError, match='captions CSV not found'):
+    sources.read_csv_captions(str(tmp_path / 'nope.csv'), images)
+  bad = tmp_path / 'bad.csv'
+  bad.write_text('file,text\na.jpg,hello\n')
+  with pytest.raises(ValueError, match='header'):
+    sources.read_csv_captions(str(bad), images)
+  with pytest.raises(ValueError, match='kind'):
+    sources.read_image_captions(dict(kind='parquet', captions=path, images=images))
+  with pytest.raises(ValueError, match='start:stop'):
+    sources.select([1, 2], '1')
+
+
+def test_image_folder_reader(tmp_path):
+  for cls in ('cat', 'dog'):
+    os.makedirs(tmp_path / cls)
+    for i in range(3):
+      Image.new('RGB', (8, 8)).save(tmp_path / cls / f'{i}.png')
+  (tmp_path / 'README.txt').write_text('not a class')
+  paths, labels, classes = sources.read_image_folder(str(tmp_path), max_per_class=2)
+  assert classes == ['cat', 'dog'] and labels == [0, 0, 1, 1]
+  assert [os.path.basename(p) for p in paths] == ['0.png', '1.png'] * 2
+
+
+def test_load_image_modes_and_errors(tmp_path):
+  Image.new('L', (5, 7), 128).save(tmp_path / 'gray.png')
+  Image.new('RGBA', (5, 7), (255, 0, 0, 0)).save(tmp_path / 'transparent.png')
+  Image.fromarray(np.full((7, 5), 65535, np.uint16)).save(tmp_path / 'sixteen.png')
+  Image.new('P', (5, 7)).save(tmp_path / 'palette.gif')
+  Image.new('CMYK', (5, 7), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg')
+  for name in ('gray.png', 'transparent.png', 'sixteen.png', 'palette.gif', 'cmyk.jpg'):
+    img = transforms.load_image(str(tmp_path / name))
+    assert img.mode == 'RGB' and img.size == (5, 7), name
+  assert np.asarray(transforms.load_image(str(tmp_path / 'transparent.png')))[0, 0].tolist() == [
+      255, 255, 255]  # Fully transparent pixels show the white background.
+  assert np.asarray(transforms.load_image(str(tmp_path / 'sixteen.png')))[0, 0].tolist() == [
+      255, 255, 255]
+  # EXIF orientation 6 (rotate 90 degrees clockwise to display): stored 5x7 shows as 7x5.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.new('RGB', (5, 7)).save(tmp_path / 'rotated.jpg', exif=exif)
+  assert transforms.load_image(str(tmp_path / 'rotated.jpg')).size == (7, 5)
+  (tmp_path / 'garbage.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
+  for name in ('garbage.jpg', 'missing.png'):
+    with pytest.raises(transforms.BadImageError, match=name):
+      transforms.load_image(str(tmp_path / name))
+
+
+def test_random_resized_crop_box_within_image_and_scale():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = transforms.random_resized_crop_box(300, 200, rng, (0.5, 1.0))
+    assert 0 <= left < right <= 300 and 0 <= top < bottom <= 200
+    assert 0.5 * 0.98 <= (right - left) * (bottom - top) / (300 * 200) <= 1.0
+  img = Image.new('RGB', (300, 200))
+  assert transforms.random_resized_crop(img, 32, rng).shape == (32, 32, 3)
+  assert transforms.resize_center_crop(img, 32).shape == (32, 32, 3)
+
+
+def test_center_crop_keeps_the_centre(tmp_path):
+  arr = np.zeros((100, 300, 3), np.uint8)
+  arr[:, 100:200] = 255  # White central square of a wide image.
+  out = transforms.resize_center_crop(Image.fromarray(arr), 20)
+  assert out[2:-2, 2:-2].min() > 200
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+  captions = ['a red box', 'a green circle on the left', 'blue sky over a field',
+              'yellow dog running'] * 20
+  path = tokenizer_lib.train_tokenizer(captions, 64, str(tmp_path / 'tok.model'))
+  return tokenizer_lib.Tokenizer(path)
+
+
+def test_tokenizer_rows_end_with_eot_and_pad(tokenizer):
+  rows = tokenizer.encode(['a red box', 'yellow dog running ' * 20, ''], context_length=8)
+  assert rows.shape == (3, 8) and rows.dtype == np.int32
+  assert tokenizer.eot_id == 2 and tokenizer.pad_id == 0
+  n = list(rows[0]).index(2)
+  assert n >= 3 and (rows[0, n + 1:] == 0).all()
+  assert rows[1, -1] == 2 and (rows[1, :-1] != 2).all()  # Truncated, end-of-text kept.
+  assert rows[2, 0] == 2
+  assert tokenizer.vocab_size <= 64
+
+
+def test_tokenizer_cli(tmp_path, csv_dataset):
+  import subprocess
+  import sys
+  path, _ = csv_dataset
+  out = tmp_path / 'cli.model'
+  result = subprocess.run(
+      [sys.executable, '-m', 'rils_jax.tokenizer', 'train', f'--captions={path}',
+       '--vocab_size=40', f'--out={out}'], capture_output=True, text=True, check=True)
+  info = json.loads(result.stdout.strip().splitlines()[-1])
+  assert info['captions'] == 9 and info['eot_id'] == 2
+  assert tokenizer_lib.Tokenizer(str(out)).encode(['green circle'], 6)[0, 0] != 2
+  (tmp_path / 'nocaption.csv').write_text('image,text\na.jpg,hello\n')
+  with pytest.raises(ValueError, match='no "caption" column'):
+    tokenizer_lib.read_captions(str(tmp_path / 'nocaption.csv'))
+
+
+def _consume(records, tokenizer, batches, seed=0, num_workers=0, batch_size=4):
+  ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
+                                   batch_size=batch_size, seed=seed, num_workers=num_workers)
+  it = iter(ds)
+  return [next(it) for _ in range(batches)]
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_pipeline_skips_and_counts_bad_images(csv_dataset, tokenizer, num_workers):
+  path, images = csv_dataset
+  records, _ = sources.read_csv_captions(path, images)  # 4 good, 1 corrupt, 1 missing.
+  out = _consume(records, tokenizer, 10, num_workers=num_workers)
+  ids = np.concatenate([b['example_id'] for b in out])
+  skipped = int(sum(b['skipped'].sum() for b in out))
+  counts = np.bincount(ids, minlength=6)
+  assert counts[4] == counts[5] == 0 and (counts[:4] > 0).all()
+  if num_workers == 0:
+    # 40 examples = exactly 10 passes over the 4 good records; two bad records per pass: all of
+    # the first 9 passes and 0-2 of the 10th were skipped.
+    assert counts.tolist() == [10, 10, 10, 10, 0, 0]
+    assert 18 <= skipped <= 20, skipped
+  else:
+    # Each worker reads its own slice of the stream; a third of the stream is bad.
+    assert 0.2 <= skipped / (skipped + 40) <= 0.45, skipped
+  batch = out[0]
+  assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
+  assert batch['text'].shape == (4, 8) and (batch['text'] == 2).sum() == 4
+
+
+def test_pipeline_is_deterministic_in_the_seed(csv_dataset, tokenizer):
+  path, images = csv_dataset
+  records, _ = sources.read_csv_captions(path, images)
+  a = _consume(records, tokenizer, 3, seed=1)
+  b = _consume(records, tokenizer, 3, seed=1)
+  c = _consume(records, tokenizer, 3, seed=2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['example_id'], y['example_id'])
+  assert any((x['image'] != z['image']).any() for x, z in zip(a, c))
+
+
+def test_pipeline_reaches_every_caption(csv_dataset, tokenizer):
+  path, images = csv_dataset
+  records, _ = sources.read_csv_captions(path, images)
+  out = _consume(records, tokenizer, 20)
+  rows = {tuple(r) for b in out for r, i in zip(b['text'], b['example_id']) if i == 0}
+  assert len(rows) == 2  # Image a.jpg has two captions; both are drawn.
+
+
+def test_pipeline_rejects_too_few_records(csv_dataset, tokenizer):
+  path, images = csv_dataset
+  records, _ = sources.read_csv_captions(path, images)
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    _consume(records[:2], tokenizer, 1)
+
+
+def test_eval_batches_keep_order_and_skip_bad(csv_dataset):
+  _, images = csv_dataset
+  paths = [os.path.join(images, n) for n in ['a.jpg', 'corrupt.jpg', 'b.png', 'missing.jpg',
+                                             'c.jpg']]
+  batches = list(pipeline.eval_batches(paths, 16, batch_size=2))
+  assert np.concatenate([b['index'] for b in batches]).tolist() == [0, 2, 4]
+  assert batches[0]['image'].shape == (2, 16, 16, 3)

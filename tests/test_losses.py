@@ -1,0 +1,160 @@
+"""Losses against NumPy references on hand-built cases, and the gradient switches."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rils_jax import losses
+from rils_jax.models import rils as rils_lib
+from rils_jax.models import vit
+from tests import tiny
+
+
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _log_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _np_clip_loss(img, txt, scale):
+  logits = scale * img @ txt.T
+  n = len(img)
+  i2t = -np.mean([_log_softmax(logits)[i, i] for i in range(n)])
+  t2i = -np.mean([_log_softmax(logits.T)[i, i] for i in range(n)])
+  return 0.5 * (i2t + t2i)
+
+
+def _np_recon(student, teacher, protos, weights, ts, tt):
+  total, norm = 0.0, 0.0
+  for b in range(student.shape[0]):
+    for i in range(student.shape[1]):
+      q = np.exp(_log_softmax(teacher[b, i] @ protos.T / tt))
+      log_p = _log_softmax(student[b, i] @ protos.T / ts)
+      total += weights[b, i] * np.sum(q * (np.log(q) - log_p))
+      norm += weights[b, i]
+  return total / (norm + 1e-6)
+
+
+@pytest.fixture
+def embeddings():
+  rng = np.random.default_rng(0)
+  b, m, d = 4, 5, 8
+  img = _normalize(rng.normal(size=(b, d)))
+  txt = _normalize(img + 0.9 * rng.normal(size=(b, d)))
+  student = _normalize(rng.normal(size=(b, m, d)))
+  teacher = _normalize(rng.normal(size=(b, m, d)))
+  return img, txt, student, teacher
+
+
+def test_clip_loss_matches_numpy(embeddings):
+  img, txt, _, _ = embeddings
+  loss, logits = losses.clip_loss(jnp.asarray(img), jnp.asarray(txt), 10.0)
+  np.testing.assert_allclose(loss, _np_clip_loss(img, txt, 10.0), rtol=1e-5)
+  np.testing.assert_allclose(logits, 10.0 * img @ txt.T, rtol=1e-5)
+
+
+def test_clip_loss_of_perfect_alignment_is_small():
+  eye = np.eye(4, dtype=np.float32)
+  loss, _ = losses.clip_loss(eye, eye, 100.0)
+  assert float(loss) < 1e-6
+
+
+def test_reconstruction_loss_matches_numpy_masked_only(embeddings):
+  _, txt, student, teacher = embeddings
+  weights = np.zeros(student.shape[:2])
+  weights[0, :3] = 1.0   # Only some patches of some samples count.
+  weights[2, 1] = 1.0
+  got = losses.rils_reconstruction_loss(student, teacher, txt, weights,
+                                        student_temperature=0.1, teacher_temperature=0.04)
+  want = _np_recon(student, teacher, txt, weights, 0.1, 0.04)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Patches with weight 0 do not matter: changing them leaves the loss unchanged.
+  student2 = student.copy()
+  student2[1] = _normalize(np.ones_like(student[1]))
+  got2 = losses.rils_reconstruction_loss(student2, teacher, txt, weights,
+                                         student_temperature=0.1, teacher_temperature=0.04)
+  np.testing.assert_allclose(got2, got, rtol=1e-6)
+
+
+def test_reconstruction_loss_is_zero_when_student_equals_teacher_at_same_temperature(embeddings):
+  _, txt, student, _ = embeddings
+  got = losses.rils_reconstruction_loss(student, student, txt, np.ones(student.shape[:2]),
+                                        student_temperature=0.05, teacher_temperature=0.05)
+  assert abs(float(got)) < 1e-6
+
+
+def test_gate_and_total_match_numpy(embeddings):
+  img, txt, student, teacher = embeddings
+  cfg = tiny.tiny_config().loss
+  outputs = dict(image_embed=img, text_embed=txt, logit_scale=jnp.log(20.0),
+                 student=student, teacher=teacher)
+  loss, metrics = losses.rils_loss(outputs, cfg)
+  logits = 20.0 * img @ txt.T
+  gate = (logits.argmax(1) == np.arange(4)).astype(float)
+  assert 0 < gate.sum() < 4, 'fixture must have both gated and ungated samples'
+  weights = np.repeat(gate[:, None], student.shape[1], axis=1)
+  want_rec = _np_recon(student, teacher, txt, weights, 0.1, 0.04)
+  want = _np_clip_loss(img, txt, 20.0) + 0.5 * want_rec
+  np.testing.assert_allclose(metrics['recon_loss'], want_rec, rtol=1e-5)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics['gate_fraction'], gate.mean())
+  np.testing.assert_allclose(metrics['clip_acc'], gate.mean())
+  # With the gate off every sample counts.
+  cfg.gate = False
+  _, metrics = losses.rils_loss(outputs, cfg)
+  np.testing.assert_allclose(
+      metrics['recon_loss'],
+      _np_recon(student, teacher, txt, np.ones(student.shape[:2]), 0.1, 0.04), rtol=1e-5)
+  assert float(metrics['gate_fraction']) == 1.0
+
+
+def test_logit_scale_is_clipped_at_100(embeddings):
+  img, txt, _, _ = embeddings
+  cfg = tiny.tiny_config(**{'loss.kind': 'clip'}).loss
+  _, metrics = losses.rils_loss(dict(image_embed=img, text_embed=txt,
+                                     logit_scale=jnp.asarray(10.0)), cfg)
+  assert float(metrics['logit_scale']) == pytest.approx(100.0)
+  np.testing.assert_allclose(metrics['loss'], _np_clip_loss(img, txt, 100.0), rtol=1e-5)
+
+
+def test_unknown_kind_raises(embeddings):
+  img, txt, _, _ = embeddings
+  cfg = tiny.tiny_config(**{'loss.kind': 'mae'}).loss
+  with pytest.raises(ValueError, match='rils'):
+    losses.rils_loss(dict(image_embed=img, text_embed=txt, logit_scale=0.0), cfg)
+
+
+def _recon_grad_wrt_text(stop_gradient: bool):
+  config = tiny.tiny_config(**{'loss.stop_gradient_prototypes': stop_gradient,
+                               'loss.gate': False})
+  model = rils_lib.build_model(config, eot_id=2)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+  tokens = rng.integers(3, 64, size=(4, 8)).astype(np.int32)
+  tokens[:, 5] = 2
+  masking = vit.random_masking(jax.random.PRNGKey(0), 4, 16, 0.75)
+  params = model.init(jax.random.PRNGKey(1), images, tokens, masking)['params']
+
+  def recon(params):
+    out = model.apply({'params': params}, images, tokens, masking)
+    return losses.rils_loss(out, config.loss)[1]['recon_loss']
+
+  grads = jax.grad(recon)(params)
+  return grads
+
+
+def test_stop_gradient_switch_on_prototypes():
+  on = _recon_grad_wrt_text(stop_gradient=True)
+  off = _recon_grad_wrt_text(stop_gradient=False)
+  norm = lambda tree: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+  assert norm(on['text']) == 0.0 and norm(on['text_projection']) == 0.0
+  assert norm(off['text']) > 0.0 and norm(off['text_projection']) > 0.0
+  # The image tower learns from L_rec in both cases; the teacher path never carries gradient
+  # to the logit scale.
+  assert norm(on['decoder']) > 0.0 and norm(on['visual']) > 0.0
+  assert norm(on['logit_scale']) == 0.0

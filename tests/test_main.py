@@ -1,0 +1,110 @@
+"""The entry point end to end on a tiny generated dataset: logs, checkpoints, resume, evals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from rils_jax import config_lib
+from rils_jax import main as main_lib
+from rils_jax import tokenizer as tokenizer_lib
+from tests import tiny
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('shapes') / 'data')
+
+
+def _config(data_root, **overrides):
+  c = tiny.tiny_config(**overrides)
+  config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
+                            zeroshot_per_class=2, root=data_root)
+  c.tokenizer.vocab_size = 64
+  c.log_every = 2
+  c.checkpoint_every = 3
+  c.evals.batch_size = 16
+  return c
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_writes_logs_checkpoints_and_evals_then_resumes(tmp_path, data_root):
+  workdir = str(tmp_path / 'run')
+  results = main_lib.train(_config(data_root, total_steps=6), workdir)
+  assert 0.0 <= results['zeroshot/top1'] <= 1.0 and results['zeroshot/chance_top1'] == 0.05
+  assert {'retrieval/i2t_r5', 'retrieval/t2i_r5', 'retrieval/chance_t2i_r5'} <= set(results)
+  lines = _read_metrics(workdir)
+  assert lines[0]['step'] == 0 and lines[0]['data/images'] == 64
+  train_lines = [m for m in lines if 'loss' in m]
+  assert [m['step'] for m in train_lines] == [1, 2, 4, 6]
+  for m in train_lines:
+    assert {'loss', 'clip_loss', 'recon_loss', 'clip_acc', 'gate_fraction', 'logit_scale',
+            'learning_rate', 'grad_norm', 'images_per_sec', 'data/skipped_examples'} <= set(m)
+  assert lines[-1]['zeroshot/top1'] == results['zeroshot/top1']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert tokenizer_lib.Tokenizer(os.path.join(workdir, 'tokenizer.model')).eot_id == 2
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['total_steps'] == 6
+
+  # Same workdir, more steps: resumes at step 6 instead of starting over.
+  main_lib.train(_config(data_root, total_steps=8), workdir)
+  steps = [m['step'] for m in _read_metrics(workdir) if 'loss' in m]
+  assert steps == [1, 2, 4, 6, 7, 8]
+
+
+def test_clip_baseline_and_named_tokenizer(tmp_path, data_root):
+  tok = tokenizer_lib.train_tokenizer(['a red circle', 'a blue square'] * 10, 40,
+                                      str(tmp_path / 'named.model'))
+  config = _config(data_root, total_steps=2, **{'loss.kind': 'clip'})
+  config.tokenizer.model = tok
+  config.evals.retrieval.sources = []
+  workdir = str(tmp_path / 'clip')
+  results = main_lib.train(config, workdir)
+  assert set(results) == {'zeroshot/top1', 'zeroshot/top5', 'zeroshot/chance_top1',
+                          'zeroshot/skipped_images'}
+  with open(tok, 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
+    assert a.read() == b.read()
+  assert all(m['recon_loss'] == 0.0 for m in _read_metrics(workdir) if 'loss' in m)
+
+
+def test_config_errors_come_before_compilation(tmp_path, data_root):
+  with pytest.raises(ValueError, match='multiple of the 8 devices'):
+    main_lib.train(_config(data_root, **{'input.batch_size': 12}), str(tmp_path / 'a'))
+  with pytest.raises(ValueError, match="'rils' or 'clip'"):
+    main_lib.train(_config(data_root, **{'loss.kind': 'mae'}), str(tmp_path / 'b'))
+  config = _config(data_root)
+  config.model.text.vocab_size = 8
+  with pytest.raises(ValueError, match='vocab_size=8'):
+    main_lib.train(config, str(tmp_path / 'c'))
+  config = _config(data_root)
+  config.input.sources = [dict(kind='csv', captions=str(tmp_path / 'none.csv'),
+                               images=str(tmp_path), select='')]
+  config.synthetic = None
+  with pytest.raises(FileNotFoundError, match='none.csv'):
+    main_lib.train(config, str(tmp_path / 'd'))
+
+
+def test_command_line_overrides(tmp_path):
+  """`python -m rils_jax.main` parses the config file and the documented overrides."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+             RILS_JAX_CACHE=str(tmp_path / 'cache'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'rils_jax.main', '--config=configs/default.py:num_train=200',
+       f'--workdir={tmp_path}', '--config.input.batch_size=7', '--config.total_steps=1',
+       '--config.seed=3', '--config.loss.kind=clip'],
+      capture_output=True, text=True, env=env,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(tmp_path, 'config.json')) as f:
+    saved = json.load(f)
+  assert (saved['input']['batch_size'], saved['total_steps'], saved['seed'],
+          saved['loss']['kind']) == (7, 1, 3, 'clip')

@@ -1,0 +1,26 @@
+"""A tiny config and model shared by the tests."""
+
+import ml_collections
+
+from rils_jax import config_lib
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  c = config_lib.base_config()
+  c.total_steps = 20
+  c.model.variant = 'Ti/8'
+  c.model.vision = dict(width=32, depth=2, num_heads=2)
+  c.model.image_size = 32
+  c.model.decoder = dict(width=32, depth=1, num_heads=2)
+  c.model.text = dict(width=32, num_layers=2, num_heads=2, context_length=8, vocab_size=64)
+  c.model.embed_dim = 16
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 2
+  c.input.batch_size = 8
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
