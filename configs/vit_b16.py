@@ -44,7 +44,8 @@ def get_config(arg=None):
   c.input.num_workers = 8
   c.tokenizer.vocab_size = 49_408
   if arg.data == 'synthetic':
-    config_lib.synthetic_data(c, image_size=224)
+    config_lib.synthetic_data(c, image_size=224, num_train=4096, num_heldout=100,
+                              zeroshot_per_class=10)
   elif arg.data == 'shared':
     config_lib.shared_data(c)
   else:

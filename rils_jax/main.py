@@ -16,14 +16,12 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rils_jax import config_lib
 from rils_jax import evaluation
 from rils_jax import metric_writer
 from rils_jax import optim
@@ -84,12 +82,15 @@ def prepare_tokenizer(config, records, workdir: str) -> tokenizer_lib.Tokenizer:
   return tokenizer
 
 
-def progress_line(step, total, metrics, images_per_s, start_time, start_step) -> str:
-  done = step - start_step
-  eta = (time.time() - start_time) / max(done, 1) * (total - step)
+def progress_line(step, total, metrics, images_per_s, first_step_time, first_step) -> str:
+  # The rate excludes the first step, which includes compilation.
+  eta = 'ETA n/a'
+  if step > first_step:
+    per_step = (time.time() - first_step_time) / (step - first_step)
+    eta = f'ETA {per_step * (total - step) / 60:.1f} min'
   return (f'step {step}/{total}  loss {metrics["loss"]:.4f}  clip {metrics["clip_loss"]:.4f}  '
           f'recon {metrics["recon_loss"]:.4f}  clip_acc {metrics["clip_acc"]:.3f}  '
-          f'{images_per_s:.1f} img/s  ETA {eta / 60:.1f} min')
+          f'{images_per_s:.1f} img/s  {eta}')
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -140,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             'data/images_without_caption': stats.images_without_caption,
                             'num_params': num_params})
   skipped = 0
-  start_time = window_time = time.time()
+  start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)
@@ -154,18 +155,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics['data/skipped_examples'] = skipped
       window_time, window_images = now, 0
       writer.write(step, metrics)
-      logging.info(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
-                                 start_time, start_step))
+      if is_main:
+        print(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
+                            first_step_time, start_step + 1), flush=True)
+    if step == start_step + 1:
+      first_step_time = time.time()
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(step, args=ocp.args.StandardSave(state))
   checkpoints.wait_until_finished()
-  logging.info('Training done in %.1f s', time.time() - start_time)
+  if is_main:
+    print(f'Training done: {config.total_steps - start_step} steps in '
+          f'{time.time() - start_time:.1f} s', flush=True)
 
   embedder = evaluation.Embedder(model, config, mesh, tokenizer)
   results = evaluation.run_evals(config, state.params, embedder)
   if results:
     writer.write(int(state.step), results)
-    logging.info('Final evaluation: %s', json.dumps(results, indent=1))
+    if is_main:
+      print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
   writer.close()
   checkpoints.close()
   return results

@@ -5,7 +5,6 @@ projections. Biases, LayerNorm parameters, q/v biases, embeddings (token and pos
 CLS and mask tokens and the logit scale are not decayed (CLIP / SLIP / MAE practice).
 """
 
-import jax
 import ml_collections
 import optax
 from flax import traverse_util

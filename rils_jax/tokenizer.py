@@ -97,7 +97,8 @@ def read_captions(path: str) -> List[str]:
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str) -> str:
-  """Trains a unigram sentencepiece model on captions and writes it to `out_path`.
+  """Trains a BPE sentencepiece model (BPE as CLIP; unigram collapses to characters on small
+  caption sets) on captions and writes it to `out_path`.
 
   `vocab_size` is an upper bound: small corpora get fewer pieces instead of an error.
 
@@ -113,7 +114,7 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str) -> 
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-      model_type='unigram', character_coverage=1.0, hard_vocab_limit=False,
+      model_type='bpe', character_coverage=1.0, hard_vocab_limit=False,
       pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, normalization_rule_name='nmt_nfkc_cf',
       max_sentence_length=4096, num_threads=os.cpu_count() or 1, minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

@@ -11,8 +11,9 @@ dark background". The layout is the same as real data:
   <root>/zeroshot/<colour>_<shape>/*.png              (image folder, for zero-shot)
 
 so the default run goes through the same readers, tokenizer trainer and pipeline as real data.
-Zero-shot classes are the colour x shape pairs (chance = 1 / classes). Pictures are generated
-at 2x `image_size` so the training crop has detail to resample.
+Zero-shot classes are the colour x shape pairs (chance = 1 / classes). Pictures up to 64 px are
+drawn at 2x `image_size` (PNG) so the training crop has detail to resample; larger ones at
+`image_size` (JPEG).
 
   python -m rils_jax.data.synthetic --out=/tmp/shapes
 """
@@ -79,6 +80,11 @@ def draw_example(rng: np.random.Generator, size: int):
   return img, color, shape, captions
 
 
+def _extension(size: int) -> str:
+  # Noisy backgrounds do not compress: PNG for small pictures, JPEG (~15 KB at 224 px) above.
+  return 'png' if size <= 128 else 'jpg'
+
+
 def _write_caption_split(root: str, split: str, count: int, size: int, rng) -> None:
   image_dir = os.path.join(root, split, 'images')
   os.makedirs(image_dir)
@@ -87,7 +93,7 @@ def _write_caption_split(root: str, split: str, count: int, size: int, rng) -> N
     writer.writerow(['image', 'caption'])
     for i in range(count):
       img, _, _, captions = draw_example(rng, size)
-      name = f'{i:06d}.png'
+      name = f'{i:06d}.{_extension(size)}'
       img.save(os.path.join(image_dir, name))
       writer.writerows([name, c] for c in captions)
 
@@ -115,7 +121,7 @@ def generate(root: str, *, image_size: int = 32, num_train: int = 4000, num_held
   tmp = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
   try:
     rng = np.random.default_rng(seed)
-    size = 2 * image_size
+    size = 2 * image_size if image_size <= 64 else image_size
     _write_caption_split(tmp, 'train', num_train, size, rng)
     _write_caption_split(tmp, 'heldout', num_heldout, size, rng)
     counts = {name: 0 for name in class_names()}
@@ -126,7 +132,7 @@ def generate(root: str, *, image_size: int = 32, num_train: int = 4000, num_held
       if counts[name] < zeroshot_per_class:
         folder = os.path.join(tmp, 'zeroshot', name.replace(' ', '_'))
         os.makedirs(folder, exist_ok=True)
-        img.save(os.path.join(folder, f'{i:05d}.png'))
+        img.save(os.path.join(folder, f'{i:05d}.{_extension(size)}'))
         counts[name] += 1
         i += 1
     with open(os.path.join(tmp, 'dataset.json'), 'w') as f:

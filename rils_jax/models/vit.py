@@ -224,7 +224,8 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, ids_restore, grid: Tuple[int, int], ids_predict: Optional[jax.Array] = None):
+  def __call__(self, x, ids_restore, grid: Tuple[int, int],
+               ids_predict: Optional[jax.Array] = None):
     """Decodes visible-token features into per-patch predictions.
 
     Args:
@@ -241,9 +242,8 @@ class Decoder(nn.Module):
     batch, num_patches = ids_restore.shape
     mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
     num_masked = num_patches + 1 - x.shape[1]
-    tokens = jnp.concatenate(
-        [x[:, 1:], jnp.broadcast_to(mask_token.astype(self.dtype), (batch, num_masked, self.width))],
-        axis=1)
+    mask_tokens = jnp.broadcast_to(mask_token.astype(self.dtype), (batch, num_masked, self.width))
+    tokens = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], tokens], axis=1)
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
