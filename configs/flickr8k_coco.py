@@ -18,9 +18,9 @@ from rils_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data_dir=config_lib.SHARED_DATA)
   c = config_lib.base_config()
-  c.total_steps = 1500
+  c.total_steps = 600
   c.log_every = 50
-  c.checkpoint_every = 500
+  c.checkpoint_every = 300
 
   c.model.variant = 'Ti/8'
   c.model.vision = dict(width=192, depth=6, num_heads=3)

@@ -1,9 +1,10 @@
 r"""RILS ViT-B/16: the paper's set-up (Yang et al., CVPR 2023, arXiv:2301.06958).
 
-  python -m rils_jax.main --config=configs/vit_b16.py --workdir=DIR \
-      --config.input.sources.0.captions=laion.csv ...      # real pre-training
   python -m rils_jax.main --config=configs/vit_b16.py --config.input.batch_size=8 \
-      --config.total_steps=3 --workdir=/tmp/b16            # CPU smoke test, generated data
+      --config.total_steps=3 --workdir=/tmp/b16     # CPU smoke test on generated data
+
+For real pre-training, copy this file and set `c.input.sources` to your caption files (lists
+cannot be overridden from the command line).
 
 Recipe and sources (see ../shared/docs/RILS_METHOD.md):
 - Model (RILS release): ViT-B/16 at 224 px (width 768, 12 blocks, 12 heads, q/v bias, sin-cos
@@ -22,14 +23,16 @@ Data: with no argument the config points at the generated shapes data (224 px) s
 anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini); for LAION-scale data set
 `config.input.sources` to your CSV / COCO files.
 
-Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=bfloat16|float32`.
+Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=auto|bfloat16|float32`; `auto` is
+bfloat16 compute on GPU / TPU (the recipe's mixed precision) and float32 on CPU, where XLA's
+bfloat16 matmuls are far slower than float32.
 """
 
 from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data='synthetic', dtype='bfloat16')
+  arg = config_lib.parse_arg(arg, data='synthetic', dtype='auto')
   c = config_lib.base_config()
   c.total_steps = 122_070
   c.log_every = 50

@@ -104,7 +104,7 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   achieved = flops / step_s / 1e12
   on_cpu = device.platform == 'cpu'
   size = matmul_size or (4096 if on_cpu else 8192)
-  dtype = jnp.float32 if on_cpu or config.model.dtype == 'float32' else jnp.bfloat16
+  dtype = model.dtype
   reference = matmul_tflops(size, dtype)
   stats = device.memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -116,7 +116,7 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   peak = peak_flops(device) * jax.device_count()
   return dict(
       config=dict(variant=config.model.variant, image_size=config.model.image_size,
-                  batch_size=config.input.batch_size, dtype=config.model.dtype,
+                  batch_size=config.input.batch_size, dtype=jnp.dtype(model.dtype).name,
                   loss=config.loss.kind),
       device=f'{jax.device_count()}x {device.device_kind}',
       compile_s=round(compile_s, 3), step_s=round(step_s, 4),

@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder = dict(width=0, depth=1, num_heads=0)  # 0: same as the encoder (release).
   c.model.text = dict(width=512, num_layers=12, num_heads=8, context_length=77, vocab_size=49408)
   c.model.embed_dim = 512
-  c.model.dtype = 'float32'   # Compute dtype; parameters are always float32.
+  c.model.dtype = 'float32'   # Compute dtype: float32, bfloat16 or auto (bf16 unless on CPU).
+  # Parameters are always float32.
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'rils'        # 'rils' or 'clip' (baseline: no masked branch).
@@ -113,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.batch_size = 4096   # Global batch.
   c.input.num_workers = 0     # grain worker processes per host.
   c.input.crop_scale = (0.5, 1.0)
+  c.input.max_consecutive_skips = 1000  # Unreadable images in a row before the run stops.
+  c.input.max_skip_fraction = 0.5       # Fraction of unreadable images that stops the run.
   c.input.mean = IMAGENET_MEAN
   c.input.std = IMAGENET_STD
 

@@ -11,8 +11,9 @@ Embedding runs through jitted functions whose batch is sharded over the mesh's `
 batches are padded to a fixed size so that each function compiles once.
 """
 
+import dataclasses
 import math
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import jax
 import ml_collections
@@ -45,18 +46,23 @@ class Embedder:
         lambda p, t: model.apply({'params': p}, t, method=rils_lib.RILS.encode_text),
         in_shardings=(rep, data), out_shardings=rep)
 
-  def _run(self, fn, params, rows: np.ndarray) -> np.ndarray:
+  def _run(self, fn, params, rows: np.ndarray, batch_size: int) -> np.ndarray:
     n = rows.shape[0]
-    padded = np.zeros((self.batch_size, *rows.shape[1:]), rows.dtype)
+    padded = np.zeros((batch_size, *rows.shape[1:]), rows.dtype)
     padded[:n] = rows
     return np.asarray(fn(params, padded))[:n]
+
+  def _fixed_size(self, n: int) -> int:
+    # A small set is padded to a device multiple, not to a whole evaluation batch.
+    return min(self.batch_size, math.ceil(n / self.mesh.size) * self.mesh.size)
 
   def images(self, params, paths: Sequence[str]):
     """(embeddings float32 (n_kept, D), kept indices into `paths`); bad images are skipped."""
     embeds, kept = [], []
-    for batch in pipeline.eval_batches(paths, self.config.model.image_size, self.batch_size,
+    size = self._fixed_size(len(paths))
+    for batch in pipeline.eval_batches(paths, self.config.model.image_size, size,
                                        self.config.input.num_workers):
-      embeds.append(self._run(self._images, params, batch['image']))
+      embeds.append(self._run(self._images, params, batch['image'], size))
       kept.append(batch['index'])
     if not embeds:
       raise ValueError('no evaluation image could be decoded')
@@ -65,8 +71,9 @@ class Embedder:
   def texts(self, params, texts: Sequence[str]) -> np.ndarray:
     """float32 (len(texts), D) L2-normalised text embeddings."""
     tokens = self.tokenizer.encode(texts, self.config.model.text.context_length)
-    return np.concatenate([self._run(self._texts, params, tokens[i:i + self.batch_size])
-                           for i in range(0, len(texts), self.batch_size)])
+    size = self._fixed_size(len(texts))
+    return np.concatenate([self._run(self._texts, params, tokens[i:i + size], size)
+                           for i in range(0, len(texts), size)])
 
 
 def zeroshot_accuracy(image_embeds: np.ndarray, labels: np.ndarray,
@@ -131,22 +138,48 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
   return out
 
 
-def run_evals(config: ml_collections.ConfigDict, params, embedder: Embedder) -> Dict[str, float]:
-  """Runs the evaluations that `config.evals` names; returns flat `zeroshot/*`, `retrieval/*`."""
-  results = {}
+@dataclasses.dataclass
+class EvalData:
+  """What the evaluations read, loaded before training so that a bad path fails early."""
+  zeroshot_paths: List[str]
+  zeroshot_labels: List[int]
+  zeroshot_classes: List[str]
+  templates: Sequence[str]
+  retrieval_records: List[sources.ImageCaptions]
+
+
+def load_eval_data(config: ml_collections.ConfigDict) -> EvalData:
+  """Reads the file lists of the evaluations that `config.evals` names.
+
+  Raises:
+    FileNotFoundError / ValueError: from the readers, for a missing or empty dataset.
+  """
   zs = config.evals.zeroshot
+  paths, labels, classes = [], [], []
   if zs.root:
     paths, labels, classes = sources.read_image_folder(zs.root, zs.max_per_class or None)
-    names = [c.replace('_', ' ') for c in classes]
-    image_embeds, kept = embedder.images(params, paths)
-    acc = zeroshot_accuracy(image_embeds, np.asarray(labels)[kept],
-                            class_embeddings(embedder, params, names, zs.templates))
-    results.update({f'zeroshot/{k}': v for k, v in acc.items()})
-    results['zeroshot/skipped_images'] = len(paths) - len(kept)
-    logging.info('Zero-shot on %s: %d images, %d classes: %s', zs.root, len(kept), len(classes),
-                 acc)
+  records = []
   if config.evals.retrieval.sources:
     records, _ = sources.read_sources(config.evals.retrieval.sources)
+    if not records:
+      raise ValueError('config.evals.retrieval.sources hold no image with a caption')
+  return EvalData(paths, labels, [c.replace('_', ' ') for c in classes], tuple(zs.templates),
+                  records)
+
+
+def run_evals(data: EvalData, params, embedder: Embedder) -> Dict[str, float]:
+  """Runs the loaded evaluations; returns flat `zeroshot/*` and `retrieval/*` metrics."""
+  results = {}
+  if data.zeroshot_paths:
+    image_embeds, kept = embedder.images(params, data.zeroshot_paths)
+    class_embeds = class_embeddings(embedder, params, data.zeroshot_classes, data.templates)
+    acc = zeroshot_accuracy(image_embeds, np.asarray(data.zeroshot_labels)[kept], class_embeds)
+    results.update({f'zeroshot/{k}': v for k, v in acc.items()})
+    results['zeroshot/skipped_images'] = len(data.zeroshot_paths) - len(kept)
+    logging.info('Zero-shot: %d images, %d classes: %s', len(kept),
+                 len(data.zeroshot_classes), acc)
+  if data.retrieval_records:
+    records = data.retrieval_records
     image_embeds, kept = embedder.images(params, [r.image for r in records])
     texts = [c for i in kept for c in records[i].captions]
     text_to_image = np.repeat(np.arange(len(kept)), [len(records[i].captions) for i in kept])

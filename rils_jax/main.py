@@ -9,7 +9,9 @@ tensorboard/, and orbax checkpoints under checkpoints/. Re-running with the same
 parameters and optimizer state from the latest checkpoint.
 """
 
+import filecmp
 import json
+import math
 import os
 import shutil
 import time
@@ -31,6 +33,7 @@ from rils_jax.data import pipeline
 from rils_jax.data import sources
 from rils_jax.data import synthetic
 from rils_jax.models import rils as rils_lib
+from rils_jax.models import vit
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
                                 lock_config=True)
@@ -39,47 +42,99 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what would otherwise fail late or silently, before any compilation.
+  """Checks what would otherwise fail late or silently, before any data is read or compiled.
 
   Raises:
-    ValueError: for a batch not divisible by the devices or processes, a bad image or patch
-      size, an unknown loss kind, or no training source.
+    ValueError: for a batch not divisible by the devices or processes, non-positive step
+      counts or intervals, a bad model size, dtype, mask ratio or loss kind, or no training
+      source.
   """
   batch, devices, processes = config.input.batch_size, jax.device_count(), jax.process_count()
   if batch < 1 or batch % devices or batch % processes:
     raise ValueError(f'config.input.batch_size={batch} must be a positive multiple of the '
                      f'{devices} devices and {processes} processes')
+  positive = {'total_steps': config.total_steps, 'log_every': config.log_every,
+              'checkpoint_every': config.checkpoint_every,
+              'keep_checkpoints': config.keep_checkpoints,
+              'evals.batch_size': config.evals.batch_size,
+              'input.max_consecutive_skips': config.input.max_consecutive_skips}
+  for key, value in positive.items():
+    if value < 1:
+      raise ValueError(f'config.{key}={value} must be >= 1')
+  if config.seed < 0:
+    raise ValueError(f'config.seed={config.seed} must be >= 0')
   if config.loss.kind not in ('rils', 'clip'):
     raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {config.loss.kind!r}")
   if not config.input.sources:
     raise ValueError('config.input.sources is empty: name at least one csv or coco source')
-  rils_lib.vision_size(config.model.variant)
+  model = rils_lib.build_model(config, eot_id=0)  # Raises for a bad variant, size or dtype.
+  if config.loss.kind == 'rils':
+    num_patches = math.prod(model.grid_shape())
+    vit.random_masking(jax.random.PRNGKey(0), 1, num_patches, config.model.mask_ratio)
 
 
-def prepare_tokenizer(config, records, workdir: str) -> tokenizer_lib.Tokenizer:
+def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, kept as workdir/tokenizer.model.
 
-  A resumed run reuses the copy in the workdir; otherwise the config's model is copied there,
-  or, when the config names none, one is trained on the training captions.
+  A run that resumes from a checkpoint uses the workdir's copy, the one the checkpoint was
+  trained with. A fresh run copies the config's model there or, when the config names none,
+  trains one on the training captions.
 
   Raises:
-    ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`.
+    ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`, or a
+      resumed run's config names a tokenizer other than the checkpoint's.
   """
   path = os.path.join(workdir, 'tokenizer.model')
-  if not os.path.isfile(path):
-    if config.tokenizer.model:
-      shutil.copyfile(config.tokenizer.model, path + '.tmp')
-      os.replace(path + '.tmp', path)
-    else:
-      logging.info('Training a sentencepiece tokenizer (<= %d pieces) on %d images\' captions',
-                   config.tokenizer.vocab_size, len(records))
-      tokenizer_lib.train_tokenizer((c for r in records for c in r.captions),
-                                    config.tokenizer.vocab_size, path)
-  tokenizer = tokenizer_lib.Tokenizer(path)
+  if resuming and os.path.isfile(path):
+    if config.tokenizer.model and not filecmp.cmp(config.tokenizer.model, path, shallow=False):
+      raise ValueError(f'{workdir} holds a checkpoint trained with {path}, but '
+                       f'config.tokenizer.model={config.tokenizer.model!r} differs from it; '
+                       'use a new workdir to train with another tokenizer')
+    candidate = path
+  elif config.tokenizer.model:
+    candidate = config.tokenizer.model
+  else:
+    logging.info("Training a sentencepiece tokenizer (<= %d pieces) on %d images' captions",
+                 config.tokenizer.vocab_size, len(records))
+    candidate = tokenizer_lib.train_tokenizer((c for r in records for c in r.captions),
+                                              config.tokenizer.vocab_size, path + '.new')
+  tokenizer = tokenizer_lib.Tokenizer(candidate)
   if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f'tokenizer {path} has {tokenizer.vocab_size} pieces but the text tower '
-                     f'embeds only config.model.text.vocab_size={config.model.text.vocab_size}')
+    raise ValueError(f'tokenizer {candidate} has {tokenizer.vocab_size} pieces but the text '
+                     f'tower embeds only config.model.text.vocab_size='
+                     f'{config.model.text.vocab_size}')
+  if candidate != path:  # Only a tokenizer that fits the model replaces the workdir's copy.
+    shutil.copyfile(candidate, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    if candidate == path + '.new':
+      os.remove(candidate)
+    tokenizer = tokenizer_lib.Tokenizer(path)
   return tokenizer
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step) -> None:
+  """config.json for a fresh run; a resumed run keeps it (it describes the checkpoints) and
+  writes config.resume_<step>.json beside it."""
+  name = 'config.json' if resume_step is None else f'config.resume_{resume_step}.json'
+  with open(os.path.join(workdir, name), 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def restore(checkpoints: ocp.CheckpointManager, initial_state, workdir: str):
+  """Restores the latest checkpoint into the shapes and shardings of `initial_state`.
+
+  Raises:
+    ValueError: when the checkpoint does not fit the state of this config.
+  """
+  step = checkpoints.latest_step()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
+  try:
+    return checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f'the checkpoint at step {step} in {workdir} does not fit the model or optimizer of '
+        f'this config (its own config is {os.path.join(workdir, "config.json")}); use a new '
+        f'workdir or the same config. Orbax said: {e}') from e
 
 
 def progress_line(step, total, metrics, images_per_s, first_step_time, first_step) -> str:
@@ -98,54 +153,61 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  checkpoints = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  resume_step = checkpoints.latest_step()
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+    write_config(config, workdir, resume_step)
+
   if config.get('synthetic'):
     s = config.synthetic
     synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
                        num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
   records, stats = sources.read_sources(config.input.sources)
   logging.info('Training data: %s', stats)
-  tokenizer = prepare_tokenizer(config, records, workdir)
-
-  model = rils_lib.build_model(config, tokenizer.eot_id)
-  mesh = train_step_lib.make_mesh(config)
-  optimizer = optim.make_optimizer(config)
-  initial_state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  checkpoints = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  state = initial_state
-  if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
-    state = checkpoints.restore(checkpoints.latest_step(),
-                                args=ocp.args.StandardRestore(abstract))
-    logging.info('Resumed from checkpoint at step %d', int(state.step))
-  start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
-               dict(mesh.shape))
-
-  train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  if not records:
+    raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
+  eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
+  tokenizer = prepare_tokenizer(config, records, workdir, resuming=resume_step is not None)
+  start_step = resume_step or 0
   batches = iter(pipeline.make_train_dataset(
       records, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length,
       batch_size=config.input.batch_size // jax.process_count(),
       seed=config.seed + start_step, crop_scale=config.input.crop_scale,
-      num_workers=config.input.num_workers))
+      num_workers=config.input.num_workers,
+      max_consecutive_skips=config.input.max_consecutive_skips))
+
+  model = rils_lib.build_model(config, tokenizer.eot_id)
+  mesh = train_step_lib.make_mesh(config)
+  optimizer = optim.make_optimizer(config)
+  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
+  if resume_step is not None:
+    state = restore(checkpoints, state, workdir)
+    logging.info('Resumed from the checkpoint at step %d', resume_step)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
+               dict(mesh.shape))
+  train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
 
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   writer.write(start_step, {'data/images': stats.images, 'data/captions': stats.captions,
                             'data/empty_captions_skipped': stats.empty_captions,
                             'data/images_without_caption': stats.images_without_caption,
+                            'data/captions_without_image': stats.captions_without_image,
                             'num_params': num_params})
-  skipped = 0
+  if start_step >= config.total_steps and is_main:
+    print(f'The checkpoint at step {start_step} has reached config.total_steps='
+          f'{config.total_steps}: nothing to train.', flush=True)
+  skipped = delivered = 0
   start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)
     skipped += int(batch['skipped'].sum())
+    delivered += len(batch['skipped'])
+    check_skips(skipped, delivered, config.input.max_skip_fraction)
     state, metrics = train_step(state, train_step_lib.put_batch(batch, mesh))
     window_images += config.input.batch_size
     if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
@@ -163,12 +225,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(step, args=ocp.args.StandardSave(state))
   checkpoints.wait_until_finished()
-  if is_main:
+  if is_main and start_step < config.total_steps:
     print(f'Training done: {config.total_steps - start_step} steps in '
           f'{time.time() - start_time:.1f} s', flush=True)
 
   embedder = evaluation.Embedder(model, config, mesh, tokenizer)
-  results = evaluation.run_evals(config, state.params, embedder)
+  results = evaluation.run_evals(eval_data, state.params, embedder)
   if results:
     writer.write(int(state.step), results)
     if is_main:
@@ -176,6 +238,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   checkpoints.close()
   return results
+
+
+def check_skips(skipped: int, delivered: int, max_fraction: float) -> None:
+  """Stops a run that would silently train on a small part of its data.
+
+  Raises:
+    RuntimeError: when more than `max_fraction` of the examples read so far were skipped (after
+      at least 100 skips, so that a few bad files early on do not stop a run).
+  """
+  if skipped >= 100 and skipped > max_fraction * (skipped + delivered):
+    raise RuntimeError(
+        f'{skipped} of {skipped + delivered} examples were skipped as unreadable images, more '
+        f'than config.input.max_skip_fraction={max_fraction}; check the image folders of '
+        'config.input.sources (the log names each skipped file)')
 
 
 class _QuietLibraries:

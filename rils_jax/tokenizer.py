@@ -87,7 +87,7 @@ def read_captions(path: str) -> List[str]:
     if 'annotations' not in data:
       raise ValueError(f'{path} is not a COCO captions file (no "annotations")')
     return [str(a.get('caption', '')) for a in data['annotations']]
-  with open(path, encoding='utf-8', errors='replace', newline='') as f:
+  with open(path, encoding='utf-8-sig', errors='replace', newline='') as f:
     if path.endswith('.csv'):
       reader = csv.DictReader(f)
       if 'caption' not in (reader.fieldnames or []):

@@ -240,3 +240,53 @@ def test_eval_batches_keep_order_and_skip_bad(csv_dataset):
   batches = list(pipeline.eval_batches(paths, 16, batch_size=2))
   assert np.concatenate([b['index'] for b in batches]).tolist() == [0, 2, 4]
   assert batches[0]['image'].shape == (2, 16, 16, 3)
+
+
+def test_csv_with_bom_long_caption_and_unbalanced_quote(tmp_path, csv_dataset):
+  _, images = csv_dataset
+  long_caption = 'word ' * 300_000  # 1.5 MB, beyond the csv module's default field limit.
+  bom = tmp_path / 'bom.csv'
+  bom.write_text(f'image,caption\na.jpg,a red box\nb.png,{long_caption}\n', encoding='utf-8-sig')
+  records, _ = sources.read_csv_captions(str(bom), images)
+  assert [r.captions[0][:9] for r in records] == ['a red box', 'word word']
+  broken = tmp_path / 'broken.csv'
+  broken.write_text('image,caption\na.jpg,fine\nb.png,"never closed\nc.jpg,lost row\n')
+  with pytest.raises(ValueError, match=r'broken.csv, line \d+: a caption spans several lines'):
+    sources.read_csv_captions(str(broken), images)
+
+
+def test_coco_orphans_are_counted_and_bad_json_is_named(tmp_path):
+  images = str(tmp_path / 'images')
+  _write_images(images)
+  path = tmp_path / 'coco.json'
+  path.write_text(json.dumps(dict(images=[dict(id=1, file_name='a.jpg')],
+                                  annotations=[dict(image_id=1, caption='ok'),
+                                               dict(image_id=5, caption='orphan'),
+                                               dict(caption='no id')])))
+  records, stats = sources.read_coco_captions(str(path), images)
+  assert len(records) == 1 and stats.captions_without_image == 2
+  path.write_text(json.dumps(dict(images=[dict(id=1)], annotations=[])))
+  with pytest.raises(ValueError, match='coco.json is not a COCO captions file'):
+    sources.read_coco_captions(str(path), images)
+  path.write_text('{not json')
+  with pytest.raises(ValueError, match='coco.json'):
+    sources.read_coco_captions(str(path), images)
+
+
+def test_float_images_and_decompression_bombs(tmp_path, monkeypatch):
+  Image.fromarray(np.full((4, 4), 0.5, np.float32), mode='F').save(tmp_path / 'float.tif')
+  assert np.asarray(transforms.load_image(str(tmp_path / 'float.tif')))[0, 0, 0] == 127
+  Image.new('L', (40, 40)).save(tmp_path / 'big.png')
+  # 1,600 pixels: between the limit and twice the limit, where Pillow only warns.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+  with pytest.raises(transforms.BadImageError, match='DecompressionBomb'):
+    transforms.load_image(str(tmp_path / 'big.png'))
+
+
+def test_pipeline_stops_when_no_image_can_be_read(tmp_path, tokenizer):
+  records = [sources.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
+             for i in range(8)]
+  ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
+                                   batch_size=4, seed=0, max_consecutive_skips=20)
+  with pytest.raises(RuntimeError, match='20 examples in a row had no readable image'):
+    next(iter(ds))

@@ -19,14 +19,11 @@ def data_root(tmp_path_factory):
 
 
 def _config(data_root, **overrides):
-  c = tiny.tiny_config(**overrides)
+  c = tiny.tiny_config(**{'tokenizer.vocab_size': 64, 'log_every': 2, 'checkpoint_every': 3,
+                          'evals.batch_size': 16})
   config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
                             zeroshot_per_class=2, root=data_root)
-  c.tokenizer.vocab_size = 64
-  c.log_every = 2
-  c.checkpoint_every = 3
-  c.evals.batch_size = 16
-  return c
+  return tiny.apply_overrides(c, **overrides)
 
 
 def _read_metrics(workdir):
@@ -78,12 +75,21 @@ def test_clip_baseline_and_named_tokenizer(tmp_path, data_root):
 def test_config_errors_come_before_compilation(tmp_path, data_root):
   with pytest.raises(ValueError, match='multiple of the 8 devices'):
     main_lib.train(_config(data_root, **{'input.batch_size': 12}), str(tmp_path / 'a'))
+  for key in ('keep_checkpoints', 'log_every', 'checkpoint_every', 'total_steps'):
+    with pytest.raises(ValueError, match=f'config.{key}=0 must be >= 1'):
+      main_lib.train(_config(data_root, **{key: 0}), str(tmp_path / 'e'))
+  with pytest.raises(ValueError, match='mask_ratio'):
+    main_lib.train(_config(data_root, **{'model.mask_ratio': 1.0}), str(tmp_path / 'f'))
+  with pytest.raises(FileNotFoundError, match='image folder dataset not found'):
+    main_lib.train(_config(data_root, **{'evals.zeroshot.root': str(tmp_path / 'nope')}),
+                   str(tmp_path / 'g'))
   with pytest.raises(ValueError, match="'rils' or 'clip'"):
     main_lib.train(_config(data_root, **{'loss.kind': 'mae'}), str(tmp_path / 'b'))
   config = _config(data_root)
   config.model.text.vocab_size = 8
   with pytest.raises(ValueError, match='vocab_size=8'):
     main_lib.train(config, str(tmp_path / 'c'))
+  assert not os.path.exists(tmp_path / 'c' / 'tokenizer.model')  # Never kept when unusable.
   config = _config(data_root)
   config.input.sources = [dict(kind='csv', captions=str(tmp_path / 'none.csv'),
                                images=str(tmp_path), select='')]
@@ -107,3 +113,43 @@ def test_command_line_overrides(tmp_path):
     saved = json.load(f)
   assert (saved['input']['batch_size'], saved['total_steps'], saved['seed'],
           saved['loss']['kind']) == (7, 1, 3, 'clip')
+
+
+def test_skip_fraction_stops_the_run():
+  main_lib.check_skips(99, 0, 0.5)  # Fewer than 100 skips never stop a run.
+  main_lib.check_skips(100, 100, 0.5)
+  with pytest.raises(RuntimeError, match='101 of 201 examples were skipped'):
+    main_lib.check_skips(101, 100, 0.5)
+
+
+def test_resume_keeps_config_and_tokenizer_of_the_checkpoint(tmp_path, data_root):
+  workdir = str(tmp_path / 'run')
+  main_lib.train(_config(data_root, total_steps=3), workdir)
+  other = tokenizer_lib.train_tokenizer(['some other words'] * 10, 30, str(tmp_path / 'o.model'))
+  config = _config(data_root, total_steps=4)
+  config.tokenizer.model = other
+  with pytest.raises(ValueError, match='differs'):
+    main_lib.train(config, workdir)
+  config = _config(data_root, total_steps=4, **{'model.embed_dim': 32})
+  with pytest.raises(ValueError, match='does not fit the model'):
+    main_lib.train(config, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['embed_dim'] == 16  # The checkpoint's config is kept.
+  assert os.path.isfile(os.path.join(workdir, 'config.resume_3.json'))
+
+
+def test_a_workdir_without_checkpoint_takes_the_new_tokenizer(tmp_path, data_root):
+  workdir = str(tmp_path / 'run')
+  first = tokenizer_lib.train_tokenizer(['a red circle'] * 10, 30, str(tmp_path / 'a.model'))
+  second = tokenizer_lib.train_tokenizer(['a blue square'] * 10, 30, str(tmp_path / 'b.model'))
+  config = _config(data_root, **{'input.batch_size': 1024})  # Fails: more than the data.
+  config.tokenizer.model = first
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    main_lib.train(config, workdir)
+  config = _config(data_root, total_steps=1)
+  config.tokenizer.model = second
+  config.evals.zeroshot.root = ''
+  config.evals.retrieval.sources = []
+  main_lib.train(config, workdir)
+  with open(second, 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
+    assert a.read() == b.read()

@@ -17,6 +17,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 2
   c.input.batch_size = 8
+  return apply_overrides(c, **overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """Sets dotted keys, e.g. apply_overrides(c, **{'loss.kind': 'clip'})."""
   for key, value in overrides.items():
     target = c
     *path, last = key.split('.')

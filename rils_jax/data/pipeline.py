@@ -57,14 +57,24 @@ class TrainTransform(grain.transforms.RandomMap):
 class CountSkipped(grain.transforms.Filter):
   """Drops the `Skipped` left by a failed transform; stamps each kept example with the number of
   examples dropped since the previous kept one (`skipped`), so that the sum over all batches is
-  the exact skip count of this worker, whatever the worker interleaving."""
+  the exact skip count of this worker, whatever the worker interleaving.
 
-  def __init__(self):
+  Raises:
+    RuntimeError: after `max_consecutive` skips in a row (a wrong image folder would otherwise
+      make the stream spin forever without yielding a batch).
+  """
+
+  def __init__(self, max_consecutive: int = 1000):
     self._since_last = 0
+    self.max_consecutive = max_consecutive
 
   def filter(self, element) -> bool:
     if isinstance(element, Skipped):
       self._since_last += 1
+      if self._since_last >= self.max_consecutive:
+        raise RuntimeError(
+            f'{self._since_last} examples in a row had no readable image (last: '
+            f'{element.reason}); check the image folders of config.input.sources')
       return False
     element['skipped'] = np.int64(self._since_last)
     self._since_last = 0
@@ -75,7 +85,7 @@ def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenize
                        *, image_size: int, context_length: int, batch_size: int, seed: int,
                        crop_scale: Sequence[float] = (0.5, 1.0), num_workers: int = 0,
                        shard_options: Optional[grain.sharding.ShardOptions] = None,
-                       ) -> grain.IterDataset:
+                       max_consecutive_skips: int = 1000) -> grain.IterDataset:
   """Infinite stream of per-process training batches (see the module docstring).
 
   Args:
@@ -88,6 +98,7 @@ def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenize
     crop_scale: RandomResizedCrop area range.
     num_workers: grain worker processes (0: decode in this process).
     shard_options: defaults to `ShardByJaxProcess(drop_remainder=True)`.
+    max_consecutive_skips: see `CountSkipped`.
 
   Raises:
     ValueError: if this process's shard has fewer records than one batch.
@@ -102,7 +113,8 @@ def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenize
                      f'{batch_size}')
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale), seed=seed)
-  it = ds.to_iter_dataset().filter(CountSkipped()).batch(batch_size, drop_remainder=True)
+  it = ds.to_iter_dataset().filter(CountSkipped(max_consecutive_skips))
+  it = it.batch(batch_size, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it

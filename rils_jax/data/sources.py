@@ -11,10 +11,15 @@ opened here: missing or corrupt files are found (and counted) by the input pipel
 
 import collections
 import csv
+import sys
 import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+# Long captions are legal (the tokenizer truncates them); the csv module's default 128 KB field
+# limit would turn one into a crash.
+csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
@@ -33,6 +38,7 @@ class SourceStats:
   captions: int = 0
   empty_captions: int = 0
   images_without_caption: int = 0
+  captions_without_image: int = 0  # COCO annotations whose image_id is not in `images`.
 
   def add(self, other: 'SourceStats') -> 'SourceStats':
     return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -84,18 +90,30 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
 
   Raises:
     FileNotFoundError: if the CSV or the image folder does not exist.
-    ValueError: if the header lacks `image` or `caption`.
+    ValueError: if the header lacks `image` or `caption`, or the file is malformed (the message
+      names the line).
   """
   if not os.path.isfile(captions_csv):
     raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
-  with open(captions_csv, encoding='utf-8', errors='replace', newline='') as f:
+  # utf-8-sig reads files saved with a byte-order mark (Excel) as well as plain UTF-8.
+  with open(captions_csv, encoding='utf-8-sig', errors='replace', newline='') as f:
     reader = csv.DictReader(f)
     if not {'image', 'caption'} <= set(reader.fieldnames or []):
       raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
                        f'got {reader.fieldnames}')
-    pairs = [(row['image'] or '', row['caption'] or '') for row in reader]
+    pairs = []
+    try:
+      for row in reader:
+        caption = row['caption'] or ''
+        if '\n' in caption or '\r' in caption:
+          # An unbalanced quote swallows every following row into one field.
+          raise ValueError(f'{captions_csv}, line {reader.line_num}: a caption spans several '
+                           'lines (an unbalanced " quote?)')
+        pairs.append((row['image'] or '', caption))
+    except csv.Error as e:
+      raise ValueError(f'{captions_csv}, line {reader.line_num}: {e}') from e
   order = list(dict.fromkeys(name for name, _ in pairs if name))
   return _group([p for p in pairs if p[0]], image_dir, order)
 
@@ -106,21 +124,25 @@ def read_coco_captions(annotations_json: str, image_dir: str
 
   Raises:
     FileNotFoundError: if the JSON or the image folder does not exist.
-    ValueError: if the JSON lacks `images` or `annotations`.
+    ValueError: if the file is not valid JSON in the COCO captions layout.
   """
   if not os.path.isfile(annotations_json):
     raise FileNotFoundError(f'COCO captions JSON not found: {annotations_json}')
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
-  with open(annotations_json, encoding='utf-8') as f:
-    data = json.load(f)
-  if 'images' not in data or 'annotations' not in data:
-    raise ValueError(f'{annotations_json} is not a COCO captions file (needs "images" and '
-                     '"annotations")')
-  names = {img['id']: img['file_name'] for img in data['images']}
-  pairs = [(names[a['image_id']], str(a.get('caption') or ''))
-           for a in data['annotations'] if a.get('image_id') in names]
-  return _group(pairs, image_dir, [img['file_name'] for img in data['images']])
+  try:
+    with open(annotations_json, encoding='utf-8-sig') as f:
+      data = json.load(f)
+    names = {img['id']: img['file_name'] for img in data['images']}
+    annotations = [(a.get('image_id'), str(a.get('caption') or ''))
+                   for a in data['annotations']]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f'{annotations_json} is not a COCO captions file (needs "images" with '
+                     f'"id" and "file_name", and "annotations"): {type(e).__name__}: {e}') from e
+  pairs = [(names[i], caption) for i, caption in annotations if i in names]
+  records, stats = _group(pairs, image_dir, list(names.values()))
+  stats.captions_without_image = len(annotations) - len(pairs)
+  return records, stats
 
 
 def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions], SourceStats]:

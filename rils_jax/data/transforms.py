@@ -6,6 +6,7 @@ than float32).
 """
 
 import math
+import warnings
 from typing import Sequence, Tuple
 
 import jax.numpy as jnp
@@ -20,6 +21,26 @@ class BadImageError(ValueError):
   """An image that cannot be used: missing, unreadable, undecodable or degenerate."""
 
 
+def _decode(path: str) -> Image.Image:
+  """Decodes to upright 8-bit RGB (alpha composited on white); Pillow errors propagate."""
+  with Image.open(path) as img:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+      # 16/32-bit integer or float greyscale: scale to 8 bits rather than clipping. Floats in
+      # [0, 1] are taken as intensities in [0, 1].
+      arr = np.nan_to_num(np.asarray(img, np.float64))
+      peak = 1.0 if img.mode == 'F' and arr.max() <= 1.0 else max(arr.max(), 1.0)
+      img = Image.fromarray((np.clip(arr, 0, None) / peak * 255.0).astype(np.uint8))
+    if img.mode != 'RGB':
+      if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+        background = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+      img = img.convert('RGB')
+    img.load()
+    return img
+
+
 def load_image(path: str) -> Image.Image:
   """Opens and fully decodes an image as 8-bit RGB, applying its EXIF orientation.
 
@@ -28,19 +49,10 @@ def load_image(path: str) -> Image.Image:
       decompression bomb, or has a zero-sized side.
   """
   try:
-    with Image.open(path) as img:
-      img = ImageOps.exif_transpose(img)
-      if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        # 16/32-bit greyscale: scale to 8 bits rather than clipping.
-        arr = np.asarray(img, np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8))
-      if img.mode != 'RGB':
-        if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-          img = img.convert('RGBA')
-          background = Image.new('RGBA', img.size, (255, 255, 255, 255))
-          img = Image.alpha_composite(background, img)
-        img = img.convert('RGB')
-      img.load()
+    with warnings.catch_warnings():
+      # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      img = _decode(path)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
           Image.DecompressionBombWarning) as e:
     raise BadImageError(f'{path}: {type(e).__name__}: {e}') from e

@@ -1,0 +1,61 @@
+"""The config files load, name what they promise and build their models."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from rils_jax import config_lib
+from rils_jax import flops
+from rils_jax import train_step as train_step_lib
+from rils_jax.models import rils as rils_lib
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def _load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_vit_b16_is_the_paper_setup():
+  c = _load('vit_b16')
+  assert rils_lib.vision_size(c.model.variant) == (768, 12, 12, 16)
+  assert (c.model.image_size, c.model.mask_ratio, c.model.embed_dim) == (224, 0.75, 512)
+  assert (c.model.text.width, c.model.text.num_layers, c.model.text.context_length) == (
+      512, 12, 77)
+  assert (c.loss.weight, c.loss.student_temperature, c.loss.teacher_temperature) == (
+      0.5, 0.1, 0.04)
+  assert (c.input.batch_size, c.optim.b2, c.input.crop_scale) == (4096, 0.98, (0.5, 1.0))
+  model = rils_lib.build_model(c, eot_id=2)
+  params = jax.eval_shape(lambda: train_step_lib.init_params(model, c, jax.random.PRNGKey(0)))
+  vision = sum(x.size for x in jax.tree.leaves(params['visual']))
+  assert 85e6 < vision < 87e6  # ViT-B/16 encoder: 85.8M parameters.
+  # A ViT-B/16 forward pass at 224 px is 17.6 G multiply-adds (timm / DeiT tables), i.e.
+  # 35.1 GFLOPs at 2 FLOPs per multiply-add.
+  per_image = flops.train_step_flops(c)['encoder_full'] / 3 / c.input.batch_size
+  assert 34.9e9 < per_image < 35.3e9
+
+
+@pytest.mark.parametrize('name,arg', [('default', None), ('default', 'num_train=100'),
+                                      ('flickr8k_coco', None), ('vit_b16', 'data=shared'),
+                                      ('vit_b16', 'dtype=float32')])
+def test_configs_load_and_build(name, arg):
+  c = _load(name, arg)
+  assert c.input.sources and c.evals.zeroshot.root
+  rils_lib.build_model(c, eot_id=2)
+
+
+def test_bad_config_argument():
+  with pytest.raises(ValueError, match='unknown config argument'):
+    _load('default', 'steps=3')
+  with pytest.raises(ValueError, match="'synthetic' or 'shared'"):
+    _load('vit_b16', 'data=laion')
+
+
+def test_parse_arg_types():
+  arg = config_lib.parse_arg('n=3,flag=false,name=x', n=1, flag=True, name='')
+  assert (arg.n, arg.flag, arg.name) == (3, False, 'x')
