@@ -2,13 +2,14 @@ r"""Embedded default: a tiny RILS model on generated coloured-shape pictures, on
 
   python -m rils_jax.main --config=configs/default.py --workdir=/tmp/rils_default
 
-What to expect on 2 CPU cores: the dataset (4,000 training pictures with 3 captions each, 200
-held-out pictures, 20 zero-shot classes 'colour shape') is generated once under
-~/.cache/rils_jax; a 16k-piece-max sentencepiece model is trained on its captions; then a
-ViT (width 128, 4 blocks, patch 4, 32 px) + text transformer (width 128, 3 layers) trains with
-CLIP + RILS reconstruction for `total_steps`. The loss falls from about 5.2, and the final
-zero-shot top-1 over the 20 classes ends far above the 5% chance level; held-out retrieval R@K is
-printed next to its chance level. See README.md for measured figures.
+What to expect on 2 CPU cores (about 7 minutes on an idle machine): the dataset (4,000
+training pictures with 3 captions each, 200 held-out pictures, 400 zero-shot pictures in 20
+classes 'colour shape') is generated once under ~/.cache/rils_jax (or $RILS_JAX_CACHE); a BPE
+sentencepiece model of at most 128 pieces is trained on its captions; then a ViT (width 128, 4
+blocks, patch 4, 32 px) + text transformer (width 128, 3 layers) trains with CLIP + RILS
+reconstruction for 300 steps of 128 pictures. The total loss falls from about 5.7 to about 2.9
+(the CLIP term from 5.2 to 2.4); at the end zero-shot top-1 is about 35% against 5% chance, and
+held-out image->text R@5 about 58% against 2.5% chance. README.md has the measured run.
 
 Argument (optional): `configs/default.py:num_train=4000`.
 """

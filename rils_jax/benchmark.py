@@ -31,12 +31,15 @@ from rils_jax import optim
 from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
 
-config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-flags.DEFINE_integer('steps', 5, 'Timed steps.')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-flags.DEFINE_integer('matmul_size', 0, 'Side of the reference matmul (0: 4096 on CPU, 8192 '
-                     'on accelerators).')
-flags.mark_flags_as_required(['config'])
+
+def _define_flags():
+  # Defined only when run as a command, so that importing this module registers no flags.
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_integer('steps', 5, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('matmul_size', 0, 'Side of the reference matmul (0: 4096 on CPU, 8192 '
+                       'on accelerators).')
+  flags.mark_flags_as_required(['config'])
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -139,4 +142,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

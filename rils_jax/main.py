@@ -35,10 +35,14 @@ from rils_jax.data import synthetic
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Output folder (logs, checkpoints, tokenizer).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+def _define_flags():
+  # Defined only when run as a command, so that importing this module (tests, other tools)
+  # registers no flags.
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Output folder (logs, checkpoints, tokenizer).')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -270,4 +274,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -139,11 +139,14 @@ def main(argv):
   f = flags.FLAGS
   if not f.captions or not f.out:
     raise app.UsageError('--captions and --out are required')
-  captions = [c for path in f.captions for c in read_captions(path)]
-  train_tokenizer(captions, f.vocab_size, f.out)
+  try:
+    captions = [c for path in f.captions for c in read_captions(path)]
+    train_tokenizer(captions, f.vocab_size, f.out)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
   tok = Tokenizer(f.out)
   print(json.dumps(dict(out=f.out, vocab_size=tok.vocab_size, eot_id=tok.eot_id,
-                        captions=len(captions))))
+                        captions=sum(1 for c in captions if c.strip()))))
 
 
 if __name__ == '__main__':

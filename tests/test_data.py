@@ -240,6 +240,10 @@ def test_eval_batches_keep_order_and_skip_bad(csv_dataset):
   batches = list(pipeline.eval_batches(paths, 16, batch_size=2))
   assert np.concatenate([b['index'] for b in batches]).tolist() == [0, 2, 4]
   assert batches[0]['image'].shape == (2, 16, 16, 3)
+  # With workers, batches are still whole (not one fragment per worker) and nothing is lost.
+  batches = list(pipeline.eval_batches(paths * 4, 16, batch_size=5, num_workers=2))
+  assert [len(b['index']) for b in batches] == [5, 5, 2]
+  assert sorted(np.concatenate([b['index'] for b in batches]) % 5) == [0] * 4 + [2] * 4 + [4] * 4
 
 
 def test_csv_with_bom_long_caption_and_unbalanced_quote(tmp_path, csv_dataset):

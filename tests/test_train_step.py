@@ -47,17 +47,18 @@ def test_loss_falls_on_a_fixed_batch(kind):
 
 def test_eight_devices_match_one_device():
   assert len(jax.devices()) == 8, 'conftest.py asks for 8 virtual CPU devices'
-  config = tiny.tiny_config(**{'total_steps': 3})
+  # Adam divides by sqrt(v) + eps: with the default eps (1e-8), float32 reduction-order noise in
+  # near-zero gradients can flip the sign of a whole update. eps = 1e-3 keeps such entries'
+  # updates proportional to their gradients, so parameters can be compared tightly.
+  config = tiny.tiny_config(**{'total_steps': 3, 'optim.eps': 1e-3})
   batch = _fixed_batch()
   state1, hist1 = _run(config, jax.devices()[:1], 3, batch)
   state8, hist8 = _run(config, jax.devices(), 3, batch)
   for h1, h8 in zip(hist1, hist8):
     np.testing.assert_allclose(h8['loss'], h1['loss'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hist8[-1]['grad_norm'], hist1[-1]['grad_norm'], rtol=1e-4)
-  # Adam divides by sqrt(v): float32 reduction-order noise in near-zero gradients becomes a
-  # visible fraction of one update (lr 3e-3), so parameters agree to 1e-4, losses to 1e-5.
   for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
   assert len(state8.params['logit_scale'].sharding.device_set) == 8
 
 

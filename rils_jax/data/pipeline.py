@@ -138,17 +138,18 @@ class EvalTransform(grain.transforms.Map):
 
 def eval_batches(paths: Sequence[str], image_size: int, batch_size: int, num_workers: int = 0
                  ) -> Iterator[dict]:
-  """Batches of resized, centre-cropped images in file order; the last batch may be smaller.
+  """Batches of resized, centre-cropped images; only the last batch may be smaller.
 
   Each batch has `image` uint8 (b, S, S, 3) and `index` int64 (b,) into `paths`; bad images are
-  left out (the indices say which were kept).
+  left out (the indices say which were kept). With workers the order is interleaved.
   """
   ds = grain.MapDataset.source(list(enumerate(paths)))
-  it = ds.map(EvalTransform(image_size)).to_iter_dataset()
-  it = it.filter(_is_not_none).batch(batch_size, drop_remainder=False)
+  it = ds.map(EvalTransform(image_size)).to_iter_dataset().filter(_is_not_none)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(it)
+  # Batched after the workers: batches made inside each worker would be fragments of a batch
+  # (its slice of the set), each padded to a whole batch by the caller.
+  return iter(it.batch(batch_size, drop_remainder=False))
 
 
 def _is_not_none(x) -> bool:
