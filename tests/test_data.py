@@ -170,7 +170,7 @@ def test_tokenizer_cli(tmp_path, csv_dataset):
       [sys.executable, '-m', 'rils_jax.tokenizer', 'train', f'--captions={path}',
        '--vocab_size=40', f'--out={out}'], capture_output=True, text=True, check=True)
   info = json.loads(result.stdout.strip().splitlines()[-1])
-  assert info['captions'] == 9 and info['eot_id'] == 2
+  assert info['captions'] == 7 and info['eot_id'] == 2  # 9 rows, 2 empty captions.
   assert tokenizer_lib.Tokenizer(str(out)).encode(['green circle'], 6)[0, 0] != 2
   (tmp_path / 'nocaption.csv').write_text('image,text\na.jpg,hello\n')
   with pytest.raises(ValueError, match='no "caption" column'):
@@ -294,3 +294,23 @@ def test_pipeline_stops_when_no_image_can_be_read(tmp_path, tokenizer):
                                    batch_size=4, seed=0, max_consecutive_skips=20)
   with pytest.raises(RuntimeError, match='20 examples in a row had no readable image'):
     next(iter(ds))
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
+                      'shared', 'data')
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared/data is not present')
+def test_readers_on_the_shared_real_data():
+  flickr, coco = os.path.join(SHARED, 'flickr8k_1k'), os.path.join(SHARED, 'coco_mini_train')
+  records, stats = sources.read_csv_captions(os.path.join(flickr, 'captions.csv'),
+                                             os.path.join(flickr, 'images'))
+  assert (stats.images, stats.captions) == (1000, 5000)
+  assert all(len(r.captions) == 5 for r in records)
+  records, stats = sources.read_coco_captions(
+      os.path.join(coco, 'captions_train2017.json'), os.path.join(coco, 'images'))
+  assert (stats.images, stats.captions) >= (80, 400)
+  img = transforms.load_image(records[0].image)
+  assert img.mode == 'RGB' and min(img.size) > 100
+  paths, labels, classes = sources.read_image_folder(os.path.join(SHARED, 'cifar10_test'), 3)
+  assert len(classes) == 10 and len(paths) == 30 and 'airplane' in classes
