@@ -35,9 +35,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
     `total`.
   """
   m = config.model
-  width, depth, heads, patch = rils_lib.vision_size(m.variant)
-  width = m.vision.get('width') or width
-  depth = m.vision.get('depth') or depth
+  width, depth, _, patch = rils_lib.vision_dims(m)
   rows, cols = vit.grid_size(m.image_size, patch)
   n = rows * cols
   keep = int(round(n * (1 - m.mask_ratio)))

@@ -143,6 +143,14 @@ def vision_size(variant: str):
                      f'{[k + "/16" for k in VIT_SIZES]} (any integer patch size)') from e
 
 
+def vision_dims(model_config: ml_collections.ConfigDict):
+  """(width, depth, heads, patch_size) of `config.model`: the named variant, with non-zero
+  `config.model.vision` fields overriding it (for tiny CPU models)."""
+  width, depth, heads, patch = vision_size(model_config.variant)
+  v = model_config.vision
+  return (v.get('width') or width, v.get('depth') or depth, v.get('num_heads') or heads, patch)
+
+
 def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   """Builds a `RILS` module from `config.model` (see configs/*.py for the fields).
 
@@ -150,11 +158,7 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
     ValueError: for an unknown variant or dtype, or an image size not divisible by the patch.
   """
   m = config.model
-  width, depth, heads, patch = vision_size(m.variant)
-  # Explicit sizes in config.model.vision override the named variant (for tiny CPU models).
-  width = m.vision.get('width') or width
-  depth = m.vision.get('depth') or depth
-  heads = m.vision.get('num_heads') or heads
+  width, depth, heads, patch = vision_dims(m)
   vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
   return RILS(
       image_size=m.image_size, patch_size=patch,
