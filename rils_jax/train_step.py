@@ -74,7 +74,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, np.ndarray]:
   """All-zero batch with the shapes and dtypes of the input pipeline (uint8 images, int32 text).
 
-  The text rows hold an end-of-text token at position 0 so the text tower has a position to pool.
+  Shapes only: the text rows hold no end-of-text token, so the text tower pools position 0.
   """
   size = config.model.image_size
   return dict(image=np.zeros((batch_size, size, size, 3), np.uint8),
