@@ -8,7 +8,8 @@
   correct when its image ranks in the top K. Chance levels are computed exactly.
 
 Embedding runs through jitted functions whose batch is sharded over the mesh's `data` axis;
-batches are padded to a fixed size so that each function compiles once.
+batches are padded to one size per evaluated set (the evaluation batch, or the set's size
+rounded up to the device count when smaller), so each set compiles once.
 """
 
 import dataclasses

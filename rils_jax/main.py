@@ -94,25 +94,35 @@ def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenize
       raise ValueError(f'{workdir} holds a checkpoint trained with {path}, but '
                        f'config.tokenizer.model={config.tokenizer.model!r} differs from it; '
                        'use a new workdir to train with another tokenizer')
-    candidate = path
-  elif config.tokenizer.model:
-    candidate = config.tokenizer.model
+    return check_vocab(tokenizer_lib.Tokenizer(path), config)
+  # A new tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
+  tmp = path + '.tmp'
+  if config.tokenizer.model:
+    shutil.copyfile(config.tokenizer.model, tmp)
   else:
     logging.info("Training a sentencepiece tokenizer (<= %d pieces) on %d images' captions",
                  config.tokenizer.vocab_size, len(records))
-    candidate = tokenizer_lib.train_tokenizer((c for r in records for c in r.captions),
-                                              config.tokenizer.vocab_size, path + '.new')
-  tokenizer = tokenizer_lib.Tokenizer(candidate)
+    tokenizer_lib.train_tokenizer((c for r in records for c in r.captions),
+                                  config.tokenizer.vocab_size, tmp)
+  try:
+    check_vocab(tokenizer_lib.Tokenizer(tmp), config)
+  except ValueError:
+    os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+  return tokenizer_lib.Tokenizer(path)
+
+
+def check_vocab(tokenizer: tokenizer_lib.Tokenizer, config) -> tokenizer_lib.Tokenizer:
+  """Returns `tokenizer` if the text tower embeds all its ids.
+
+  Raises:
+    ValueError: if its vocabulary is larger than `config.model.text.vocab_size`.
+  """
   if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f'tokenizer {candidate} has {tokenizer.vocab_size} pieces but the text '
-                     f'tower embeds only config.model.text.vocab_size='
+    raise ValueError(f'tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but '
+                     'the text tower embeds only config.model.text.vocab_size='
                      f'{config.model.text.vocab_size}')
-  if candidate != path:  # Only a tokenizer that fits the model replaces the workdir's copy.
-    shutil.copyfile(candidate, path + '.tmp')
-    os.replace(path + '.tmp', path)
-    if candidate == path + '.new':
-      os.remove(candidate)
-    tokenizer = tokenizer_lib.Tokenizer(path)
   return tokenizer
 
 

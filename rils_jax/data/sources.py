@@ -11,10 +11,10 @@ opened here: missing or corrupt files are found (and counted) by the input pipel
 
 import collections
 import csv
-import sys
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # Long captions are legal (the tokenizer truncates them); the csv module's default 128 KB field
