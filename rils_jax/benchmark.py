@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from rils_jax import flops as flops_lib
 from rils_jax import optim
+from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
 
@@ -82,7 +83,7 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   """Runs the benchmark and returns its figures (see the module docstring)."""
   eot_id = 2
   model = rils_lib.build_model(config, eot_id)
-  mesh = train_step_lib.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   optimizer = optim.make_optimizer(config)
   state = train_step_lib.create_train_state(model, optimizer, config, mesh)
   step = train_step_lib.make_train_step(model, optimizer, config, mesh)

@@ -9,6 +9,8 @@ from typing import Any, Dict
 
 import ml_collections
 
+from rils_jax import sharding
+
 # ImageNet mean / std (RGB, [0, 1] scale), used by SLIP and the RILS release.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10            # Steps between metric lines.
   c.checkpoint_every = 1000   # Steps between orbax checkpoints (and one at the end).
   c.keep_checkpoints = 2
-  c.mesh = ml_collections.ConfigDict({'data': -1})  # Axis name -> size; -1 fills the devices.
+  # Device mesh (rils_jax/sharding.py): axis -> size, -1 takes the remaining devices. `slice`
+  # spans TPU slices (DCN), `fsdp` shards parameters and optimizer state (ZeRO-3), `tensor`
+  # splits heads and MLP. The batch is split over slice x data x fsdp.
+  c.mesh = ml_collections.ConfigDict({'slice': 1, 'data': -1, 'fsdp': 1, 'tensor': 1})
+  # Logical axis name -> mesh axes, for parameters and activations (sharding.DEFAULT_RULES).
+  c.sharding_rules = [(name, list(axes) if isinstance(axes, tuple) else axes)
+                      for name, axes in sharding.DEFAULT_RULES]
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'B/16'    # Ti/S/B/L with any patch size, e.g. 'L/14'.
@@ -89,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512
   c.model.dtype = 'float32'   # Compute dtype: float32, bfloat16 or auto (bf16 unless on CPU).
   # Parameters are always float32.
+  c.model.remat = 'none'      # Per-block rematerialisation: none, block (keep matmuls), full.
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'rils'        # 'rils' or 'clip' (baseline: no masked branch).
@@ -98,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.gate = True          # Reconstruction only for correctly retrieved samples (release).
   c.loss.stop_gradient_prototypes = True  # Captions as prototypes get no L_rec gradient (release).
   c.loss.max_logit_scale = 100.0
+  c.loss.local_gradients = False  # True: the release's multi-GPU CLIP gradient (losses.py).
+  c.loss.chunk_size = 0       # Masked patches per chunk of reconstruction logits; 0: all at once.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4
@@ -108,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.5
   c.optim.grad_clip = 1.0     # Global-norm clipping; 0 disables.
+  c.optim.mu_dtype = 'float32'  # AdamW first moment: float32 or bfloat16.
+  c.optim.accum_steps = 1     # Micro-batches per step (exact full-batch gradient, GradCache).
 
   c.input = ml_collections.ConfigDict()
   c.input.sources = []        # dicts: kind ('csv'|'coco'), captions, images, select.

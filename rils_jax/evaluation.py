@@ -7,9 +7,11 @@
   correct when any of its captions ranks in the top K; text->image R@K counts a caption as
   correct when its image ranks in the top K. Chance levels are computed exactly.
 
-Embedding runs through jitted functions whose batch is sharded over the mesh's `data` axis;
-batches are padded to one size per evaluated set (the evaluation batch, or the set's size
-rounded up to the device count when smaller), so each set compiles once.
+Embedding runs through jitted functions whose batch is sharded over the mesh's data-parallel
+axes and whose parameters keep the training shardings; batches are padded to one size per
+evaluated set (the evaluation batch, or the set's size rounded up to the device count when
+smaller), so each set compiles once. Every process reads the whole evaluation set and passes the
+same batches (multi-host runs agree on the results).
 """
 
 import dataclasses
@@ -21,8 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
-from rils_jax import train_step as train_step_lib
 from rils_jax.data import pipeline
 from rils_jax.data import sources
 from rils_jax.data import transforms
@@ -30,28 +32,35 @@ from rils_jax.models import rils as rils_lib
 
 
 class Embedder:
-  """Jitted image and text embedding with a fixed, device-divisible batch size."""
+  """Jitted image and text embedding with a fixed, device-divisible batch size.
+
+  `param_shardings` (a tree like the parameters) defaults to replicated parameters.
+  """
 
   def __init__(self, model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh,
-               tokenizer: tokenizer_lib.Tokenizer):
+               tokenizer: tokenizer_lib.Tokenizer, param_shardings=None):
     self.config = config
     self.mesh = mesh
     self.tokenizer = tokenizer
     self.batch_size = math.ceil(config.evals.batch_size / mesh.size) * mesh.size
-    data, rep = train_step_lib.batch_sharding(mesh), train_step_lib.replicated(mesh)
+    self._data = sharding.batch_sharding(mesh)
+    params = sharding.replicated(mesh) if param_shardings is None else param_shardings
+    rep = sharding.replicated(mesh)
     self._images = jax.jit(
         lambda p, x: model.apply({'params': p}, transforms.normalize(x, config.input),
                                  method=rils_lib.RILS.encode_image)[0],
-        in_shardings=(rep, data), out_shardings=rep)
+        in_shardings=(params, self._data), out_shardings=rep)
     self._texts = jax.jit(
         lambda p, t: model.apply({'params': p}, t, method=rils_lib.RILS.encode_text),
-        in_shardings=(rep, data), out_shardings=rep)
+        in_shardings=(params, self._data), out_shardings=rep)
 
   def _run(self, fn, params, rows: np.ndarray, batch_size: int) -> np.ndarray:
     n = rows.shape[0]
     padded = np.zeros((batch_size, *rows.shape[1:]), rows.dtype)
     padded[:n] = rows
-    return np.asarray(fn(params, padded))[:n]
+    # Every process holds the whole batch; each device takes its rows from it.
+    batch = jax.make_array_from_callback(padded.shape, self._data, lambda index: padded[index])
+    return np.asarray(fn(params, batch).addressable_data(0))[:n]
 
   def _fixed_size(self, n: int) -> int:
     # A small set is padded to a device multiple, not to a whole evaluation batch.

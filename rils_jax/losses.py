@@ -19,21 +19,34 @@ import ml_collections
 Metrics = Dict[str, jax.Array]
 
 
-def clip_loss(image_embed, text_embed, logit_scale) -> Tuple[jax.Array, jax.Array]:
+def clip_loss(image_embed, text_embed, logit_scale,
+              local_gradients: bool = False) -> Tuple[jax.Array, jax.Array]:
   """Symmetric contrastive loss L = 1/2 [CE(s I T^T, diag) + CE(s T I^T, diag)] (CLIP).
+
+  The logits span the global batch (every device's rows), with exact gradients through both
+  factors. `local_gradients=True` reproduces the official release on more than one GPU (SLIP's
+  `CLIPLoss` with `all_gather_batch`, a gather without gradient): each device's loss is its
+  own rows against the gathered columns, so the gradient of an embedding comes only from the
+  rows it appears in, never from the columns. Here that is the same loss value with the
+  columns stop-gradiented, independent of the device count.
 
   Args:
     image_embed: (B, D) L2-normalised image embeddings.
     text_embed: (B, D) L2-normalised text embeddings; row b is the caption of image b.
     logit_scale: scalar s = exp(logit_scale param), already exponentiated and clipped.
+    local_gradients: see above.
 
   Returns:
     (loss, logits): scalar float32 loss and the (B, B) image->text logits s * I T^T.
   """
-  logits = logit_scale * image_embed.astype(jnp.float32) @ text_embed.astype(jnp.float32).T
-  labels = jnp.arange(logits.shape[0])
-  loss_i2t = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1).mean()
-  loss_t2i = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0).mean()
+  image_embed = image_embed.astype(jnp.float32)
+  text_embed = text_embed.astype(jnp.float32)
+  columns = jax.lax.stop_gradient if local_gradients else (lambda x: x)
+  logits = logit_scale * image_embed @ columns(text_embed).T
+  logits_t2i = logit_scale * text_embed @ columns(image_embed).T
+  labels = jnp.arange(logits.shape[0])[:, None]
+  loss_i2t = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels, 1).mean()
+  loss_t2i = -jnp.take_along_axis(jax.nn.log_softmax(logits_t2i, axis=1), labels, 1).mean()
   return 0.5 * (loss_i2t + loss_t2i), logits
 
 
@@ -50,7 +63,7 @@ def retrieval_gate(logits) -> jax.Array:
 
 
 def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_temperature: float,
-                             teacher_temperature: float) -> jax.Array:
+                             teacher_temperature: float, chunk_size: int = 0) -> jax.Array:
   """Masked reconstruction in language semantic space (RILS paper Sec. 3.2, official release).
 
   q_i = softmax(t_i P^T / teacher_temperature)  (stop-gradient)
@@ -64,6 +77,9 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
     weights: (B, M) per-patch weights w_i = m_i * g(b): 1 for masked patches of gated samples.
     student_temperature: tau_s (release: 0.1).
     teacher_temperature: tau_t (release: 0.04).
+    chunk_size: 0 forms the (B, M, C) logits at once; n > 0 forms them n patches at a time
+      (`lax.scan` with `jax.checkpoint`), so that forward and backward hold (B, n, C) at a
+      time. The value and gradients are the same.
 
   Returns:
     Scalar float32 loss. The teacher is always stop-gradiented; whether gradients reach the
@@ -71,12 +87,29 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
   """
   prototypes = prototypes.astype(jnp.float32)
   teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-  log_q = jax.nn.log_softmax(teacher @ prototypes.T / teacher_temperature, axis=-1)
-  log_p = jax.nn.log_softmax(student.astype(jnp.float32) @ prototypes.T / student_temperature,
-                             axis=-1)
-  kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+  student = student.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
-  return jnp.sum(weights * kl) / (jnp.sum(weights) + 1e-6)
+
+  def weighted_kl_sum(s, t, w):
+    log_q = jax.nn.log_softmax(t @ prototypes.T / teacher_temperature, axis=-1)
+    log_p = jax.nn.log_softmax(s @ prototypes.T / student_temperature, axis=-1)
+    return jnp.sum(w * jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
+
+  num_patches = student.shape[1]
+  if not chunk_size or chunk_size >= num_patches:
+    total = weighted_kl_sum(student, teacher, weights)
+  else:
+    # Zero-weight padding to whole chunks; chunks go first for the scan.
+    pad = -num_patches % chunk_size
+
+    def chunks(x):
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return jnp.swapaxes(x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:]), 0, 1)
+
+    body = jax.checkpoint(weighted_kl_sum)
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None), jnp.zeros(()),
+                            (chunks(student), chunks(teacher), chunks(weights)))
+  return total / (jnp.sum(weights) + 1e-6)
 
 
 def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigDict,
@@ -87,8 +120,10 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     outputs: the dict of `RILS.__call__` (`image_embed`, `text_embed`, `logit_scale`, and for
       kind 'rils' `student`, `teacher` at the masked patches).
     loss_config: `config.loss` with `kind` ('rils' or 'clip'), `weight` (lambda),
-      `student_temperature`, `teacher_temperature`, `gate` (bool: apply the retrieval gate) and
-      `stop_gradient_prototypes` (bool: captions as prototypes get no gradient from L_rec).
+      `student_temperature`, `teacher_temperature`, `gate` (bool: apply the retrieval gate),
+      `stop_gradient_prototypes` (bool: captions as prototypes get no gradient from L_rec),
+      `local_gradients` (bool, see `clip_loss`) and `chunk_size` (see
+      `rils_reconstruction_loss`).
     max_logit_scale: the logit scale s = exp(logit_scale) is clipped at this value (CLIP).
 
   Returns:
@@ -100,7 +135,8 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     ValueError: for an unknown `kind`.
   """
   scale = jnp.minimum(jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32)), max_logit_scale)
-  l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale)
+  l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale,
+                             loss_config.get('local_gradients', False))
   correct = retrieval_gate(jax.lax.stop_gradient(logits))
   metrics = dict(clip_loss=l_clip, clip_acc=correct.mean(), logit_scale=scale)
   if loss_config.kind == 'clip':
@@ -118,7 +154,8 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
   l_rec = rils_reconstruction_loss(
       student, outputs['teacher'], prototypes, weights,
       student_temperature=loss_config.student_temperature,
-      teacher_temperature=loss_config.teacher_temperature)
+      teacher_temperature=loss_config.teacher_temperature,
+      chunk_size=loss_config.get('chunk_size', 0))
   loss = l_clip + loss_config.weight * l_rec
   metrics.update(loss=loss, recon_loss=l_rec, gate_fraction=gate.mean())
   return loss, metrics

@@ -7,6 +7,10 @@ Writes to DIR: config.json, tokenizer.model (the tokenizer used), metrics.jsonl 
 object per logged step and one for the final evaluation), TensorBoard events under
 tensorboard/, and orbax checkpoints under checkpoints/. Re-running with the same DIR resumes
 parameters and optimizer state from the latest checkpoint.
+
+Multi-host (see rils_jax/distributed.py and launch/): every host runs the same command with a
+DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 writes logs and
+metrics; all processes write their shards of each checkpoint together through orbax.
 """
 
 import filecmp
@@ -22,11 +26,14 @@ import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from rils_jax import distributed
 from rils_jax import evaluation
 from rils_jax import metric_writer
 from rils_jax import optim
+from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
 from rils_jax.data import pipeline
@@ -41,7 +48,14 @@ def _define_flags():
   # registers no flags.
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
                                   lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output folder (logs, checkpoints, tokenizer).')
+  flags.DEFINE_string('workdir', None, 'Output folder (logs, checkpoints, tokenizer); on '
+                      'several hosts, storage that all of them see.')
+  flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                    'Multi-host start-up (rils_jax/distributed.py): auto, on (Cloud TPU pods, '
+                    'SLURM), off.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (manual multi-host).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (manual multi-host).')
+  flags.DEFINE_integer('process_id', None, 'Index of this process (manual multi-host).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -49,14 +63,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks what would otherwise fail late or silently, before any data is read or compiled.
 
   Raises:
-    ValueError: for a batch not divisible by the devices or processes, non-positive step
-      counts or intervals, a bad model size, dtype, mask ratio or loss kind, or no training
-      source.
+    ValueError: for a batch not divisible by the devices, processes and micro-batches, a mesh
+      that does not fit the devices, non-positive step counts or intervals, a bad model size,
+      dtype, remat policy, mask ratio, loss kind or optimizer setting, or no training source.
   """
   batch, devices, processes = config.input.batch_size, jax.device_count(), jax.process_count()
   if batch < 1 or batch % devices or batch % processes:
     raise ValueError(f'config.input.batch_size={batch} must be a positive multiple of the '
                      f'{devices} devices and {processes} processes')
+  mesh = sharding.make_mesh(config)  # Raises for a mesh that does not fit the devices.
+  accum, shards = config.optim.accum_steps, sharding.data_parallel_size(mesh)
+  if accum < 1 or batch % (accum * shards):
+    raise ValueError(f'config.input.batch_size={batch} must split into '
+                     f'config.optim.accum_steps={accum} micro-batches that are multiples of the '
+                     f'{shards} data-parallel devices of mesh {dict(mesh.shape)}')
   positive = {'total_steps': config.total_steps, 'log_every': config.log_every,
               'checkpoint_every': config.checkpoint_every,
               'keep_checkpoints': config.keep_checkpoints,
@@ -75,6 +95,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.kind == 'rils':
     num_patches = math.prod(model.grid_shape())
     vit.random_masking(jax.random.PRNGKey(0), 1, num_patches, config.model.mask_ratio)
+  optim.make_optimizer(config)  # Raises for a bad schedule or moment dtype.
 
 
 def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenizer_lib.Tokenizer:
@@ -82,7 +103,8 @@ def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenize
 
   A run that resumes from a checkpoint uses the workdir's copy, the one the checkpoint was
   trained with. A fresh run copies the config's model there or, when the config names none,
-  trains one on the training captions.
+  trains one on the training captions. With several processes each one prepares and checks the
+  same tokenizer (training is deterministic), process 0 writes it, and all wait for that.
 
   Raises:
     ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`, or a
@@ -96,7 +118,7 @@ def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenize
                        'use a new workdir to train with another tokenizer')
     return check_vocab(tokenizer_lib.Tokenizer(path), config)
   # A new tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
-  tmp = path + '.tmp'
+  tmp = f'{path}.tmp{jax.process_index()}'
   if config.tokenizer.model:
     shutil.copyfile(config.tokenizer.model, tmp)
   else:
@@ -109,7 +131,12 @@ def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenize
   except ValueError:
     os.remove(tmp)
     raise
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    os.replace(tmp, path)
+  else:
+    os.remove(tmp)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('rils_jax tokenizer written')
   return tokenizer_lib.Tokenizer(path)
 
 
@@ -185,16 +212,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
   tokenizer = prepare_tokenizer(config, records, workdir, resuming=resume_step is not None)
   start_step = resume_step or 0
+  mesh = sharding.make_mesh(config)
   batches = iter(pipeline.make_train_dataset(
       records, tokenizer, image_size=config.model.image_size,
-      context_length=config.model.text.context_length,
-      batch_size=config.input.batch_size // jax.process_count(),
+      context_length=config.model.text.context_length, batch_size=config.input.batch_size,
       seed=config.seed + start_step, crop_scale=config.input.crop_scale,
       num_workers=config.input.num_workers,
+      rows=train_step_lib.process_rows(mesh, config.input.batch_size),
       max_consecutive_skips=config.input.max_consecutive_skips))
 
   model = rils_lib.build_model(config, tokenizer.eot_id)
-  mesh = train_step_lib.make_mesh(config)
   optimizer = optim.make_optimizer(config)
   state = train_step_lib.create_train_state(model, optimizer, config, mesh)
   if resume_step is not None:
@@ -243,7 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'Training done: {config.total_steps - start_step} steps in '
           f'{time.time() - start_time:.1f} s', flush=True)
 
-  embedder = evaluation.Embedder(model, config, mesh, tokenizer)
+  embedder = evaluation.Embedder(model, config, mesh, tokenizer,
+                                 jax.tree.map(lambda x: x.sharding, state.params))
   results = evaluation.run_evals(eval_data, state.params, embedder)
   if results:
     writer.write(int(state.step), results)
@@ -280,7 +308,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  f = flags.FLAGS
+  distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+  train(f.config, f.workdir)
 
 
 if __name__ == '__main__':

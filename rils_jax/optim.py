@@ -5,6 +5,7 @@ projections. Biases, LayerNorm parameters, q/v biases, embeddings (token and pos
 CLS and mask tokens and the logit scale are not decayed (CLIP / SLIP / MAE practice).
 """
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -36,11 +37,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm(config.optim.grad_clip) followed by masked AdamW."""
+  """clip_by_global_norm(config.optim.grad_clip) followed by masked AdamW.
+
+  The first moment is kept in `config.optim.mu_dtype` ('float32' or 'bfloat16', which halves
+  its memory); the second moment and the parameters stay float32.
+
+  Raises:
+    ValueError: for another `mu_dtype`.
+  """
   o = config.optim
+  if o.mu_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.optim.mu_dtype must be 'float32' or 'bfloat16', got {o.mu_dtype!r}")
   transforms = []
   if o.grad_clip:
     transforms.append(optax.clip_by_global_norm(o.grad_clip))
   transforms.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                                weight_decay=o.weight_decay, mask=weight_decay_mask))
+                                weight_decay=o.weight_decay, mask=weight_decay_mask,
+                                mu_dtype=jnp.dtype(o.mu_dtype)))
   return optax.chain(*transforms)

@@ -1,14 +1,28 @@
-"""Train state, device mesh and the jitted, sharded RILS train step.
+"""Train state, its shardings and the jitted, sharded RILS train step.
 
-The step is one `jax.jit` with explicit `in_shardings` / `out_shardings` over a
-`jax.sharding.Mesh` built from `config.mesh`: the batch is split over the `data` axis, the state
-is replicated (FSDP / tensor sharding is a later layer), and the state buffers are donated.
+The step is one `jax.jit` with explicit `in_shardings` / `out_shardings` over the mesh of
+`rils_jax.sharding`: the batch is split over the data-parallel axes, parameters and optimizer
+state follow the logical-axis rules (replicated, FSDP-sharded and / or tensor-parallel), and the
+state buffers are donated. Losses are computed on the global batch inside the one SPMD program,
+so the CLIP logits and the reconstruction prototypes span all devices and hosts with exact
+gradients.
+
+Gradient accumulation (`config.optim.accum_steps` = A > 1) is GradCache (Gao et al. 2021,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"): the contrastive and
+reconstruction losses couple the whole batch, so summing independent micro-batch losses would
+change the objective (fewer negatives, fewer prototypes). Instead, (1) every micro-batch's
+outputs (embeddings, student and teacher features) are computed without keeping activations,
+(2) the loss of the whole batch and its gradient with respect to those outputs are computed,
+(3) each micro-batch's forward pass is re-run and its output gradient back-propagated. The
+result is the full-batch gradient (up to float rounding) with the activation memory of one
+micro-batch, for one extra forward pass.
 """
 
 import math
 from typing import Any, Callable, Dict, Tuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,11 +32,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rils_jax import losses
 from rils_jax import optim
+from rils_jax import sharding
 from rils_jax.data import transforms
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
-
-DATA_AXIS = 'data'
 
 
 @flax.struct.dataclass
@@ -31,44 +44,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """Mesh whose axes and sizes come from `config.mesh` (a dict name -> size; -1 fills the rest).
-
-  Uses `Auto` axis types: GSPMD propagates shardings from the jit's in/out shardings.
-
-  Raises:
-    ValueError: if the sizes do not multiply to the device count, more than one axis is -1, or
-      there is no `data` axis.
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  names = tuple(config.mesh.keys())
-  sizes = [int(config.mesh[n]) for n in names]
-  if DATA_AXIS not in names:
-    raise ValueError(f'config.mesh needs a {DATA_AXIS!r} axis, got {dict(config.mesh)}')
-  if sizes.count(-1) > 1:
-    raise ValueError(f'at most one mesh axis may be -1, got {dict(config.mesh)}')
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if known <= 0 or len(devices) % known:
-      raise ValueError(f'mesh {dict(config.mesh)} does not divide {len(devices)} devices')
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f'mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, '
-                     f'{len(devices)} are available')
-  return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                       devices=devices)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the `data` axis, the rest replicated."""
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  """Every device holds the whole array."""
-  return NamedSharding(mesh, P())
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, np.ndarray]:
@@ -81,8 +56,9 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str,
               text=np.zeros((batch_size, config.model.text.context_length), np.int32))
 
 
-def init_params(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array):
-  """Initial float32 parameters of `model` (the masked branch included)."""
+def boxed_params(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array):
+  """Initial parameters (masked branch included) as `nn.LogicallyPartitioned` leaves, which
+  carry each parameter's logical axis names."""
   batch = dummy_batch(config, 2)
   images = transforms.normalize(batch['image'], config.input)
   masking = vit.random_masking(jax.random.PRNGKey(0), 2, math.prod(model.grid_shape()),
@@ -90,16 +66,48 @@ def init_params(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: ja
   return model.init(rng, images, batch['text'], masking)['params']
 
 
+def init_params(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array):
+  """Initial float32 parameters of `model`, as plain arrays."""
+  return nn.unbox(boxed_params(model, config, rng))
+
+
+def state_shardings(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """NamedShardings of the train state: parameters by `config.sharding_rules`, each optimizer
+  moment like its parameter, step and counters replicated. Computes shapes only."""
+  rules = sharding.rules_of(config)
+  boxed = jax.eval_shape(lambda: boxed_params(model, config, jax.random.PRNGKey(0)))
+  params = sharding.tree_shardings(boxed, mesh, rules)
+  abstract_opt_state = jax.eval_shape(optimizer.init, nn.unbox(boxed))
+  opt_state = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt_state, params,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
+
+
 def create_train_state(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-  """Initialises parameters from `config.seed` and the optimizer state, replicated on `mesh`."""
+  """Initialises parameters from `config.seed` and the optimizer state, laid out on `mesh` by
+  `state_shardings` (each device creates only its shard)."""
 
   def init(rng):
     params = init_params(model, config, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 
-  return jax.jit(init, out_shardings=replicated(mesh))(jax.random.PRNGKey(config.seed))
+  shardings = state_shardings(model, optimizer, config, mesh)
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(model, optimizer, config, mesh) -> TrainState:
+  """The train state as ShapeDtypeStructs with shardings (for restoring and dry runs)."""
+  shardings = state_shardings(model, optimizer, config, mesh)
+  shapes = jax.eval_shape(lambda: TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=(p := init_params(model, config, jax.random.PRNGKey(0))),
+      opt_state=optimizer.init(p)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
 
 
 def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
@@ -107,15 +115,77 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
   """Builds the jitted train step `(state, batch) -> (new_state, metrics)`.
 
-  `batch` holds `image` uint8 (B, H, W, 3) and `text` int32 (B, L), sharded over `data`. The
-  masking noise comes from `fold_in(PRNGKey(config.seed + 1), step)`, so it depends on the step
-  only, never on the device count. `state` is donated. Metrics are float32 scalars: those of
-  `losses.rils_loss` plus `grad_norm` (before clipping) and `learning_rate`.
+  `batch` holds `image` uint8 (B, H, W, 3) and `text` int32 (B, L), sharded over the
+  data-parallel axes. The masking noise comes from `fold_in(PRNGKey(config.seed + 1), step)`
+  for the whole global batch, so it depends on the step only, never on the device count or the
+  accumulation. `state` is donated. Metrics are float32 scalars: those of `losses.rils_loss`
+  plus `grad_norm` (before clipping) and `learning_rate`.
+
+  Raises:
+    ValueError: if the batch does not split into `config.optim.accum_steps` micro-batches that
+      each divide over the data-parallel devices.
   """
   schedule = optim.learning_rate_schedule(config)
   num_patches = math.prod(model.grid_shape())
   max_log_scale = math.log(config.loss.max_logit_scale)
   masked_branch = config.loss.kind == 'rils'
+  rules = sharding.rules_of(config)
+  accum = config.optim.accum_steps
+  batch_size = config.input.batch_size
+  shards = sharding.data_parallel_size(mesh)
+  if accum < 1 or batch_size % (accum * shards):
+    raise ValueError(f'config.input.batch_size={batch_size} must split into '
+                     f'config.optim.accum_steps={accum} micro-batches, each a multiple of the '
+                     f'{shards} data-parallel devices')
+  shardings = state_shardings(model, optimizer, config, mesh)
+
+  def forward(params, images, tokens, masking):
+    with sharding.activation_sharding(mesh, rules):
+      return model.apply({'params': params}, images, tokens, masking)
+
+  def loss_of(outputs):
+    return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
+
+  def full_batch_gradients(params, images, tokens, masking):
+    return jax.value_and_grad(lambda p: loss_of(forward(p, images, tokens, masking)),
+                              has_aux=True)(params)
+
+  def cached_gradients(params, images, tokens, masking):
+    # GradCache (see the module docstring). Micro-batch a holds rows a, a + A, a + 2A, ...: a
+    # strided split keeps every micro-batch spread over all data-parallel devices.
+    micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+    def split(x):
+      x = jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def merge(x):
+      return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+    def features(p, micro_batch):
+      out = dict(forward(p, *micro_batch))
+      del out['logit_scale']  # A parameter, not a per-example output.
+      return out
+
+    micro = jax.tree.map(split, (images, tokens, masking))
+    _, outputs = jax.lax.scan(lambda _, mb: (None, features(params, mb)), None, micro)
+    outputs = jax.tree.map(merge, outputs)
+    (loss, metrics), (d_outputs, d_logit_scale) = jax.value_and_grad(
+        lambda o, s: loss_of({**o, 'logit_scale': s}), argnums=(0, 1), has_aux=True)(
+            outputs, params['logit_scale'])
+
+    def backward(grads, xs):
+      micro_batch, d_out = xs
+      _, vjp = jax.vjp(lambda p: features(p, micro_batch), params)
+      return jax.tree.map(jnp.add, grads, vjp(d_out)[0]), None
+
+    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params),
+                                             shardings.params)
+    grads, _ = jax.lax.scan(backward, zeros, (micro, jax.tree.map(split, d_outputs)))
+    grads = {**grads, 'logit_scale': grads['logit_scale'] + d_logit_scale}
+    return (loss, metrics), grads
+
+  gradients = full_batch_gradients if accum == 1 else cached_gradients
 
   def step_fn(state: TrainState, batch):
     images = transforms.normalize(batch['image'], config.input)
@@ -123,12 +193,7 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
     if masked_branch:
       rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state.step)
       masking = vit.random_masking(rng, images.shape[0], num_patches, config.model.mask_ratio)
-
-    def loss_fn(params):
-      outputs = model.apply({'params': params}, images, batch['text'], masking)
-      return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, metrics), grads = gradients(state.params, images, batch['text'], masking)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # CLIP clamps the learnable log-scale so that exp(logit_scale) <= 100.
@@ -136,9 +201,22 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
     metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  state_sharding = replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
+  """Rows [start, stop) of the global batch that live on this process's devices.
+
+  Raises:
+    ValueError: if they are not one contiguous block (an unusual device order).
+  """
+  index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = sorted({(i[0].start or 0, i[0].stop or global_batch) for i in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f'this process holds non-contiguous batch rows {rows}')
+  return start, stop
 
 
 def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
@@ -146,5 +224,6 @@ def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
 
   Only the `image` and `text` entries go to the devices.
   """
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in ('image', 'text')}
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+          for k in ('image', 'text')}

@@ -6,6 +6,7 @@ import pytest
 from rils_jax import benchmark
 from rils_jax import flops
 from rils_jax import optim
+from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
 from tests import tiny
@@ -23,7 +24,7 @@ def _config(kind):
 def test_analytic_flops_match_xla_cost_analysis(kind):
   config = _config(kind)
   model = rils_lib.build_model(config, eot_id=2)
-  mesh = train_step_lib.make_mesh(config, jax.devices()[:1])
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
   optimizer = optim.make_optimizer(config)
   state = train_step_lib.create_train_state(model, optimizer, config, mesh)
   step = train_step_lib.make_train_step(model, optimizer, config, mesh)

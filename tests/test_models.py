@@ -1,6 +1,7 @@
 """Model structure: masking, position embeddings, output shapes for the standard sizes."""
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_vit_output_shapes(variant, image_size, width, depth):
   masking = vit.random_masking(jax.random.PRNGKey(0), 2, n, 0.75)
   out = jax.eval_shape(lambda v, x: encoder.apply(v, x, masking.ids_keep), variables, images)
   assert out.shape == (2, 1 + int(round(n * 0.25)), width)
-  params = variables['params']
+  params = nn.unbox(variables['params'])
   assert params['blocks_0']['attn']['qkv']['kernel'].shape == (w, 3, heads, w // heads)
   assert 'bias' not in params['blocks_0']['attn']['qkv']  # No k bias: only q_bias and v_bias.
   assert params['blocks_0']['attn']['q_bias'].shape == (heads, w // heads)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from rils_jax import optim
+from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
 from tests import tiny
@@ -20,7 +21,7 @@ def _fixed_batch(batch_size=8, seed=0):
 
 
 def _run(config, devices, steps, batch):
-  mesh = train_step_lib.make_mesh(config, devices)
+  mesh = sharding.make_mesh(config, devices)
   model = rils_lib.build_model(config, eot_id=2)
   optimizer = optim.make_optimizer(config)
   state = train_step_lib.create_train_state(model, optimizer, config, mesh)
@@ -101,10 +102,13 @@ def test_mesh_errors_are_clear():
   config = tiny.tiny_config()
   config.mesh = {'data': 3}
   with pytest.raises(ValueError, match='needs 3 devices'):
-    train_step_lib.make_mesh(config)
+    sharding.make_mesh(config)
   config.mesh = {'model': -1}
-  with pytest.raises(ValueError, match="'data'"):
-    train_step_lib.make_mesh(config)
+  with pytest.raises(ValueError, match="unknown axes \\['model'\\]"):
+    sharding.make_mesh(config)
+  config.mesh = {'data': -1, 'fsdp': -1}
+  with pytest.raises(ValueError, match='at most one'):
+    sharding.make_mesh(config)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():

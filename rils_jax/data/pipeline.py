@@ -1,9 +1,14 @@
 """grain input pipelines: the training stream of (image, caption) batches, and evaluation batches.
 
 Training (`make_train_dataset`):
-  records -> id -> this process's shard (`ShardByJaxProcess`) -> global shuffle, reshuffled every
-  epoch -> repeat -> decode + RandomResizedCrop + one random caption, tokenised -> drop and count
-  bad examples -> fixed-size batches -> optional multiprocessing workers.
+  records -> id -> shuffle, reshuffled every epoch -> repeat -> decode + RandomResizedCrop +
+  one random caption, tokenised (random state from the seed and the global position) -> this
+  process's rows of each global batch (`ProcessRows`) -> drop and count bad examples ->
+  fixed-size batches -> optional multiprocessing workers.
+The global stream depends only on the seed: global batch k holds stream positions
+[k * B, (k + 1) * B) and process p reads its block of rows of every global batch, so 1 process
+x 8 devices and 2 processes x 4 devices train on the same batches, and the processes read
+disjoint examples that together make up each epoch.
 Each batch is a dict of numpy arrays: `image` uint8 (b, S, S, 3), `text` int32 (b, L),
 `example_id` int64 (b,) (index of the record in the concatenated sources) and `skipped` int64
 (b,): how many undecodable or missing images were dropped just before each example. b is the
@@ -12,7 +17,7 @@ per-process batch.
 All map functions are module-level classes so that grain's spawned workers can import them.
 """
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -54,6 +59,39 @@ class TrainTransform(grain.transforms.RandomMap):
                 example_id=np.int64(example_id))
 
 
+class ProcessRows(grain.MapDataset):
+  """The rows [start, start + local_batch) of every global batch of `parent`.
+
+  Element j of this dataset is element (j // local_batch) * global_batch + start +
+  j % local_batch of `parent` (an infinite, repeated stream).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch: int, start: int,
+               local_batch: int):
+    super().__init__(parent)
+    if not 0 <= start <= global_batch - local_batch:
+      raise ValueError(f'rows [{start}, {start + local_batch}) are outside a global batch of '
+                       f'{global_batch}')
+    self._global_batch, self._start, self._local_batch = global_batch, start, local_batch
+    self._length = len(parent) // global_batch * local_batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    batch, row = divmod(index, self._local_batch)
+    return batch * self._global_batch + self._start + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return (f'ProcessRows(global_batch={self._global_batch}, start={self._start}, '
+            f'local_batch={self._local_batch})')
+
+
 class CountSkipped(grain.transforms.Filter):
   """Drops the `Skipped` left by a failed transform; stamps each kept example with the number of
   examples dropped since the previous kept one (`skipped`), so that the sum over all batches is
@@ -84,37 +122,37 @@ class CountSkipped(grain.transforms.Filter):
 def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenizer_lib.Tokenizer,
                        *, image_size: int, context_length: int, batch_size: int, seed: int,
                        crop_scale: Sequence[float] = (0.5, 1.0), num_workers: int = 0,
-                       shard_options: Optional[grain.sharding.ShardOptions] = None,
+                       rows: Optional[Tuple[int, int]] = None,
                        max_consecutive_skips: int = 1000) -> grain.IterDataset:
-  """Infinite stream of per-process training batches (see the module docstring).
+  """Infinite stream of this process's part of the training batches (see the module docstring).
 
   Args:
     records: all image-caption records (every process passes the same list).
     tokenizer: sentencepiece tokenizer.
     image_size: output side in pixels.
     context_length: token row length L.
-    batch_size: per-process batch b.
-    seed: shuffling and augmentation seed; the same seed gives the same stream.
+    batch_size: global batch B.
+    seed: shuffling and augmentation seed; the same seed gives the same global stream.
     crop_scale: RandomResizedCrop area range.
     num_workers: grain worker processes (0: decode in this process).
-    shard_options: defaults to `ShardByJaxProcess(drop_remainder=True)`.
+    rows: this process's rows [start, stop) of each global batch (see
+      `train_step.process_rows`); default all of them (one process).
     max_consecutive_skips: see `CountSkipped`.
 
   Raises:
-    ValueError: if this process's shard has fewer records than one batch.
+    ValueError: if there are fewer records than one global batch, or `rows` are out of range.
   """
-  shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  start, stop = rows or (0, batch_size)
+  if len(records) < batch_size:
+    raise ValueError(f'{len(records)} training records, fewer than one batch of {batch_size}')
   # Ids are attached to the records themselves: the index grain passes to `map_with_index`
   # keeps counting across epochs.
   ds = grain.MapDataset.source(list(enumerate(records)))
-  ds = ds[shard.shard_index::shard.shard_count]
-  if len(ds) < batch_size:
-    raise ValueError(f'{len(ds)} records in this process shard, fewer than one batch of '
-                     f'{batch_size}')
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale), seed=seed)
+  ds = ProcessRows(ds, global_batch=batch_size, start=start, local_batch=stop - start)
   it = ds.to_iter_dataset().filter(CountSkipped(max_consecutive_skips))
-  it = it.batch(batch_size, drop_remainder=True)
+  it = it.batch(stop - start, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it

@@ -56,22 +56,25 @@ class RILS(nn.Module):
   eot_id: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
-                              self.vision_heads, self.mlp_ratio, self.dtype)
+                              self.vision_heads, self.mlp_ratio, self.dtype, self.remat)
     self.decoder = vit.Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                                out_width=self.vision_width, mlp_ratio=self.mlp_ratio,
-                               dtype=self.dtype)
+                               dtype=self.dtype, remat=self.remat)
     self.text = text_lib.TextTransformer(self.vocab_size, self.context_length, self.text_width,
                                          self.text_layers, self.text_heads, self.eot_id,
-                                         self.mlp_ratio, self.dtype)
-    self.image_projection = self.param('image_projection',
-                                       nn.initializers.normal(self.vision_width ** -0.5),
-                                       (self.vision_width, self.embed_dim))
-    self.text_projection = self.param('text_projection',
-                                      nn.initializers.normal(self.text_width ** -0.5),
-                                      (self.text_width, self.embed_dim))
+                                         self.mlp_ratio, self.dtype, self.remat)
+    self.image_projection = self.param(
+        'image_projection',
+        vit.logical(nn.initializers.normal(self.vision_width ** -0.5), ('embed', 'joint')),
+        (self.vision_width, self.embed_dim))
+    self.text_projection = self.param(
+        'text_projection',
+        vit.logical(nn.initializers.normal(self.text_width ** -0.5), ('embed', 'joint')),
+        (self.text_width, self.embed_dim))
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(np.log(1 / 0.07)), ())
 
   def grid_shape(self):
@@ -155,9 +158,11 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   """Builds a `RILS` module from `config.model` (see configs/*.py for the fields).
 
   Raises:
-    ValueError: for an unknown variant or dtype, or an image size not divisible by the patch.
+    ValueError: for an unknown variant, dtype or remat policy, or an image size not divisible by
+      the patch.
   """
   m = config.model
+  vit.remat_block(vit.Block, m.get('remat', 'none'))  # Raises early for an unknown policy.
   width, depth, heads, patch = vision_dims(m)
   vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
   return RILS(
@@ -167,7 +172,8 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
       decoder_heads=m.decoder.num_heads or heads,
       text_width=m.text.width, text_layers=m.text.num_layers, text_heads=m.text.num_heads,
       vocab_size=m.text.vocab_size, context_length=m.text.context_length,
-      embed_dim=m.embed_dim, eot_id=eot_id, dtype=compute_dtype(m.dtype))
+      embed_dim=m.embed_dim, eot_id=eot_id, dtype=compute_dtype(m.dtype),
+      remat=m.get('remat', 'none'))
 
 
 def compute_dtype(name: str):

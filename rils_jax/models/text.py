@@ -4,7 +4,8 @@ Token + learned position embedding, pre-norm blocks with QuickGELU and a causal 
 LayerNorm, the feature at the end-of-text token. Inits follow CLIP's `initialize_parameters`:
 token embedding N(0, 0.02), positional embedding N(0, 0.01), attention in-projection
 N(0, width^-0.5), out-projection and MLP output N(0, width^-0.5 * (2 * layers)^-0.5), MLP input
-N(0, (2 * width)^-0.5). LayerNorm eps 1e-5 (PyTorch default, as in CLIP).
+N(0, (2 * width)^-0.5). LayerNorm eps 1e-5 (PyTorch default, as in CLIP). Logical axis names,
+activation constraints and rematerialisation as in `rils_jax.models.vit`.
 """
 
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rils_jax.models.vit import TOKENS, constrain, dense, layer_norm, logical, remat_block
 
 Dtype = Any
 
@@ -36,19 +39,27 @@ class TextBlock(nn.Module):
     head_dim = width // self.num_heads
     attn_std = width ** -0.5
     proj_std = width ** -0.5 * (2 * self.num_layers) ** -0.5
-    y = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_1')(x)
+    x = constrain(x, TOKENS)
+    y = layer_norm(1e-5, self.dtype, 'ln_1')(x)
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(attn_std), name='qkv')(y)
+                          kernel_init=logical(nn.initializers.normal(attn_std),
+                                              ('embed', None, 'heads', 'kv')),
+                          bias_init=logical(nn.initializers.zeros, (None, 'heads', 'kv')),
+                          name='qkv')(y)
+    qkv = constrain(qkv, ('batch', 'length', None, 'act_heads', None))
     y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                        kernel_init=nn.initializers.normal(proj_std), name='proj')(y)
+                        kernel_init=logical(nn.initializers.normal(proj_std),
+                                            ('heads', 'kv', 'embed')),
+                        bias_init=logical(nn.initializers.zeros, ('embed',)), name='proj')(y)
     x = x + y
-    y = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_2')(x)
-    y = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype,
-                 kernel_init=nn.initializers.normal((2 * width) ** -0.5), name='fc1')(y)
-    y = nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std),
-                 name='fc2')(quick_gelu(y))
-    return x + y
+    y = layer_norm(1e-5, self.dtype, 'ln_2')(x)
+    y = dense(int(width * self.mlp_ratio), ('embed', 'mlp'), self.dtype, 'fc1',
+              kernel_init=nn.initializers.normal((2 * width) ** -0.5))(y)
+    y = constrain(quick_gelu(y), ('batch', 'length', 'act_mlp'))
+    y = dense(width, ('mlp', 'embed'), self.dtype, 'fc2',
+              kernel_init=nn.initializers.normal(proj_std))(y)
+    return constrain(x + y, TOKENS)
 
 
 class TextTransformer(nn.Module):
@@ -59,6 +70,7 @@ class TextTransformer(nn.Module):
     context_length: maximum sequence length L.
     width, num_layers, num_heads: transformer size.
     eot_id: id of the end-of-text token whose feature is pooled.
+    remat: 'none', 'block' or 'full' (see `vit.remat_block`).
   """
   vocab_size: int
   context_length: int
@@ -68,6 +80,7 @@ class TextTransformer(nn.Module):
   eot_id: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, tokens):
@@ -81,14 +94,17 @@ class TextTransformer(nn.Module):
       (B, width) in `dtype`: the final-LayerNorm feature at the end-of-text position.
     """
     length = tokens.shape[1]
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+    x = nn.Embed(self.vocab_size, self.width,
+                 embedding_init=logical(nn.initializers.normal(0.02), ('vocab', 'embed')),
                  dtype=self.dtype, name='token_embedding')(tokens)
-    pos = self.param('positional_embedding', nn.initializers.normal(0.01),
+    pos = self.param('positional_embedding',
+                     logical(nn.initializers.normal(0.01), (None, 'embed')),
                      (self.context_length, self.width))
     x = x + pos[:length].astype(self.dtype)
+    block = remat_block(TextBlock, self.remat)
     for i in range(self.num_layers):
-      x = TextBlock(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype,
-                    name=f'blocks_{i}')(x)
-    x = nn.LayerNorm(1e-5, dtype=self.dtype, name='ln_final')(x)
+      x = block(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype,
+                name=f'blocks_{i}')(x)
+    x = layer_norm(1e-5, self.dtype, 'ln_final')(x)
     eot = jnp.argmax(tokens == self.eot_id, axis=-1)
     return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

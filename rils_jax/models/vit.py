@@ -6,7 +6,10 @@ q and v biases, no k bias), fixed 2-D sin-cos position embeddings with a zero CL
 (MAE, He et al. 2022, `get_2d_sincos_pos_embed`), Xavier-uniform linear layers and patch
 embedding, CLS / mask tokens ~ N(0, 0.02).
 
-All modules compute in `dtype` (float32 or bfloat16) and keep float32 parameters.
+All modules compute in `dtype` (float32 or bfloat16) and keep float32 parameters. Every
+parameter carries logical axis names (`rils_jax.sharding` maps them to the mesh), the block
+inputs and MLP / attention activations are pinned with `sharding.constrain`, and `remat` selects
+the rematerialisation of each block (see `remat_block`).
 """
 
 from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
@@ -16,8 +19,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rils_jax.sharding import constrain
+
 Dtype = Any
 xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+logical = nn.with_logical_partitioning
+TOKENS = ('batch', 'length', 'act_embed')  # Logical names of a (B, T, width) activation.
+
+REMAT_POLICIES = {
+    # Per block, keep the outputs of the weight matmuls; recompute norms, GELU and attention.
+    'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Per block, keep only the block's input; recompute the whole block in the backward pass.
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_block(block_cls, remat: str):
+  """`block_cls`, rematerialised with policy `remat`: 'none' (keep every activation), 'block' or
+  'full' (see `REMAT_POLICIES`; `nn.remat` = `jax.checkpoint`, Chen et al. 2016).
+
+  Raises:
+    ValueError: for another name.
+  """
+  if remat == 'none':
+    return block_cls
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat must be 'none', 'block' or 'full', got {remat!r}")
+  return nn.remat(block_cls, policy=REMAT_POLICIES[remat])
+
+
+def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over the width, its scale and bias named ('embed',)."""
+  return nn.LayerNorm(eps, dtype=dtype, scale_init=logical(ones, ('embed',)),
+                      bias_init=logical(zeros, ('embed',)), name=name)
+
+
+def dense(features: int, names: Tuple[Optional[str], Optional[str]], dtype, name: str,
+          kernel_init=xavier_uniform) -> nn.Dense:
+  """Dense layer whose (in, out) kernel has logical `names` and whose bias has names[1:]."""
+  return nn.Dense(features, dtype=dtype, kernel_init=logical(kernel_init, names),
+                  bias_init=logical(zeros, names[1:]), name=name)
 
 
 def grid_size(image_size: Union[int, Sequence[int]], patch_size: int) -> Tuple[int, int]:
@@ -122,17 +165,19 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    qkv = nn.DenseGeneral(
+    qkv = nn.DenseGeneral(  # DenseGeneral inits the flat (W, 3W) kernel.
         (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype,
-        kernel_init=xavier_uniform, name='qkv')(x)  # DenseGeneral inits the flat (W, 3W) kernel.
-    q_bias = self.param('q_bias', nn.initializers.zeros, (self.num_heads, head_dim))
-    v_bias = self.param('v_bias', nn.initializers.zeros, (self.num_heads, head_dim))
+        kernel_init=logical(xavier_uniform, ('embed', None, 'heads', 'kv')), name='qkv')(x)
+    qkv = constrain(qkv, ('batch', 'length', None, 'act_heads', None))
+    q_bias = self.param('q_bias', logical(zeros, ('heads', 'kv')), (self.num_heads, head_dim))
+    v_bias = self.param('v_bias', logical(zeros, ('heads', 'kv')), (self.num_heads, head_dim))
     q = qkv[:, :, 0] + q_bias.astype(self.dtype)
     k = qkv[:, :, 1]
     v = qkv[:, :, 2] + v_bias.astype(self.dtype)
     out = jax.nn.dot_product_attention(q, k, v)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=xavier_uniform,
-                           name='proj')(out)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=logical(xavier_uniform, ('heads', 'kv', 'embed')),
+                           bias_init=logical(zeros, ('embed',)), name='proj')(out)
 
 
 class Mlp(nn.Module):
@@ -143,10 +188,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=xavier_uniform,
-                 name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=xavier_uniform, name='fc2')(x)
+    x = dense(int(width * self.mlp_ratio), ('embed', 'mlp'), self.dtype, 'fc1')(x)
+    x = constrain(nn.gelu(x, approximate=False), ('batch', 'length', 'act_mlp'))
+    return dense(width, ('mlp', 'embed'), self.dtype, 'fc2')(x)
 
 
 class Block(nn.Module):
@@ -157,11 +201,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    x = constrain(x, TOKENS)
     x = x + Attention(self.num_heads, self.dtype, name='attn')(
-        nn.LayerNorm(1e-6, dtype=self.dtype, name='norm1')(x))
+        layer_norm(1e-6, self.dtype, 'norm1')(x))
     x = x + Mlp(self.mlp_ratio, self.dtype, name='mlp')(
-        nn.LayerNorm(1e-6, dtype=self.dtype, name='norm2')(x))
-    return x
+        layer_norm(1e-6, self.dtype, 'norm2')(x))
+    return constrain(x, TOKENS)
 
 
 class Encoder(nn.Module):
@@ -171,6 +216,7 @@ class Encoder(nn.Module):
     patch_size: patch side in pixels.
     width, depth, num_heads, mlp_ratio: transformer size.
     dtype: compute dtype.
+    remat: 'none', 'block' or 'full' (see `remat_block`).
   """
   patch_size: int
   width: int
@@ -178,6 +224,7 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, images, ids_keep: Optional[jax.Array] = None):
@@ -194,20 +241,25 @@ class Encoder(nn.Module):
     grid = grid_size(images.shape[1:3], self.patch_size)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding='VALID', dtype=self.dtype,
-                kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+                kernel_init=logical(
+                    nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+                    (None, None, None, 'embed')),
+                bias_init=logical(zeros, ('embed',)),
                 name='patch_embed')(images.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, self.width)
+    x = constrain(x.reshape(x.shape[0], -1, self.width), TOKENS)
     pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
     x = x + pos_embed[:, 1:]
     if ids_keep is not None:
       x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    cls_token = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, self.width))
+    cls_token = self.param('cls_token', logical(nn.initializers.normal(0.02),
+                                                (None, None, 'embed')), (1, 1, self.width))
     cls = jnp.broadcast_to(cls_token.astype(self.dtype) + pos_embed[:, :1],
                            (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
+    block = remat_block(Block, self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x)
-    return nn.LayerNorm(1e-6, dtype=self.dtype, name='norm')(x)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x)
+    return layer_norm(1e-6, self.dtype, 'norm')(x)
 
 
 class Decoder(nn.Module):
@@ -222,6 +274,7 @@ class Decoder(nn.Module):
   out_width: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x, ids_restore, grid: Tuple[int, int],
@@ -237,22 +290,22 @@ class Decoder(nn.Module):
     Returns:
       (B, N or M, out_width) in `dtype`.
     """
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=xavier_uniform,
-                 name='decoder_embed')(x)
+    x = dense(self.width, (None, 'embed'), self.dtype, 'decoder_embed')(x)
     batch, num_patches = ids_restore.shape
-    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
+    mask_token = self.param('mask_token', logical(nn.initializers.normal(0.02),
+                                                  (None, None, 'embed')), (1, 1, self.width))
     num_masked = num_patches + 1 - x.shape[1]
     mask_tokens = jnp.broadcast_to(mask_token.astype(self.dtype), (batch, num_masked, self.width))
     tokens = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], tokens], axis=1)
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
+    block = remat_block(Block, self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_blocks_{i}')(x)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_blocks_{i}')(x)
     x = x[:, 1:]
     if ids_predict is not None:
       # Norm and prediction head are per-token: only the patches the loss uses are computed.
       x = jnp.take_along_axis(x, ids_predict[..., None], axis=1)
-    x = nn.LayerNorm(1e-6, dtype=self.dtype, name='decoder_norm')(x)
-    return nn.Dense(self.out_width, dtype=self.dtype, kernel_init=xavier_uniform,
-                    name='decoder_pred')(x)
+    x = layer_norm(1e-6, self.dtype, 'decoder_norm')(x)
+    return dense(self.out_width, ('embed', None), self.dtype, 'decoder_pred')(x)

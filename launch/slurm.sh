@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Submits launch/slurm.sbatch: rils_jax on N nodes x G GPUs of a SLURM cluster, one process per GPU.
+# Run `launch/slurm.sh --help` for the options; `--dry_run` prints the commands without running them.
+set -euo pipefail
+
+readonly PROG=launch/slurm.sh
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO_ROOT
+
+usage() {
+  cat <<'EOF'
+Usage: launch/slurm.sh --config=CONFIG --workdir=WORKDIR [--nodes=N] [--gpus_per_node=G]
+                       [--partition=P] [--time=HH:MM:SS] [--account=A] [--venv=PATH]
+                       [--job_name=NAME] [--dry_run] [-- extra trainer args]
+
+Submits launch/slurm.sbatch with
+  sbatch --nodes=N --ntasks-per-node=G --gpus-per-node=G ...
+(one process per GPU: JAX's SLURM detection gives each process the GPU of its SLURM_LOCALID),
+exporting RILS_CONFIG, RILS_WORKDIR and RILS_PYTHON to it; the batch script then runs
+  srun --kill-on-bad-exit=1 VENV/bin/python -m rils_jax.main --config=CONFIG --workdir=WORKDIR --distributed=on ARGS...
+in this checkout (sbatch --chdir), which every node must see at the same path.
+
+Options (each as --option=value or --option value; '-' and '_' are the same in names):
+  --config=CONFIG       config file[:argument] (required).
+                                  e.g. --config=configs/vit_b16.py:platform=gpu_2x8xh100,data=shared
+  --workdir=WORKDIR     output directory on a shared filesystem that every node sees (required).
+                                  e.g. --workdir=/shared/runs/run1
+  --nodes=N             number of nodes (default 1).                e.g. --nodes=2
+  --gpus_per_node=G     GPUs, and so processes, per node (default 8). e.g. --gpus_per_node=8
+  --partition=P         SLURM partition (default: the cluster's).   e.g. --partition=gpu
+  --time=HH:MM:SS       time limit (default: the partition's).      e.g. --time=48:00:00
+  --account=A           account to charge (default: yours).         e.g. --account=my-lab
+  --venv=PATH           virtual environment with the requirements, on the shared filesystem
+                        (default: .venv of this checkout).          e.g. --venv=/shared/venvs/rils
+  --job_name=NAME       SLURM job name (default rils_jax).          e.g. --job_name=vitb16-run1
+  --dry_run             print the sbatch command and the srun command of the batch script,
+                        one a line, and submit nothing.
+  -h, --help            print this help.
+  -- ARGS...            passed to rils_jax.main.                    e.g. -- --config.total_steps=1000
+
+Platform presets of the configs (`CONFIG:platform=PRESET`):
+  gpu_8xh100     --nodes=1 --gpus_per_node=8
+  gpu_2x8xh100   --nodes=2 --gpus_per_node=8
+
+Example (2 nodes x 8 H100):
+  launch/slurm.sh --nodes=2 --gpus_per_node=8 --partition=gpu --time=24:00:00 \
+      --config=configs/vit_b16.py:platform=gpu_2x8xh100,data=shared --workdir=/shared/runs/run1 --dry_run
+
+Prerequisites: a SLURM cluster with GPUs and a filesystem shared by all nodes holding this
+checkout, its venv (python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+"jax[cuda13]==0.10.2") and the workdir. Job output goes to slurm-JOBID.out in the checkout.
+EOF
+}
+
+die() {
+  printf '%s: error: %s\n' "$PROG" "$1" >&2
+  printf "Run '%s --help' for the options.\n" "$PROG" >&2
+  exit 2
+}
+
+# Quotes one word for a POSIX shell; words of only safe characters stay bare.
+shq() {
+  local s=$1
+  if [[ -n $s && $s != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+    printf '%s' "$s"
+  else
+    printf "'%s'" "${s//\'/\'\\\'\'}"
+  fi
+}
+
+# Prints a command as one shell-quoted line, keeping `--option=` and `NAME=` outside the quotes.
+show() {
+  local out='' a
+  for a in "$@"; do
+    if [[ $a =~ ^(--[A-Za-z0-9_-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
+      out+=" ${BASH_REMATCH[1]}$(shq "${BASH_REMATCH[2]}")"
+    else
+      out+=" $(shq "$a")"
+    fi
+  done
+  printf '%s\n' "${out# }"
+}
+
+opt_config='' opt_workdir='' opt_nodes=1 opt_gpus_per_node=8 opt_partition='' opt_time=''
+opt_account='' opt_venv=$REPO_ROOT/.venv opt_job_name=rils_jax
+dry_run=0
+extra=()
+
+while (($#)); do
+  arg=$1
+  shift
+  case $arg in
+    --) extra=("$@"); break ;;
+    -h) usage; exit 0 ;;
+    --*=*) key=${arg%%=*}; value=${arg#*=}; has_value=1 ;;
+    --*) key=$arg; value=''; has_value=0 ;;
+    *) die "unexpected argument: $arg (trainer arguments go after --)" ;;
+  esac
+  key=${key#--}
+  key=${key//-/_}
+  case $key in
+    help) usage; exit 0 ;;
+    dry_run)
+      ((!has_value)) || die "--dry_run takes no value"
+      dry_run=1
+      ;;
+    config | workdir | nodes | gpus_per_node | partition | time | account | venv | job_name)
+      if ((!has_value)); then
+        [[ $# -gt 0 && $1 != --* ]] || die "--$key needs a value"
+        value=$1
+        shift
+      fi
+      printf -v "opt_$key" '%s' "$value"
+      ;;
+    *) die "unknown option: $arg" ;;
+  esac
+done
+
+[[ -n $opt_config ]] || die "--config is required"
+[[ -n $opt_workdir ]] || die "--workdir is required"
+[[ $opt_nodes =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer"
+[[ $opt_gpus_per_node =~ ^[1-9][0-9]*$ ]] || die "--gpus_per_node must be a positive integer"
+[[ -n $opt_venv ]] || die "--venv must not be empty"
+
+python=${opt_venv%/}/bin/python
+sbatch_cmd=(env RILS_CONFIG="$opt_config" RILS_WORKDIR="$opt_workdir" RILS_PYTHON="$python"
+  sbatch --export=ALL --job-name="$opt_job_name" --nodes="$opt_nodes"
+  --ntasks-per-node="$opt_gpus_per_node" --gpus-per-node="$opt_gpus_per_node")
+[[ -z $opt_partition ]] || sbatch_cmd+=(--partition="$opt_partition")
+[[ -z $opt_time ]] || sbatch_cmd+=(--time="$opt_time")
+[[ -z $opt_account ]] || sbatch_cmd+=(--account="$opt_account")
+sbatch_cmd+=(--chdir="$REPO_ROOT" "$REPO_ROOT/launch/slurm.sbatch")
+((${#extra[@]} == 0)) || sbatch_cmd+=(-- "${extra[@]}")
+
+if ((dry_run)); then
+  show "${sbatch_cmd[@]}"
+  # The srun command, as the batch script itself prints it in its dry-run mode.
+  RILS_CONFIG=$opt_config RILS_WORKDIR=$opt_workdir RILS_PYTHON=$python \
+    bash "$REPO_ROOT/launch/slurm.sbatch" --dry_run -- "${extra[@]}"
+  exit 0
+fi
+if [[ ! -x $python ]]; then
+  printf '%s: warning: %s is not here; the nodes must have it\n' "$PROG" "$python" >&2
+fi
+printf '+ %s\n' "$(show "${sbatch_cmd[@]}")" >&2
+exec "${sbatch_cmd[@]}"
