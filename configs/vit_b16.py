@@ -23,34 +23,18 @@ Data: with no argument the config points at the generated shapes data (224 px) s
 anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini); for LAION-scale data set
 `config.input.sources` to your CSV / COCO files.
 
-Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=auto|bfloat16|float32`; `auto` is
-bfloat16 compute on GPU / TPU (the recipe's mixed precision) and float32 on CPU, where XLA's
-bfloat16 matmuls are far slower than float32.
+Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=auto|bfloat16|float32,platform=NAME`;
+`auto` is bfloat16 compute on GPU / TPU (the recipe's mixed precision) and float32 on CPU, where
+XLA's bfloat16 matmuls are far slower than float32. `platform` is a preset of
+rils_jax/platforms.py (tpu_v4_32, tpu_v4_64, tpu_v5e_256, tpu_v5p_128, gpu_8xh100,
+gpu_2x8xh100): mesh, bfloat16, remat and the micro-batch per device. Check that it fits first:
+
+  python -m rils_jax.dry_run --config=configs/vit_b16.py:platform=tpu_v5e_256
 """
 
 from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data='synthetic', dtype='auto')
-  c = config_lib.base_config()
-  c.total_steps = 122_070
-  c.log_every = 50
-  c.checkpoint_every = 2000
-  c.model.variant = 'B/16'
-  c.model.image_size = 224
-  c.model.dtype = arg.dtype
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 4_883
-  c.optim.weight_decay = 0.5
-  c.input.batch_size = 4096
-  c.input.num_workers = 8
-  c.tokenizer.vocab_size = 49_408
-  if arg.data == 'synthetic':
-    config_lib.synthetic_data(c, image_size=224, num_train=4096, num_heldout=100,
-                              zeroshot_per_class=10)
-  elif arg.data == 'shared':
-    config_lib.shared_data(c)
-  else:
-    raise ValueError(f"data must be 'synthetic' or 'shared', got {arg.data!r}")
-  return c
+  return config_lib.paper_recipe(arg, 'B/16', dict(width=512, num_layers=12, num_heads=8),
+                                 embed_dim=512)

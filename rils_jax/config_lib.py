@@ -149,6 +149,45 @@ def to_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return config.to_dict()
 
 
+def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
+                 ) -> ml_collections.ConfigDict:
+  """The RILS paper's pre-training set-up for a ViT variant (see configs/vit_b16.py).
+
+  `arg`: 'data=synthetic|shared,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset
+  of rils_jax/platforms.py, which also sets the dtype).
+
+  Raises:
+    ValueError: for an unknown argument, data or platform name.
+  """
+  arg = parse_arg(arg, data='synthetic', dtype='auto', platform='')
+  c = base_config()
+  c.total_steps = 122_070
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.model.variant = variant
+  c.model.image_size = 224
+  c.model.dtype = arg.dtype
+  c.model.text = dict(width=text['width'], num_layers=text['num_layers'],
+                      num_heads=text['num_heads'], context_length=77, vocab_size=49_408)
+  c.model.embed_dim = embed_dim
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 4_883
+  c.optim.weight_decay = 0.5
+  c.input.batch_size = 4096
+  c.input.num_workers = 8
+  c.tokenizer.vocab_size = 49_408
+  if arg.data == 'synthetic':
+    synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
+  elif arg.data == 'shared':
+    shared_data(c)
+  else:
+    raise ValueError(f"data must be 'synthetic' or 'shared', got {arg.data!r}")
+  if arg.platform:
+    from rils_jax import platforms  # pylint: disable=g-import-not-at-top
+    platforms.apply_platform(c, arg.platform)
+  return c
+
+
 def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
                 heldout: int = 100) -> None:
   """Points the config at ../shared/data: Flickr8k 1k (all but the last `heldout` images) + COCO

@@ -40,9 +40,21 @@ def test_vit_b16_is_the_paper_setup():
   assert 34.9e9 < per_image < 35.3e9
 
 
+def test_vit_l16_is_the_release_large_model():
+  c = _load('vit_l16')
+  assert rils_lib.vision_size(c.model.variant) == (1024, 24, 16, 16)
+  assert (c.model.text.width, c.model.text.num_layers, c.model.text.num_heads,
+          c.model.embed_dim) == (768, 12, 12, 768)
+  model = rils_lib.build_model(c, eot_id=2)
+  params = jax.eval_shape(lambda: train_step_lib.init_params(model, c, jax.random.PRNGKey(0)))
+  vision = sum(x.size for x in jax.tree.leaves(params['visual']))
+  assert 302e6 < vision < 305e6  # ViT-L/16 encoder: 303.3M parameters (timm: 304.3M with head).
+
+
 @pytest.mark.parametrize('name,arg', [('default', None), ('default', 'num_train=100'),
                                       ('flickr8k_coco', None), ('vit_b16', 'data=shared'),
-                                      ('vit_b16', 'dtype=float32')])
+                                      ('vit_b16', 'dtype=float32'),
+                                      ('vit_l16', 'platform=tpu_v4_64,data=shared')])
 def test_configs_load_and_build(name, arg):
   c = _load(name, arg)
   assert c.input.sources and c.evals.zeroshot.root

@@ -177,9 +177,10 @@ def test_tokenizer_cli(tmp_path, csv_dataset):
     tokenizer_lib.read_captions(str(tmp_path / 'nocaption.csv'))
 
 
-def _consume(records, tokenizer, batches, seed=0, num_workers=0, batch_size=4):
+def _consume(records, tokenizer, batches, seed=0, num_workers=0, batch_size=4, rows=None):
   ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
-                                   batch_size=batch_size, seed=seed, num_workers=num_workers)
+                                   batch_size=batch_size, seed=seed, num_workers=num_workers,
+                                   rows=rows)
   it = iter(ds)
   return [next(it) for _ in range(batches)]
 
@@ -216,6 +217,32 @@ def test_pipeline_is_deterministic_in_the_seed(csv_dataset, tokenizer):
     np.testing.assert_array_equal(x['image'], y['image'])
     np.testing.assert_array_equal(x['example_id'], y['example_id'])
   assert any((x['image'] != z['image']).any() for x, z in zip(a, c))
+
+
+def test_processes_read_their_rows_of_the_same_global_batches(tmp_path, tokenizer):
+  folder = tmp_path / 'many'
+  folder.mkdir()
+  records = []
+  for i in range(12):
+    name = str(folder / f'{i}.png')
+    Image.new('RGB', (8, 8), (20 * i, 0, 0)).save(name)
+    records.append(sources.ImageCaptions(name, (f'caption {i}',)))
+  whole = _consume(records, tokenizer, 6, batch_size=4)
+  parts = [_consume(records, tokenizer, 6, batch_size=4, rows=rows)
+           for rows in ((0, 2), (2, 4))]
+  for k, batch in enumerate(whole):
+    # Process p's batch k is rows [2p, 2p + 2) of global batch k: same examples, same crops.
+    np.testing.assert_array_equal(
+        np.concatenate([p[k]['example_id'] for p in parts]), batch['example_id'])
+    np.testing.assert_array_equal(np.concatenate([p[k]['image'] for p in parts]),
+                                  batch['image'])
+  # One epoch (12 examples = 3 global batches): the processes' examples are disjoint and
+  # together they are every record once.
+  epoch = [np.concatenate([b['example_id'] for b in p[:3]]) for p in parts]
+  assert not set(epoch[0]) & set(epoch[1])
+  assert sorted(np.concatenate(epoch).tolist()) == list(range(12))
+  with pytest.raises(ValueError, match='outside a global batch'):
+    _consume(records, tokenizer, 1, batch_size=4, rows=(2, 6))
 
 
 def test_pipeline_reaches_every_caption(csv_dataset, tokenizer):
