@@ -113,9 +113,9 @@ def activation_bytes(model, config, mesh) -> dict:
   return dict(model=model_bytes + loss_bytes, cached_outputs=cached)
 
 
-def dry_run(config) -> dict:
+def dry_run(config, compile_step: bool = True) -> dict:
   """Lowers and compiles the train step of `config` on the current devices; returns the
-  figures described in the module docstring.
+  figures described in the module docstring (without `xla_cpu` when `compile_step` is False).
 
   Raises:
     ValueError: for a config that does not fit the devices (mesh, batch, accumulation).
@@ -133,10 +133,6 @@ def dry_run(config) -> dict:
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in
            train_step_lib.dummy_batch(config, config.input.batch_size).items()}
   step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  start = time.time()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.time() - start
-  memory = compiled.memory_analysis()
   activations = activation_bytes(model, config, mesh)
   out = dict(
       config=dict(variant=config.model.variant, batch_size=config.input.batch_size,
@@ -159,6 +155,11 @@ def dry_run(config) -> dict:
   if gib:
     out['device_memory_bytes'] = int(gib * 2**30)
     out['fits'] = out['estimate_bytes'] <= 0.9 * out['device_memory_bytes']
+  if not compile_step:
+    return out
+  start = time.time()
+  memory = step.lower(state, batch).compile().memory_analysis()
+  compile_s = time.time() - start
   out['xla_cpu'] = dict(argument_bytes=memory.argument_size_in_bytes,
                         output_bytes=memory.output_size_in_bytes,
                         alias_bytes=memory.alias_size_in_bytes,

@@ -35,8 +35,8 @@ def test_dry_run_reports_fsdp_savings_and_remat_savings():
     assert r['estimate_bytes'] == (r['params_bytes'] + r['opt_state_bytes'] + r['grads_bytes'] +
                                    r['activation_bytes'])
   # Rematerialisation: each policy keeps less for the backward pass.
-  block = dry_run.dry_run(_config(**{'model.remat': 'block'}))
-  full = dry_run.dry_run(_config(**{'model.remat': 'full'}))
+  block = dry_run.dry_run(_config(**{'model.remat': 'block'}), compile_step=False)
+  full = dry_run.dry_run(_config(**{'model.remat': 'full'}), compile_step=False)
   assert full['activation_bytes'] < block['activation_bytes'] < 0.5 * dp['activation_bytes']
 
 
@@ -47,8 +47,8 @@ def test_activation_count_matches_a_hand_count_and_shrinks_with_accumulation():
   args = (jnp.zeros((3, 5)), jnp.zeros((8, 3)))
   assert dry_run._residual_bytes(fn, args, batch_size=8, shards=1) == 8 * 5 * 4
   assert dry_run._residual_bytes(fn, args, batch_size=8, shards=4) == 2 * 5 * 4
-  whole = dry_run.dry_run(_config())
-  accum = dry_run.dry_run(_config(**{'optim.accum_steps': 2}))
+  whole = dry_run.dry_run(_config(), compile_step=False)
+  accum = dry_run.dry_run(_config(**{'optim.accum_steps': 2}), compile_step=False)
   assert accum['micro_batch_per_device'] == 1 and accum['config']['accum_steps'] == 2
   assert accum['activation_bytes'] < whole['activation_bytes']
   assert accum['cached_output_bytes'] > 0
