@@ -127,7 +127,7 @@ done
 [[ -n $opt_hosts ]] || die "--hosts is required"
 [[ -n $opt_config ]] || die "--config is required"
 [[ -n $opt_workdir ]] || die "--workdir is required"
-if [[ ! $opt_coordinator_port =~ ^[0-9]+$ ]] || ((opt_coordinator_port < 1 || opt_coordinator_port > 65535)); then
+if [[ ! $opt_coordinator_port =~ ^[1-9][0-9]{0,4}$ ]] || ((opt_coordinator_port > 65535)); then
   die "--coordinator_port must be a TCP port number"
 fi
 [[ -n $opt_code_dir ]] || die "--code_dir must not be empty"
@@ -142,7 +142,7 @@ num_processes=${#hosts[@]}
 
 if ((local_mode)); then
   [[ -n $opt_process_id ]] || die "--process_id is required with --local"
-  if [[ ! $opt_process_id =~ ^[0-9]+$ ]] || ((opt_process_id >= num_processes)); then
+  if [[ ! $opt_process_id =~ ^(0|[1-9][0-9]*)$ ]] || ((opt_process_id >= num_processes)); then
     die "--process_id must be 0 .. $((num_processes - 1)) (the host's index in --hosts)"
   fi
 else

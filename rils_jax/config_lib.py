@@ -25,15 +25,19 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   Values take the type of their default (bool accepts true/false/1/0).
 
   Raises:
-    ValueError: for an unknown key or a malformed pair.
+    ValueError: for an unknown or repeated key, or a malformed pair.
   """
   out = dict(defaults)
+  seen = set()
   for pair in filter(None, (arg or '').split(',')):
     if '=' not in pair:
       raise ValueError(f'config argument {pair!r} must look like key=value')
     key, value = pair.split('=', 1)
     if key not in defaults:
       raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    if key in seen:
+      raise ValueError(f'config argument {key!r} is given twice')
+    seen.add(key)
     kind = type(defaults[key])
     if kind is bool:
       out[key] = value.lower() in ('1', 'true', 'yes')
@@ -183,6 +187,9 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
   else:
     raise ValueError(f"data must be 'synthetic' or 'shared', got {arg.data!r}")
   if arg.platform:
+    if arg.dtype != 'auto':
+      raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
+                       '(or override --config.model.dtype after it)')
     from rils_jax import platforms  # pylint: disable=g-import-not-at-top
     platforms.apply_platform(c, arg.platform)
   return c

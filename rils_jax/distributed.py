@@ -13,12 +13,28 @@ the data, and the jitted step runs as one SPMD program over all devices. Three w
 """
 
 import os
+import re
 from typing import Optional
 
 import jax
 from absl import logging
 
 MODES = ('auto', 'on', 'off')
+# host:port, host:port with an IPv6 host in brackets; the port is checked for range below.
+_ADDRESS = re.compile(r'^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):([0-9]{1,5})$')
+
+
+def check_address(address: str) -> str:
+  """Returns `address` if it is 'host:port' with a port in 1..65535.
+
+  Raises:
+    ValueError: otherwise (JAX would crash or hang on it).
+  """
+  match = _ADDRESS.match(address)
+  if not match or not 1 <= int(match.group(2)) <= 65535:
+    raise ValueError(f'--coordinator_address={address!r} must be HOST:PORT with a port in '
+                     '1..65535 (an IPv6 host in brackets: [::1]:1234)')
+  return address
 
 
 def cluster_tasks() -> int:
@@ -47,8 +63,10 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
     True when the runtime was initialised.
 
   Raises:
-    ValueError: for an unknown mode, or a coordinator address without the process count and
-      index (or the reverse).
+    ValueError: for an unknown mode, a coordinator address without the process count and
+      index (or the reverse), a malformed address, a bad process count or index, or manual
+      settings with mode 'off'.
+    RuntimeError: when mode 'on' finds no cluster to join.
   """
   if mode not in MODES:
     raise ValueError(f'--distributed must be one of {MODES}, got {mode!r}')
@@ -56,12 +74,24 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
   if any(v is not None for v in manual) and any(v is None for v in manual):
     raise ValueError('--coordinator_address, --num_processes and --process_id go together; got '
                      f'{coordinator_address!r}, {num_processes!r}, {process_id!r}')
+  if coordinator_address is not None:
+    if mode == 'off':
+      raise ValueError('--distributed=off contradicts --coordinator_address, --num_processes '
+                       'and --process_id; drop one or the other')
+    check_address(coordinator_address)
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f'--num_processes={num_processes} must be >= 1 and --process_id='
+                       f'{process_id} in [0, {num_processes})')
   if mode == 'off' or (mode == 'auto' and coordinator_address is None and cluster_tasks() <= 1):
     return False
-  if num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f'--process_id={process_id} must be in [0, {num_processes})')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except ValueError as e:
+    raise RuntimeError(
+        f'--distributed={mode} found no cluster to join (JAX said: {e}). JAX detects Cloud TPU '
+        'pods, SLURM and Open MPI jobs; elsewhere pass --coordinator_address, --num_processes '
+        'and --process_id, or use --distributed=off for one process.') from e
   logging.info('Process %d of %d: %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

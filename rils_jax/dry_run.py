@@ -174,6 +174,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = flags.FLAGS.config
+  if flags.FLAGS.num_devices < 0:
+    raise app.UsageError(f'--num_devices={flags.FLAGS.num_devices} must be >= 0')
   num_devices = flags.FLAGS.num_devices or config.get('platform', {}).get('num_devices', 8)
   import jax  # pylint: disable=g-import-not-at-top
   # Before any backend starts: the virtual devices the mesh is made of.

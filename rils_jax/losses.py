@@ -84,7 +84,12 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
   Returns:
     Scalar float32 loss. The teacher is always stop-gradiented; whether gradients reach the
     prototypes is the caller's choice (see `rils_loss`).
+
+  Raises:
+    ValueError: for a negative `chunk_size`.
   """
+  if chunk_size < 0:
+    raise ValueError(f'config.loss.chunk_size={chunk_size} must be >= 0 (0: no chunks)')
   prototypes = prototypes.astype(jnp.float32)
   teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   student = student.astype(jnp.float32)

@@ -71,12 +71,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if batch < 1 or batch % devices or batch % processes:
     raise ValueError(f'config.input.batch_size={batch} must be a positive multiple of the '
                      f'{devices} devices and {processes} processes')
+  platform = config.get('platform')
+  if platform and platform.num_devices != devices:
+    raise ValueError(f'platform preset {platform.name} is for {platform.num_devices} devices '
+                     f'({platform.accelerator}); this job has {devices}. Use the preset of this '
+                     'machine, or none (then set config.mesh and config.optim.accum_steps)')
   mesh = sharding.make_mesh(config)  # Raises for a mesh that does not fit the devices.
+  sharding.rules_of(config)  # Raises for a malformed rule or an unknown mesh axis.
   accum, shards = config.optim.accum_steps, sharding.data_parallel_size(mesh)
-  if accum < 1 or batch % (accum * shards):
+  if accum < 1:
+    raise ValueError(f'config.optim.accum_steps={accum} must be >= 1')
+  if batch % (accum * shards):
     raise ValueError(f'config.input.batch_size={batch} must split into '
                      f'config.optim.accum_steps={accum} micro-batches that are multiples of the '
                      f'{shards} data-parallel devices of mesh {dict(mesh.shape)}')
+  if platform and batch // accum // devices != platform.per_device_batch:
+    logging.warning('config.input.batch_size=%d with accum_steps=%d puts %d images on each '
+                    'device; preset %s is sized for %d', batch, accum, batch // accum // devices,
+                    platform.name, platform.per_device_batch)
+  if config.loss.chunk_size < 0:
+    raise ValueError(f'config.loss.chunk_size={config.loss.chunk_size} must be >= 0')
   positive = {'total_steps': config.total_steps, 'log_every': config.log_every,
               'checkpoint_every': config.checkpoint_every,
               'keep_checkpoints': config.keep_checkpoints,

@@ -78,6 +78,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]
     raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
                      f'{len(devices)} are available')
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if sizes[0] > 1 and not hasattr(devices[0], 'slice_index'):
+    # No TPU slices (CPU, GPU, or the dry run's virtual devices): consecutive devices form a
+    # slice, as the hybrid mesh would lay them out.
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
   if sizes[0] > 1:
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     per_slice = [1, *sizes[1:]]
@@ -88,9 +92,26 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]
 
 
 def rules_of(config: ml_collections.ConfigDict) -> Rules:
-  """`config.sharding_rules` as a tuple of (logical name, mesh axes) pairs."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.sharding_rules)
+  """`config.sharding_rules` as a tuple of (logical name, mesh axes) pairs.
+
+  Raises:
+    ValueError: for an entry that is not a (name, axis / list of axes / None) pair, or that
+      names an axis outside `MESH_AXES` (a typo would silently replicate everything).
+  """
+  rules = []
+  for rule in config.sharding_rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'config.sharding_rules entry {rule!r} must be a (logical name, mesh '
+                       'axes) pair, e.g. ("embed", "fsdp")')
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+    unknown = [a for a in flat if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f'config.sharding_rules maps {name!r} to unknown mesh axes {unknown}; '
+                       f'mesh axes are {MESH_AXES}')
+    rules.append((name, axes))
+  return tuple(rules)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

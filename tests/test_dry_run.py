@@ -81,5 +81,43 @@ def test_distributed_arguments_are_checked_and_single_process_needs_nothing(monk
     distributed.initialize('auto', '127.0.0.1:1234', None, 0)
   with pytest.raises(ValueError, match='must be one of'):
     distributed.initialize('maybe')
-  with pytest.raises(ValueError, match=r'process_id=2 must be in \[0, 2\)'):
+  with pytest.raises(ValueError, match=r'process_id=2 in \[0, 2\)'):
     distributed.initialize('auto', '127.0.0.1:1234', 2, 2)
+
+
+def test_multi_host_and_sharding_settings_fail_clearly(monkeypatch):
+  from rils_jax import main as main_lib
+  from rils_jax import sharding
+  for bad in ('127.0.0.1:abc', 'notanaddress', '127.0.0.1:99999', '127.0.0.1:0', ' h:1'):
+    with pytest.raises(ValueError, match='must be HOST:PORT'):
+      distributed.initialize('auto', bad, 2, 0)
+  assert distributed.check_address('[::1]:1234') == '[::1]:1234'
+  with pytest.raises(ValueError, match='contradicts'):
+    distributed.initialize('off', '127.0.0.1:1234', 2, 0)
+  with pytest.raises(ValueError, match='num_processes=0 must be >= 1'):
+    distributed.initialize('auto', '127.0.0.1:1234', 0, 0)
+  c = tiny.tiny_config()
+  c.sharding_rules = [('embed', 'fsdpp')]
+  with pytest.raises(ValueError, match=r"unknown mesh axes \['fsdpp'\]"):
+    sharding.rules_of(c)
+  c.sharding_rules = ['embed']
+  with pytest.raises(ValueError, match='must be a \\(logical name, mesh axes\\) pair'):
+    sharding.rules_of(c)
+  # A preset for another machine is refused before anything is read or compiled.
+  c = test_configs._load('vit_b16', 'platform=tpu_v4_32')
+  with pytest.raises(ValueError, match='tpu_v4_32 is for 16 devices .* this job has 8'):
+    main_lib.validate_config(c)
+  with pytest.raises(ValueError, match='sets bfloat16 compute'):
+    test_configs._load('vit_b16', 'platform=tpu_v4_32,dtype=float32')
+  with pytest.raises(ValueError, match='given twice'):
+    test_configs._load('vit_b16', 'platform=tpu_v4_32,platform=gpu_8xh100')
+  with pytest.raises(ValueError, match='chunk_size=-5 must be >= 0'):
+    main_lib.validate_config(tiny.tiny_config(**{'loss.chunk_size': -5}))
+
+
+def test_multislice_mesh_on_devices_without_slices():
+  c = tiny.tiny_config(**{'mesh.slice': 2, 'mesh.data': -1})
+  from rils_jax import sharding
+  mesh = sharding.make_mesh(c)
+  assert dict(mesh.shape) == {'slice': 2, 'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert [d.id for d in mesh.devices[0].reshape(-1)] == [0, 1, 2, 3]
