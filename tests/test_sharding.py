@@ -53,13 +53,15 @@ def _assert_same_run(run_a, run_b, atol=1e-5):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_fsdp_and_tensor_meshes_match_one_device_and_shard_the_state():
+def test_fsdp_and_tensor_meshes_match_data_parallelism_and_shard_the_state():
   batches = [_batch(16, seed) for seed in range(2)]
   config = _config(**{'input.batch_size': 16})
-  single = _train(config, jax.devices()[:1], 2, batches)
+  data_parallel = _train(config, jax.devices(), 2, batches)  # mesh data=8.
+  assert data_parallel[0].params['visual']['blocks_0']['mlp']['fc1']['kernel'].sharding.spec == P(
+      None, None)  # Replicated.
   config.mesh = {'data': 1, 'fsdp': 8}
   fsdp = _train(config, jax.devices(), 2, batches)
-  _assert_same_run(single, fsdp)
+  _assert_same_run(data_parallel, fsdp)
   state = fsdp[0]
   fc1 = state.params['visual']['blocks_0']['mlp']['fc1']['kernel']  # (32, 128)
   assert fc1.sharding.spec == P('fsdp', None)
@@ -70,7 +72,7 @@ def test_fsdp_and_tensor_meshes_match_one_device_and_shard_the_state():
 
   config.mesh = {'data': 2, 'fsdp': 2, 'tensor': 2}
   mixed = _train(config, jax.devices(), 2, batches)
-  _assert_same_run(single, mixed)
+  _assert_same_run(data_parallel, mixed)
   attn = mixed[0].params['visual']['blocks_0']['attn']
   assert attn['qkv']['kernel'].sharding.spec == P('fsdp', None, 'tensor', None)
   assert attn['proj']['kernel'].sharding.spec == P('tensor', None, 'fsdp')
