@@ -6,6 +6,8 @@ set -euo pipefail
 readonly PROG=launch/gpu_multinode.sh
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -60,69 +62,13 @@ filesystem, and the coordinator port open between the hosts.
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$1" >&2
-  printf "Run '%s --help' for the options.\n" "$PROG" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell; words of only safe characters stay bare.
-shq() {
-  local s=$1
-  if [[ -n $s && $s != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quotes a command as one shell line, keeping `--option=` and `NAME=` outside the quotes.
-join_q() {
-  local out='' a
-  for a in "$@"; do
-    if [[ $a =~ ^(--[A-Za-z0-9_-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-      out+=" ${BASH_REMATCH[1]}$(shq "${BASH_REMATCH[2]}")"
-    else
-      out+=" $(shq "$a")"
-    fi
-  done
-  printf '%s' "${out# }"
-}
-
 opt_hosts='' opt_config='' opt_workdir='' opt_coordinator_port=12345 opt_coordinator_host=''
 opt_code_dir=$REPO_ROOT opt_venv='' opt_process_id=''
 local_mode=0 dry_run=0
 extra=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) extra=("$@"); break ;;
-    -h) usage; exit 0 ;;
-    --*=*) key=${arg%%=*}; value=${arg#*=}; has_value=1 ;;
-    --*) key=$arg; value=''; has_value=0 ;;
-    *) die "unexpected argument: $arg (trainer arguments go after --)" ;;
-  esac
-  key=${key#--}
-  key=${key//-/_}
-  case $key in
-    help) usage; exit 0 ;;
-    dry_run | local)
-      ((!has_value)) || die "--$key takes no value"
-      if [[ $key == local ]]; then local_mode=1; else dry_run=1; fi
-      ;;
-    hosts | config | workdir | coordinator_port | coordinator_host | code_dir | venv | process_id)
-      if ((!has_value)); then
-        [[ $# -gt 0 && $1 != --* ]] || die "--$key needs a value"
-        value=$1
-        shift
-      fi
-      printf -v "opt_$key" '%s' "$value"
-      ;;
-    *) die "unknown option: $arg" ;;
-  esac
-done
+parse_options 'dry_run local:local_mode' \
+  'hosts config workdir coordinator_port coordinator_host code_dir venv process_id' '' "$@"
 
 [[ -n $opt_hosts ]] || die "--hosts is required"
 [[ -n $opt_config ]] || die "--config is required"

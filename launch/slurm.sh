@@ -6,6 +6,8 @@ set -euo pipefail
 readonly PROG=launch/slurm.sh
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -52,69 +54,13 @@ checkout, its venv (python3 -m venv .venv && .venv/bin/pip install -r requiremen
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$1" >&2
-  printf "Run '%s --help' for the options.\n" "$PROG" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell; words of only safe characters stay bare.
-shq() {
-  local s=$1
-  if [[ -n $s && $s != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints a command as one shell-quoted line, keeping `--option=` and `NAME=` outside the quotes.
-show() {
-  local out='' a
-  for a in "$@"; do
-    if [[ $a =~ ^(--[A-Za-z0-9_-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-      out+=" ${BASH_REMATCH[1]}$(shq "${BASH_REMATCH[2]}")"
-    else
-      out+=" $(shq "$a")"
-    fi
-  done
-  printf '%s\n' "${out# }"
-}
-
 opt_config='' opt_workdir='' opt_nodes=1 opt_gpus_per_node=8 opt_partition='' opt_time=''
 opt_account='' opt_venv=$REPO_ROOT/.venv opt_job_name=rils_jax
 dry_run=0
 extra=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) extra=("$@"); break ;;
-    -h) usage; exit 0 ;;
-    --*=*) key=${arg%%=*}; value=${arg#*=}; has_value=1 ;;
-    --*) key=$arg; value=''; has_value=0 ;;
-    *) die "unexpected argument: $arg (trainer arguments go after --)" ;;
-  esac
-  key=${key#--}
-  key=${key//-/_}
-  case $key in
-    help) usage; exit 0 ;;
-    dry_run)
-      ((!has_value)) || die "--dry_run takes no value"
-      dry_run=1
-      ;;
-    config | workdir | nodes | gpus_per_node | partition | time | account | venv | job_name)
-      if ((!has_value)); then
-        [[ $# -gt 0 && $1 != --* ]] || die "--$key needs a value"
-        value=$1
-        shift
-      fi
-      printf -v "opt_$key" '%s' "$value"
-      ;;
-    *) die "unknown option: $arg" ;;
-  esac
-done
+parse_options dry_run \
+  'config workdir nodes gpus_per_node partition time account venv job_name' '' "$@"
 
 [[ -n $opt_config ]] || die "--config is required"
 [[ -n $opt_workdir ]] || die "--workdir is required"

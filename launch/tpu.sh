@@ -8,6 +8,8 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 readonly MEGASCALE_PORT=8081  # The port Cloud TPU multislice uses between slices.
 readonly RHOME='~'  # The workers' home directory in commands run there (their shell expands it).
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -92,40 +94,6 @@ enabled, and a GCS bucket the TPU service account can write.
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$1" >&2
-  printf "Run '%s --help' for the options.\n" "$PROG" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell; words of only safe characters stay bare.
-shq() {
-  local s=$1
-  if [[ -n $s && $s != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quotes a command-line word, keeping `--option=` and `NAME=` outside the quotes for readability.
-shq_arg() {
-  if [[ $1 =~ ^(--[A-Za-z0-9_-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-    printf '%s%s' "${BASH_REMATCH[1]}" "$(shq "${BASH_REMATCH[2]}")"
-  else
-    shq "$1"
-  fi
-}
-
-# Prints a command as one shell-quoted line.
-show() {
-  local out='' a
-  for a in "$@"; do
-    out+=" $(shq_arg "$a")"
-  done
-  printf '%s\n' "${out# }"
-}
-
 # Runs a command, or only prints it with --dry_run.
 run() {
   if ((dry_run)); then
@@ -154,41 +122,16 @@ opt_python=python3.11 opt_jax_version=0.10.2
 spot=0 queued=0 copy=0 dry_run=0
 extra=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) extra=("$@"); break ;;
-    -h) usage; exit 0 ;;
-    --*=*) key=${arg%%=*}; value=${arg#*=}; has_value=1 ;;
-    --*) key=$arg; value=''; has_value=0 ;;
-    -*) die "unknown option: $arg" ;;
-    *)
-      [[ -z $subcommand ]] || die "unexpected argument: $arg (trainer arguments go after --)"
-      subcommand=$arg
-      continue
-      ;;
-  esac
-  key=${key#--}
-  key=${key//-/_}
-  case $key in
-    help) usage; exit 0 ;;
-    spot | queued | copy | dry_run)
-      ((!has_value)) || die "--$key takes no value"
-      printf -v "$key" 1
-      ;;
-    name | zone | project | accelerator | version | num_slices | config | workdir | repo | branch | \
-      code_dir | python | jax_version)
-      if ((!has_value)); then
-        [[ $# -gt 0 && $1 != --* ]] || die "--$key needs a value"
-        value=$1
-        shift
-      fi
-      printf -v "opt_$key" '%s' "$value"
-      ;;
-    *) die "unknown option: $arg" ;;
-  esac
-done
+# The one argument that is not an option: the subcommand.
+set_subcommand() {
+  [[ $1 != -* ]] || die "unknown option: $1"
+  [[ -z $subcommand ]] || die "unexpected argument: $1 (trainer arguments go after --)"
+  subcommand=$1
+}
+
+parse_options 'spot queued copy dry_run' \
+  'name zone project accelerator version num_slices config workdir repo branch code_dir python jax_version' \
+  set_subcommand "$@"
 
 case $subcommand in
   create | setup | run | logs | delete | all) ;;

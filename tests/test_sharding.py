@@ -16,28 +16,6 @@ from rils_jax.models import rils as rils_lib
 from tests import tiny
 
 
-def _batch(batch_size, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(batch_size, 32, 32, 3), dtype=np.uint8)
-  text = rng.integers(3, 64, size=(batch_size, 8)).astype(np.int32)
-  text[:, 6] = 2
-  text[:, 7] = 0
-  return dict(image=images, text=text)
-
-
-def _train(config, devices, steps, batches):
-  mesh = sharding.make_mesh(config, devices)
-  model = rils_lib.build_model(config, eot_id=2)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  history = []
-  for i in range(steps):
-    state, metrics = step(state, train_step_lib.put_batch(batches[i % len(batches)], mesh))
-    history.append(jax.device_get(metrics))
-  return state, history
-
-
 def _config(**overrides):
   # eps = 1e-3: see test_train_step.test_eight_devices_match_one_device.
   return tiny.tiny_config(**{'optim.eps': 1e-3, **overrides})
@@ -54,13 +32,13 @@ def _assert_same_run(run_a, run_b, atol=1e-5):
 
 
 def test_fsdp_and_tensor_meshes_match_data_parallelism_and_shard_the_state():
-  batches = [_batch(16, seed) for seed in range(2)]
+  batches = [tiny.random_batch(16, seed) for seed in range(2)]
   config = _config(**{'input.batch_size': 16})
-  data_parallel = _train(config, jax.devices(), 2, batches)  # mesh data=8.
+  data_parallel = tiny.train(config, jax.devices(), 2, batches)  # mesh data=8.
   assert data_parallel[0].params['visual']['blocks_0']['mlp']['fc1']['kernel'].sharding.spec == P(
       None, None)  # Replicated.
   config.mesh = {'data': 1, 'fsdp': 8}
-  fsdp = _train(config, jax.devices(), 2, batches)
+  fsdp = tiny.train(config, jax.devices(), 2, batches)
   _assert_same_run(data_parallel, fsdp)
   state = fsdp[0]
   fc1 = state.params['visual']['blocks_0']['mlp']['fc1']['kernel']  # (32, 128)
@@ -71,7 +49,7 @@ def test_fsdp_and_tensor_meshes_match_data_parallelism_and_shard_the_state():
   assert state.params['logit_scale'].sharding.spec == P()
 
   config.mesh = {'data': 2, 'fsdp': 2, 'tensor': 2}
-  mixed = _train(config, jax.devices(), 2, batches)
+  mixed = tiny.train(config, jax.devices(), 2, batches)
   _assert_same_run(data_parallel, mixed)
   attn = mixed[0].params['visual']['blocks_0']['attn']
   assert attn['qkv']['kernel'].sharding.spec == P('fsdp', None, 'tensor', None)
@@ -90,9 +68,9 @@ def test_mesh_spec_replicates_dimensions_that_do_not_divide():
 
 
 def test_accumulated_gradient_equals_full_batch_gradient():
-  batches = [_batch(16, seed) for seed in range(2)]
-  full = _train(_config(**{'input.batch_size': 16}), jax.devices()[:2], 2, batches)
-  accum = _train(_config(**{'input.batch_size': 16, 'optim.accum_steps': 4}),
+  batches = [tiny.random_batch(16, seed) for seed in range(2)]
+  full = tiny.train(_config(**{'input.batch_size': 16}), jax.devices()[:2], 2, batches)
+  accum = tiny.train(_config(**{'input.batch_size': 16, 'optim.accum_steps': 4}),
                  jax.devices()[:2], 2, batches)
   _assert_same_run(full, accum)
   for ha, hb in zip(full[1], accum[1]):
@@ -109,10 +87,10 @@ def test_accumulation_needs_micro_batches_that_divide():
 
 
 def test_remat_gives_the_same_training():
-  batches = [_batch(8)]
+  batches = [tiny.random_batch(8)]
   # 'full' recomputes every block; the dry-run test shows what each policy keeps.
-  base = _train(_config(), jax.devices()[:1], 2, batches)
-  _assert_same_run(base, _train(_config(**{'model.remat': 'full'}), jax.devices()[:1], 2,
+  base = tiny.train(_config(), jax.devices()[:1], 2, batches)
+  _assert_same_run(base, tiny.train(_config(**{'model.remat': 'full'}), jax.devices()[:1], 2,
                                 batches), atol=1e-6)
 
 
@@ -122,9 +100,9 @@ def test_remat_policy_name_is_checked():
 
 
 def test_bfloat16_moments_and_compute_track_float32():
-  batches = [_batch(8)]
-  f32 = _train(_config(), jax.devices()[:1], 4, batches)
-  bf16 = _train(_config(**{'optim.mu_dtype': 'bfloat16', 'model.dtype': 'bfloat16'}),
+  batches = [tiny.random_batch(8)]
+  f32 = tiny.train(_config(), jax.devices()[:1], 4, batches)
+  bf16 = tiny.train(_config(**{'optim.mu_dtype': 'bfloat16', 'model.dtype': 'bfloat16'}),
                 jax.devices()[:1], 4, batches)
   moment = lambda name: optax.tree_utils.tree_get(bf16[0].opt_state, name)['visual'][
       'patch_embed']['kernel']

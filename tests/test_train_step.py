@@ -11,32 +11,10 @@ from rils_jax.models import rils as rils_lib
 from tests import tiny
 
 
-def _fixed_batch(batch_size=8, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(batch_size, 32, 32, 3), dtype=np.uint8)
-  text = rng.integers(3, 64, size=(batch_size, 8)).astype(np.int32)
-  text[:, 6] = 2
-  text[:, 7] = 0
-  return dict(image=images, text=text)
-
-
-def _run(config, devices, steps, batch):
-  mesh = sharding.make_mesh(config, devices)
-  model = rils_lib.build_model(config, eot_id=2)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  history = []
-  for _ in range(steps):
-    state, metrics = step(state, train_step_lib.put_batch(batch, mesh))
-    history.append(jax.device_get(metrics))
-  return state, history
-
-
 @pytest.mark.parametrize('kind', ['rils', 'clip'])
 def test_loss_falls_on_a_fixed_batch(kind):
   config = tiny.tiny_config(**{'loss.kind': kind, 'total_steps': 30})
-  _, history = _run(config, jax.devices()[:1], 30, _fixed_batch())
+  _, history = tiny.train(config, jax.devices()[:1], 30, [tiny.random_batch()])
   first, last = history[0]['loss'], history[-1]['loss']
   assert last < 0.5 * first, (first, last)
   assert history[-1]['clip_acc'] == 1.0
@@ -52,9 +30,9 @@ def test_eight_devices_match_one_device():
   # near-zero gradients can flip the sign of a whole update. eps = 1e-3 keeps such entries'
   # updates proportional to their gradients, so parameters can be compared tightly.
   config = tiny.tiny_config(**{'total_steps': 3, 'optim.eps': 1e-3})
-  batch = _fixed_batch()
-  state1, hist1 = _run(config, jax.devices()[:1], 3, batch)
-  state8, hist8 = _run(config, jax.devices(), 3, batch)
+  batch = tiny.random_batch()
+  state1, hist1 = tiny.train(config, jax.devices()[:1], 3, [batch])
+  state8, hist8 = tiny.train(config, jax.devices(), 3, [batch])
   for h1, h8 in zip(hist1, hist8):
     np.testing.assert_allclose(h8['loss'], h1['loss'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hist8[-1]['grad_norm'], hist1[-1]['grad_norm'], rtol=1e-4)
@@ -94,7 +72,7 @@ def test_schedule_warms_up_then_decays():
 
 def test_logit_scale_is_clamped_after_the_update():
   config = tiny.tiny_config(**{'loss.max_logit_scale': 14.0, 'optim.lr': 0.5})
-  state, _ = _run(config, jax.devices()[:1], 2, _fixed_batch())
+  state, _ = tiny.train(config, jax.devices()[:1], 2, [tiny.random_batch()])
   assert float(state.params['logit_scale']) <= np.log(14.0) + 1e-6
 
 

@@ -1,8 +1,14 @@
-"""A tiny config and model shared by the tests."""
+"""A tiny config and model shared by the tests, and a few steps of training it."""
 
+import jax
 import ml_collections
+import numpy as np
 
 from rils_jax import config_lib
+from rils_jax import optim
+from rils_jax import sharding
+from rils_jax import train_step as train_step_lib
+from rils_jax.models import rils as rils_lib
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -18,6 +24,34 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 2
   c.input.batch_size = 8
   return apply_overrides(c, **overrides)
+
+
+def random_batch(batch_size: int = 8, seed: int = 0):
+  """Random uint8 32 px images and token rows of the tiny config (end-of-text id 2 at 6)."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(batch_size, 32, 32, 3), dtype=np.uint8)
+  text = rng.integers(3, 64, size=(batch_size, 8)).astype(np.int32)
+  text[:, 6] = 2
+  text[:, 7] = 0
+  return dict(image=images, text=text)
+
+
+def train(config, devices, steps, batches):
+  """`steps` train steps on a mesh of `devices`, cycling through `batches`.
+
+  Returns:
+    (final TrainState, list of per-step metric dicts).
+  """
+  mesh = sharding.make_mesh(config, devices)
+  model = rils_lib.build_model(config, eot_id=2)
+  optimizer = optim.make_optimizer(config)
+  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
+  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  history = []
+  for i in range(steps):
+    state, metrics = step(state, train_step_lib.put_batch(batches[i % len(batches)], mesh))
+    history.append(jax.device_get(metrics))
+  return state, history
 
 
 def apply_overrides(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
