@@ -78,13 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      'machine, or none (then set config.mesh and config.optim.accum_steps)')
   mesh = sharding.make_mesh(config)  # Raises for a mesh that does not fit the devices.
   sharding.rules_of(config)  # Raises for a malformed rule or an unknown mesh axis.
-  accum, shards = config.optim.accum_steps, sharding.data_parallel_size(mesh)
-  if accum < 1:
-    raise ValueError(f'config.optim.accum_steps={accum} must be >= 1')
-  if batch % (accum * shards):
-    raise ValueError(f'config.input.batch_size={batch} must split into '
-                     f'config.optim.accum_steps={accum} micro-batches that are multiples of the '
-                     f'{shards} data-parallel devices of mesh {dict(mesh.shape)}')
+  accum = train_step_lib.check_accumulation(config, mesh)
   if platform and batch // accum // devices != platform.per_device_batch:
     logging.warning('config.input.batch_size=%d with accum_steps=%d puts %d images on each '
                     'device; preset %s is sized for %d', batch, accum, batch // accum // devices,

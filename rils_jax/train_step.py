@@ -110,6 +110,24 @@ def abstract_train_state(model, optimizer, config, mesh) -> TrainState:
                       shapes, shardings)
 
 
+def check_accumulation(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+  """Returns `config.optim.accum_steps`.
+
+  Raises:
+    ValueError: if it is not >= 1, or the batch does not split into that many micro-batches
+      that each divide over the data-parallel devices of `mesh`.
+  """
+  accum, batch = config.optim.accum_steps, config.input.batch_size
+  shards = sharding.data_parallel_size(mesh)
+  if accum < 1:
+    raise ValueError(f'config.optim.accum_steps={accum} must be >= 1')
+  if batch % (accum * shards):
+    raise ValueError(f'config.input.batch_size={batch} must split into '
+                     f'config.optim.accum_steps={accum} micro-batches, each a multiple of the '
+                     f'{shards} data-parallel devices of mesh {dict(mesh.shape)}')
+  return accum
+
+
 def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: Mesh
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
@@ -130,13 +148,7 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
   max_log_scale = math.log(config.loss.max_logit_scale)
   masked_branch = config.loss.kind == 'rils'
   rules = sharding.rules_of(config)
-  accum = config.optim.accum_steps
-  batch_size = config.input.batch_size
-  shards = sharding.data_parallel_size(mesh)
-  if accum < 1 or batch_size % (accum * shards):
-    raise ValueError(f'config.input.batch_size={batch_size} must split into '
-                     f'config.optim.accum_steps={accum} micro-batches, each a multiple of the '
-                     f'{shards} data-parallel devices')
+  accum = check_accumulation(config, mesh)
   shardings = state_shardings(model, optimizer, config, mesh)
 
   def forward(params, images, tokens, masking):
