@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 import ml_collections
 
+from rils_jax import platforms
 from rils_jax import sharding
 
 # ImageNet mean / std (RGB, [0, 1] scale), used by SLIP and the RILS release.
@@ -190,7 +191,6 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
     if arg.dtype != 'auto':
       raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
                        '(or override --config.model.dtype after it)')
-    from rils_jax import platforms  # pylint: disable=g-import-not-at-top
     platforms.apply_platform(c, arg.platform)
   return c
 

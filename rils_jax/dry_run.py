@@ -34,9 +34,17 @@ import json
 import math
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from rils_jax import losses
+from rils_jax import optim
+from rils_jax import sharding
+from rils_jax import train_step as train_step_lib
+from rils_jax.models import rils as rils_lib
 
 
 def _define_flags():
@@ -53,7 +61,6 @@ def _residual_bytes(fn, args, batch_size: int, shards: int) -> int:
   the arguments themselves. An array with a dimension of `batch_size` (activations) is split
   over `shards` devices, unless it has the shape of an argument that has none (e.g. a bfloat16
   copy of a weight matrix whose width happens to equal the batch)."""
-  import jax  # pylint: disable=g-import-not-at-top
   closed, shapes = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a), return_shape=True)(*args)
   jaxpr = closed.jaxpr
   residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
@@ -73,31 +80,17 @@ def _residual_bytes(fn, args, batch_size: int, shards: int) -> int:
 
 def activation_bytes(model, config, mesh) -> dict:
   """Per-device bytes kept between the forward and backward pass (see the module docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rils_jax import losses, sharding  # pylint: disable=g-import-not-at-top
-  from rils_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-  from rils_jax.models import vit  # pylint: disable=g-import-not-at-top
-
-  rules = sharding.rules_of(config)
   shards = sharding.data_parallel_size(mesh)
   batch, accum = config.input.batch_size, config.optim.accum_steps
   micro = batch // accum
   params = jax.eval_shape(
       lambda: train_step_lib.init_params(model, config, jax.random.PRNGKey(0)))
-  num_patches = math.prod(model.grid_shape())
-
-  def inputs(size):
-    dummy = train_step_lib.dummy_batch(config, size)
-    masking = None
-    if config.loss.kind == 'rils':
-      masking = vit.random_masking(jax.random.PRNGKey(0), size, num_patches,
-                                   config.model.mask_ratio)
-    return jnp.asarray(dummy['image'], jnp.float32), jnp.asarray(dummy['text']), masking
 
   def features(p, size):
-    with sharding.activation_sharding(mesh, rules):
-      return model.apply({'params': p}, *inputs(size))
+    dummy = train_step_lib.dummy_batch(config, size)
+    masking = train_step_lib.masking_for(model, config, jax.random.PRNGKey(0), size)
+    return train_step_lib.forward(model, config, mesh, p, jnp.asarray(dummy['image'], jnp.float32),
+                                  jnp.asarray(dummy['text']), masking)
 
   def loss(outputs):
     return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)[0]
@@ -120,11 +113,6 @@ def dry_run(config, compile_step: bool = True) -> dict:
   Raises:
     ValueError: for a config that does not fit the devices (mesh, batch, accumulation).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from rils_jax import optim, sharding  # pylint: disable=g-import-not-at-top
-  from rils_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-  from rils_jax.models import rils as rils_lib  # pylint: disable=g-import-not-at-top
-
   model = rils_lib.build_model(config, eot_id=2)
   mesh = sharding.make_mesh(config)
   optimizer = optim.make_optimizer(config)
@@ -177,7 +165,6 @@ def main(argv):
   if flags.FLAGS.num_devices < 0:
     raise app.UsageError(f'--num_devices={flags.FLAGS.num_devices} must be >= 0')
   num_devices = flags.FLAGS.num_devices or config.get('platform', {}).get('num_devices', 8)
-  import jax  # pylint: disable=g-import-not-at-top
   # Before any backend starts: the virtual devices the mesh is made of.
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', num_devices)

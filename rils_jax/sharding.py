@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Outer to inner: the innermost axes get the fastest links (ICI / NVLink).
@@ -83,7 +84,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]
     # slice, as the hybrid mesh would lay them out.
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
   if sizes[0] > 1:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     per_slice = [1, *sizes[1:]]
     device_array = mesh_utils.create_hybrid_device_mesh(
         per_slice, [sizes[0], 1, 1, 1], devices=devices)

@@ -85,29 +85,42 @@ def state_shardings(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
   return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
 
 
+def _init_state(model, optimizer, config, rng) -> TrainState:
+  params = init_params(model, config, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params))
+
+
 def create_train_state(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
   """Initialises parameters from `config.seed` and the optimizer state, laid out on `mesh` by
   `state_shardings` (each device creates only its shard)."""
-
-  def init(rng):
-    params = init_params(model, config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
   shardings = state_shardings(model, optimizer, config, mesh)
-  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  return jax.jit(lambda rng: _init_state(model, optimizer, config, rng),
+                 out_shardings=shardings)(jax.random.PRNGKey(config.seed))
 
 
 def abstract_train_state(model, optimizer, config, mesh) -> TrainState:
-  """The train state as ShapeDtypeStructs with shardings (for restoring and dry runs)."""
+  """The train state as ShapeDtypeStructs with shardings (for the dry run)."""
   shardings = state_shardings(model, optimizer, config, mesh)
-  shapes = jax.eval_shape(lambda: TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=(p := init_params(model, config, jax.random.PRNGKey(0))),
-      opt_state=optimizer.init(p)))
+  shapes = jax.eval_shape(lambda: _init_state(model, optimizer, config, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)
+
+
+def masking_for(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array,
+                batch: int):
+  """The masked branch's `vit.Masking` for `batch` images, or None for `loss.kind` 'clip'."""
+  if config.loss.kind != 'rils':
+    return None
+  return vit.random_masking(rng, batch, math.prod(model.grid_shape()), config.model.mask_ratio)
+
+
+def forward(model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh: Mesh, params,
+            images, tokens, masking) -> Dict[str, jax.Array]:
+  """`model.apply`, with the activations pinned to `mesh` by `config.sharding_rules`."""
+  with sharding.activation_sharding(mesh, sharding.rules_of(config)):
+    return model.apply({'params': params}, images, tokens, masking)
 
 
 def check_accumulation(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
@@ -144,23 +157,18 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
       each divide over the data-parallel devices.
   """
   schedule = optim.learning_rate_schedule(config)
-  num_patches = math.prod(model.grid_shape())
   max_log_scale = math.log(config.loss.max_logit_scale)
-  masked_branch = config.loss.kind == 'rils'
-  rules = sharding.rules_of(config)
   accum = check_accumulation(config, mesh)
   shardings = state_shardings(model, optimizer, config, mesh)
-
-  def forward(params, images, tokens, masking):
-    with sharding.activation_sharding(mesh, rules):
-      return model.apply({'params': params}, images, tokens, masking)
 
   def loss_of(outputs):
     return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
 
   def full_batch_gradients(params, images, tokens, masking):
-    return jax.value_and_grad(lambda p: loss_of(forward(p, images, tokens, masking)),
-                              has_aux=True)(params)
+    def loss_fn(p):
+      return loss_of(forward(model, config, mesh, p, images, tokens, masking))
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   def cached_gradients(params, images, tokens, masking):
     # GradCache (see the module docstring). Micro-batch a holds rows a, a + A, a + 2A, ...: a
@@ -175,7 +183,7 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
       return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
     def features(p, micro_batch):
-      out = dict(forward(p, *micro_batch))
+      out = dict(forward(model, config, mesh, p, *micro_batch))
       del out['logit_scale']  # A parameter, not a per-example output.
       return out
 
@@ -201,10 +209,8 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
 
   def step_fn(state: TrainState, batch):
     images = transforms.normalize(batch['image'], config.input)
-    masking = None
-    if masked_branch:
-      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state.step)
-      masking = vit.random_masking(rng, images.shape[0], num_patches, config.model.mask_ratio)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state.step)
+    masking = masking_for(model, config, rng, images.shape[0])
     (_, metrics), grads = gradients(state.params, images, batch['text'], masking)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
