@@ -1,39 +1,203 @@
-"""Reading a run's orbax checkpoints on one host, whatever mesh or hosts wrote them.
+"""A run's orbax checkpoints: what they hold, when they are written and kept, how they are read.
 
-`rils_jax.main` writes the train state (`step`, `params`, `opt_state`) with
-`ocp.CheckpointManager` under WORKDIR/checkpoints/<step>/default. A checkpoint written by an
-FSDP-sharded or multi-host run holds each array's global value (orbax stitches the shards), so
-this module restores every array whole onto one local device.
+WORKDIR/checkpoints/<step>/ holds four orbax items, written together and atomically (orbax
+writes to a temporary folder and renames it, or writes a commit file on object stores, only when
+every item and every process is done; a save killed half-way leaves the previous checkpoints as
+they were, and the next start ignores and removes the unfinished folder):
+
+  state      the `train_step.TrainState`: step, parameters, optimizer state, masking RNG and
+             the skip / non-finite counters (sharded arrays, each process writes its shards).
+  data       the grain iterator state of every process (`process_<i>-of-<n>.json`, grain's own
+             orbax handler), so that a resumed run reads exactly the examples the interrupted
+             one would have read next.
+  config     the run's config as JSON.
+  tokenizer  the sentencepiece model the text tower was trained with (base64 in JSON).
+
+Saves are asynchronous: the arrays are copied off the devices, then written by a background
+thread while training goes on. `Checkpoints.should_save` decides from `config.checkpoint_every`
+(steps) and `config.checkpoint_minutes` (time since the last save, decided on process 0 and
+shared with all processes); `config.keep_checkpoints` (the last K) and `config.keep_every`
+(steps that are multiples of M) say which ones stay.
+
+`read_state` and `load_params` read a checkpoint written under any mesh or number of hosts,
+because orbax stores each array's global value.
 """
 
+import base64
+import hashlib
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
+import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+ITEMS = ('state', 'data', 'config', 'tokenizer')
 
 
-def checkpoint_path(workdir: str, step: Optional[int] = None) -> str:
-  """The item folder of `step` (default: the latest) under WORKDIR/checkpoints.
+class Checkpoints:
+  """The orbax `CheckpointManager` of WORKDIR/checkpoints with the policies of `config`."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    save = [policies.FixedIntervalPolicy(config.checkpoint_every)]
+    if config.checkpoint_minutes > 0:
+      save.append(policies.ContinuousCheckpointingPolicy(
+          minimum_interval_secs=int(config.checkpoint_minutes * 60)))
+    keep = [policies.LatestN(config.keep_checkpoints)]
+    if config.keep_every > 0:
+      keep.append(policies.EveryNSteps(config.keep_every))
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=ITEMS,
+        item_handlers={'data': grain.checkpoint.CheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy(save),
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            cleanup_tmp_directories=True, create=True, enable_async_checkpointing=True))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is due by the step interval or the time interval (the same answer on all
+    processes)."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict,
+           tokenizer_path: str) -> bool:
+    """Starts an asynchronous save of `step` (all processes call it together); returns False if
+    that step is already saved. The data state is captured now, before this returns."""
+    if step in self._manager.all_steps():
+      return False
+    with open(tokenizer_path, 'rb') as f:
+      model = f.read()
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(json.dumps(config.to_dict(), default=str))),
+        tokenizer=ocp.args.JsonSave({'sentencepiece_model': base64.b64encode(model).decode(),
+                                     'sha256': hashlib.sha256(model).hexdigest()}))
+    return self._manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, initial_state, data_iterator=None):
+    """Restores `step` into the shapes and shardings of `initial_state`, and the data iterator's
+    position in place when one is given. Returns the restored state.
+
+    Raises:
+      ValueError: when the checkpoint does not fit this config's model or optimizer, or holds no
+        data position for this number of processes.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
+    items = dict(state=ocp.args.StandardRestore(abstract))
+    if data_iterator is not None:
+      count = jax.process_count()
+      name = f'process_{jax.process_index()}-of-{count}.json'
+      if not os.path.isfile(os.path.join(self.directory, str(step), 'data', name)):
+        raise ValueError(
+            f'the checkpoint at step {step} in {self.directory} holds no input position for '
+            f'{count} process(es) ({name}): it was written by another number of processes. '
+            'Resume with that number, or pass --config.input.resume_position=false to restore '
+            'the model and optimizer and restart the data stream from a new seed')
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise ValueError(
+          f'the checkpoint at step {step} in {self.directory} does not fit the model or '
+          'optimizer of this config (its own config is in the checkpoint\'s config/ folder); '
+          f'use a new workdir or the same config. Orbax said: {type(e).__name__}: {e}') from e
+    return restored['state']
+
+  def read_json(self, step: int, item: str) -> Dict[str, Any]:
+    """The `config` or `tokenizer` item of `step`."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.JsonRestore()}))[item]
+
+  def tokenizer_model(self, step: int) -> bytes:
+    """The sentencepiece model bytes saved with `step`."""
+    return base64.b64decode(self.read_json(step, 'tokenizer')['sentencepiece_model'])
+
+  def wait(self) -> None:
+    """Blocks until the save in flight, if any, is committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the save in flight, then releases the manager."""
+    self._manager.close()
+
+
+def checkpoint_path(path: str, step: Optional[int] = None) -> str:
+  """The `state` item folder of a checkpoint.
+
+  `path` is a run's workdir (then `step`, default the latest, under WORKDIR/checkpoints), its
+  checkpoints folder, or one checkpoint's folder (WORKDIR/checkpoints/<step>).
 
   Raises:
-    FileNotFoundError: when the workdir has no (such) checkpoint.
+    FileNotFoundError: when there is no (such) checkpoint there.
   """
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return os.path.join(path, 'state')
+  root = os.path.join(path, 'checkpoints') if os.path.isdir(
+      os.path.join(path, 'checkpoints')) else path
   steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f'no checkpoint {"" if step is None else step} under {root} '
-                            f'(steps there: {sorted(steps)})')
-  return os.path.join(root, str(max(steps) if step is None else step), 'default')
+                            f'(steps there: {sorted(steps)}); give a run\'s workdir or one of '
+                            'its WORKDIR/checkpoints/<step> folders')
+  return os.path.join(root, str(max(steps) if step is None else step), 'state')
 
 
-def read_state(workdir: str, step: Optional[int] = None) -> Any:
-  """The saved train state as a nested dict of numpy arrays (keys step, params, opt_state)."""
-  path = checkpoint_path(workdir, step)
+def read_state(path: str, step: Optional[int] = None) -> Any:
+  """The saved train state as a nested dict of numpy arrays (keys step, params, opt_state, rng,
+  skipped_examples, nonfinite_steps, consecutive_nonfinite), restored whole on one device.
+
+  `path`: as for `checkpoint_path`.
+  """
+  path = checkpoint_path(path, step)
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         metadata)
   return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+def load_params(path: str, like) -> Any:
+  """Parameters only from another run's checkpoint (warm start, `config.init_from`), laid out
+  like `like` (arrays with shardings, or ShapeDtypeStructs with shardings).
+
+  Raises:
+    FileNotFoundError: when `path` holds no checkpoint (see `checkpoint_path`).
+    ValueError: when its parameters do not have the names and shapes of `like`.
+  """
+  path = checkpoint_path(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree.get('params')
+  if saved is None:
+    raise ValueError(f'{path} holds no "params"')
+  want = {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
+  have = {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  if want != have:
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    shapes = sorted(f'{k}: {have[k]} saved, {want[k]} here' for k in set(want) & set(have)
+                    if want[k] != have[k])
+    raise ValueError(f'the parameters in {path} do not fit this model: missing {missing[:5]}, '
+                     f'unexpected {extra[:5]}, other shapes {shapes[:5]} (first 5 of each)')
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={'params': abstract},
+      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
+      partial_restore=True))
+  return restored['params']

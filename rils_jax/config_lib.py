@@ -4,6 +4,7 @@ Every field that `rils_jax.main` reads is defined here, so a config file only st
 changes, and an override such as `--config.loss.kind=clip` works for every config.
 """
 
+import difflib
 import os
 from typing import Any, Dict
 
@@ -82,8 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.log_every = 10            # Steps between metric lines.
-  c.checkpoint_every = 1000   # Steps between orbax checkpoints (and one at the end).
-  c.keep_checkpoints = 2
+  # Checkpoints (rils_jax/checkpoints.py): asynchronous, atomic, resumed from by themselves.
+  c.checkpoint_every = 1000   # Steps between checkpoints (and one at the end).
+  c.checkpoint_minutes = 0.0  # Also save when this many minutes passed since the last; 0: off.
+  c.keep_checkpoints = 2      # Keep the last K...
+  c.keep_every = 0            # ...and those whose step is a multiple of M (0: none).
+  c.init_from = ''            # Warm start: parameters only, from a run's workdir or checkpoint.
+  c.max_consecutive_nonfinite = 10  # NaN/Inf steps in a row (updates skipped) that stop the run.
   # Device mesh (rils_jax/sharding.py): axis -> size, -1 takes the remaining devices. `slice`
   # spans TPU slices (DCN), `fsdp` shards parameters and optimizer state (ZeRO-3), `tensor`
   # splits heads and MLP. The batch is split over slice x data x fsdp.
@@ -134,6 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.crop_scale = (0.5, 1.0)
   c.input.max_consecutive_skips = 1000  # Unreadable images in a row before the run stops.
   c.input.max_skip_fraction = 0.5       # Fraction of unreadable images that stops the run.
+  c.input.resume_position = True  # Resume the data stream where the checkpoint left it.
+  c.input.log_example_ids = False  # Write each step's example ids to WORKDIR/example_ids/.
   c.input.mean = IMAGENET_MEAN
   c.input.std = IMAGENET_STD
 
@@ -146,7 +154,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.zeroshot = dict(root='', max_per_class=0,
                           templates=('a photo of a {}.', 'a {}.', 'a picture of a {}.'))
   c.evals.retrieval = dict(sources=[])
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_loss_steps = ()  # Fault injection: steps (1-based) whose loss is made NaN.
   return c
+
+
+# Keys that helpers add to some configs only (synthetic_data, platforms.apply_platform), and
+# values that are free-form (lists of sources and rules, the mesh's axes are checked by
+# sharding.make_mesh).
+OPTIONAL_KEYS = ('synthetic', 'platform')
+FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals.retrieval.sources')
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Rejects keys that `base_config` does not define (a typo in a config file would otherwise
+  be ignored silently; command-line overrides are already checked by ml_collections).
+
+  Raises:
+    ValueError: naming each unknown key and the closest known ones.
+  """
+  unknown = []
+
+  def walk(value, reference, prefix):
+    if prefix.rstrip('.') in FREE_FORM_KEYS:
+      return
+    if not isinstance(value, (dict, ml_collections.ConfigDict)):
+      return
+    for key in value.keys():
+      name = prefix + key
+      if prefix == '' and key in OPTIONAL_KEYS:
+        continue
+      if key not in reference:
+        close = difflib.get_close_matches(key, list(reference.keys()), n=2)
+        unknown.append(name + (f' (did you mean {", ".join(prefix + c for c in close)}?)'
+                               if close else ''))
+      else:
+        walk(value[key], reference[key], name + '.')
+
+  walk(config, base_config(), '')
+  if unknown:
+    raise ValueError(f'unknown config keys: {"; ".join(unknown)}. The known keys and their '
+                     'meaning are in rils_jax/config_lib.py:base_config')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -169,6 +218,8 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
   c.total_steps = 122_070
   c.log_every = 50
   c.checkpoint_every = 2000
+  c.checkpoint_minutes = 30.0
+  c.keep_every = 20_000
   c.model.variant = variant
   c.model.image_size = 224
   c.model.dtype = arg.dtype

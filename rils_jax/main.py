@@ -5,8 +5,20 @@ r"""Pre-trains a RILS model.
 
 Writes to DIR: config.json, tokenizer.model (the tokenizer used), metrics.jsonl (one JSON
 object per logged step and one for the final evaluation), TensorBoard events under
-tensorboard/, and orbax checkpoints under checkpoints/. Re-running with the same DIR resumes
-parameters and optimizer state from the latest checkpoint.
+tensorboard/, and orbax checkpoints under checkpoints/ (rils_jax/checkpoints.py).
+
+Fault tolerance:
+- Re-running with the same DIR resumes from the latest complete checkpoint exactly: parameters,
+  optimizer state, step, RNG and the position of every process in the data stream, so the
+  resumed run sees the examples and computes the parameters the uninterrupted one would have.
+- SIGTERM (or a TPU maintenance notice on multi-host runs) saves a checkpoint at the end of
+  the current step and exits 0 (rils_jax/preemption.py).
+- A NaN or Inf loss or gradient skips that step's update; `config.max_consecutive_nonfinite`
+  of them in a row stop the run with an error naming the last good checkpoint.
+- Unreadable images are skipped and counted (`data/skipped_examples`); the run stops when they
+  pass `config.input.max_skip_fraction`.
+- Config errors (unknown keys, sizes that do not divide, unreadable paths) stop the run before
+  anything is compiled.
 
 Multi-host (see rils_jax/distributed.py and launch/): every host runs the same command with a
 DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 writes logs and
@@ -19,20 +31,23 @@ import math
 import os
 import shutil
 import time
+from typing import Optional
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from rils_jax import checkpoints as checkpoints_lib
+from rils_jax import config_lib
 from rils_jax import distributed
 from rils_jax import evaluation
 from rils_jax import metric_writer
 from rils_jax import optim
+from rils_jax import preemption
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
@@ -63,10 +78,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks what would otherwise fail late or silently, before any data is read or compiled.
 
   Raises:
-    ValueError: for a batch not divisible by the devices, processes and micro-batches, a mesh
-      that does not fit the devices, non-positive step counts or intervals, a bad model size,
-      dtype, remat policy, mask ratio, loss kind or optimizer setting, or no training source.
+    ValueError: for an unknown config key, a batch not divisible by the devices, processes and
+      micro-batches, a mesh that does not fit the devices, non-positive step counts or
+      intervals, an image size not divisible by the patch size, a bad model size, dtype, remat
+      policy, mask ratio, loss kind or optimizer setting, no training source, or a tokenizer or
+      tokenizer path that cannot be read.
+    FileNotFoundError: for an `init_from` path that holds no checkpoint.
   """
+  config_lib.check_keys(config)
   batch, devices, processes = config.input.batch_size, jax.device_count(), jax.process_count()
   if batch < 1 or batch % devices or batch % processes:
     raise ValueError(f'config.input.batch_size={batch} must be a positive multiple of the '
@@ -88,11 +107,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive = {'total_steps': config.total_steps, 'log_every': config.log_every,
               'checkpoint_every': config.checkpoint_every,
               'keep_checkpoints': config.keep_checkpoints,
+              'max_consecutive_nonfinite': config.max_consecutive_nonfinite,
               'evals.batch_size': config.evals.batch_size,
               'input.max_consecutive_skips': config.input.max_consecutive_skips}
   for key, value in positive.items():
     if value < 1:
       raise ValueError(f'config.{key}={value} must be >= 1')
+  for key, value in {'keep_every': config.keep_every,
+                     'checkpoint_minutes': config.checkpoint_minutes}.items():
+    if value < 0:
+      raise ValueError(f'config.{key}={value} must be >= 0 (0 turns it off)')
+  if not 0 <= config.input.max_skip_fraction <= 1:
+    raise ValueError(f'config.input.max_skip_fraction={config.input.max_skip_fraction} must be '
+                     'in [0, 1]')
+  try:
+    bad_steps = [int(s) for s in config.debug.nan_loss_steps]
+  except (TypeError, ValueError) as e:
+    raise ValueError('config.debug.nan_loss_steps must be a tuple of step numbers, got '
+                     f'{config.debug.nan_loss_steps!r}') from e
+  if any(s < 1 for s in bad_steps):
+    raise ValueError(f'config.debug.nan_loss_steps={bad_steps} must hold steps >= 1')
+  if config.tokenizer.model and not (os.path.isfile(config.tokenizer.model) and
+                                     os.access(config.tokenizer.model, os.R_OK)):
+    raise ValueError(f'config.tokenizer.model={config.tokenizer.model!r} is not a readable file')
+  if config.init_from:
+    checkpoints_lib.checkpoint_path(config.init_from)  # Raises when it holds no checkpoint.
   if config.seed < 0:
     raise ValueError(f'config.seed={config.seed} must be >= 0')
   if config.loss.kind not in ('rils', 'clip'):
@@ -100,34 +139,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.input.sources:
     raise ValueError('config.input.sources is empty: name at least one csv or coco source')
   model = rils_lib.build_model(config, eot_id=0)  # Raises for a bad variant, size or dtype.
+  num_patches = math.prod(model.grid_shape())  # Raises for an image size the patches miss.
   if config.loss.kind == 'rils':
-    num_patches = math.prod(model.grid_shape())
     vit.random_masking(jax.random.PRNGKey(0), 1, num_patches, config.model.mask_ratio)
   optim.make_optimizer(config)  # Raises for a bad schedule or moment dtype.
 
 
-def prepare_tokenizer(config, records, workdir: str, resuming: bool) -> tokenizer_lib.Tokenizer:
+def prepare_tokenizer(config, records, workdir: str, saved_model: Optional[bytes]
+                      ) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, kept as workdir/tokenizer.model.
 
-  A run that resumes from a checkpoint uses the workdir's copy, the one the checkpoint was
-  trained with. A fresh run copies the config's model there or, when the config names none,
-  trains one on the training captions. With several processes each one prepares and checks the
-  same tokenizer (training is deterministic), process 0 writes it, and all wait for that.
+  A run that resumes uses `saved_model`, the one saved in the checkpoint (the one its text tower
+  was trained with), and restores the workdir's copy from it. A fresh run copies the config's
+  model there or, when the config names none, trains one on the training captions. With several
+  processes each one prepares and checks the same tokenizer (training is deterministic),
+  process 0 writes it, and all wait for that.
 
   Raises:
     ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`, or a
       resumed run's config names a tokenizer other than the checkpoint's.
   """
   path = os.path.join(workdir, 'tokenizer.model')
-  if resuming and os.path.isfile(path):
-    if config.tokenizer.model and not filecmp.cmp(config.tokenizer.model, path, shallow=False):
-      raise ValueError(f'{workdir} holds a checkpoint trained with {path}, but '
-                       f'config.tokenizer.model={config.tokenizer.model!r} differs from it; '
-                       'use a new workdir to train with another tokenizer')
-    return check_vocab(tokenizer_lib.Tokenizer(path), config)
-  # A new tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
+  # The tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
   tmp = f'{path}.tmp{jax.process_index()}'
-  if config.tokenizer.model:
+  if saved_model is not None:
+    if config.tokenizer.model:
+      with open(config.tokenizer.model, 'rb') as f:
+        if f.read() != saved_model:
+          raise ValueError(f'{workdir} holds a checkpoint trained with another tokenizer than '
+                           f'config.tokenizer.model={config.tokenizer.model!r}; use a new '
+                           'workdir to train with another tokenizer')
+    with open(tmp, 'wb') as f:
+      f.write(saved_model)
+  elif config.tokenizer.model:
     shutil.copyfile(config.tokenizer.model, tmp)
   else:
     logging.info("Training a sentencepiece tokenizer (<= %d pieces) on %d images' captions",
@@ -169,23 +213,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step) -
     json.dump(config.to_dict(), f, indent=2, default=str)
 
 
-def restore(checkpoints: ocp.CheckpointManager, initial_state, workdir: str):
-  """Restores the latest checkpoint into the shapes and shardings of `initial_state`.
-
-  Raises:
-    ValueError: when the checkpoint does not fit the state of this config.
-  """
-  step = checkpoints.latest_step()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
-  try:
-    return checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f'the checkpoint at step {step} in {workdir} does not fit the model or optimizer of '
-        f'this config (its own config is {os.path.join(workdir, "config.json")}); use a new '
-        f'workdir or the same config. Orbax said: {e}') from e
-
-
 def progress_line(step, total, metrics, images_per_s, first_step_time, first_step) -> str:
   # The rate excludes the first step, which includes compilation.
   eta = 'ETA n/a'
@@ -197,97 +224,58 @@ def progress_line(step, total, metrics, images_per_s, first_step_time, first_ste
           f'{images_per_s:.1f} img/s  {eta}')
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, checkpoints and evaluates; returns the final evaluation metrics."""
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  checkpoints = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  resume_step = checkpoints.latest_step()
-  if is_main:
-    write_config(config, workdir, resume_step)
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a NaN or Inf loss or gradient."""
 
-  if config.get('synthetic'):
-    s = config.synthetic
-    synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
-                       num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
-  records, stats = sources.read_sources(config.input.sources)
-  logging.info('Training data: %s', stats)
-  if not records:
-    raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
-  eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
-  tokenizer = prepare_tokenizer(config, records, workdir, resuming=resume_step is not None)
-  start_step = resume_step or 0
-  mesh = sharding.make_mesh(config)
-  batches = iter(pipeline.make_train_dataset(
-      records, tokenizer, image_size=config.model.image_size,
-      context_length=config.model.text.context_length, batch_size=config.input.batch_size,
-      seed=config.seed + start_step, crop_scale=config.input.crop_scale,
-      num_workers=config.input.num_workers,
-      rows=train_step_lib.process_rows(mesh, config.input.batch_size),
-      max_consecutive_skips=config.input.max_consecutive_skips))
 
-  model = rils_lib.build_model(config, tokenizer.eot_id)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  if resume_step is not None:
-    state = restore(checkpoints, state, workdir)
-    logging.info('Resumed from the checkpoint at step %d', resume_step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
-               dict(mesh.shape))
-  train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+class Health:
+  """Checks the counters of each step (non-finite updates, unreadable images) one step late,
+  so that reading them never makes the devices wait for the host.
 
-  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
-  writer.write(start_step, {'data/images': stats.images, 'data/captions': stats.captions,
-                            'data/empty_captions_skipped': stats.empty_captions,
-                            'data/images_without_caption': stats.images_without_caption,
-                            'data/captions_without_image': stats.captions_without_image,
-                            'num_params': num_params})
-  if start_step >= config.total_steps and is_main:
-    print(f'The checkpoint at step {start_step} has reached config.total_steps='
-          f'{config.total_steps}: nothing to train.', flush=True)
-  skipped = delivered = 0
-  start_time = window_time = first_step_time = time.time()
-  window_images = 0
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = next(batches)
-    skipped += int(batch['skipped'].sum())
-    delivered += len(batch['skipped'])
-    check_skips(skipped, delivered, config.input.max_skip_fraction)
-    state, metrics = train_step(state, train_step_lib.put_batch(batch, mesh))
-    window_images += config.input.batch_size
-    if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      metrics['images_per_sec'] = window_images / (now - window_time)
-      metrics['data/skipped_examples'] = skipped
-      window_time, window_images = now, 0
-      writer.write(step, metrics)
-      if is_main:
-        print(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
-                            first_step_time, start_step + 1), flush=True)
-    if step == start_step + 1:
-      first_step_time = time.time()
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpoints.save(step, args=ocp.args.StandardSave(state))
-  checkpoints.wait_until_finished()
-  if is_main and start_step < config.total_steps:
-    print(f'Training done: {config.total_steps - start_step} steps in '
-          f'{time.time() - start_time:.1f} s', flush=True)
+  Raises (from `observe` and `finish`):
+    NonFiniteError: after `config.max_consecutive_nonfinite` skipped updates in a row.
+    RuntimeError: when the unreadable images pass `config.input.max_skip_fraction`.
+  """
 
-  embedder = evaluation.Embedder(model, config, mesh, tokenizer,
-                                 jax.tree.map(lambda x: x.sharding, state.params))
-  results = evaluation.run_evals(eval_data, state.params, embedder)
-  if results:
-    writer.write(int(state.step), results)
-    if is_main:
-      print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
-  writer.close()
-  checkpoints.close()
-  return results
+  def __init__(self, config: ml_collections.ConfigDict, checkpoints: checkpoints_lib.Checkpoints):
+    self._max_nonfinite = config.max_consecutive_nonfinite
+    self._max_skip_fraction = config.input.max_skip_fraction
+    self._batch_size = config.input.batch_size
+    self._checkpoints = checkpoints
+    self._pending = None
+
+  def observe(self, step: int, metrics) -> None:
+    """Takes step `step`'s device metrics and checks the previous step's."""
+    keys = ('loss', 'grad_norm', 'nonfinite', 'consecutive_nonfinite', 'skipped_examples')
+    previous, self._pending = self._pending, (step, {k: metrics[k] for k in keys})
+    if previous:
+      self._check(*previous)
+
+  def finish(self) -> None:
+    if self._pending:
+      self._check(*self._pending)
+      self._pending = None
+
+  def _check(self, step: int, values) -> None:
+    values = jax.device_get(values)
+    if values['nonfinite']:
+      in_a_row = int(values['consecutive_nonfinite'])
+      logging.warning('step %d: loss %s, gradient norm %s: update skipped (%d in a row)', step,
+                      values['loss'], values['grad_norm'], in_a_row)
+      if in_a_row >= self._max_nonfinite:
+        first = step - in_a_row + 1
+        self._checkpoints.wait()
+        good = [s for s in self._checkpoints.all_steps() if s < first]
+        where = (f'the last good checkpoint is step {max(good)} in {self._checkpoints.directory}'
+                 if good else 'no checkpoint was saved before them')
+        raise NonFiniteError(
+            f'stopping at step {step}: steps {first}-{step} ({in_a_row} in a row, '
+            f'config.max_consecutive_nonfinite={self._max_nonfinite}) had a NaN or Inf loss or '
+            f'gradient, so their updates were skipped and the parameters are those after step '
+            f'{first - 1}; {where}. Re-running the same command resumes from the latest '
+            'checkpoint; lower optim.lr or raise optim.warmup_steps first, or check the data')
+    check_skips(int(values['skipped_examples']), step * self._batch_size,
+                self._max_skip_fraction)
 
 
 def check_skips(skipped: int, delivered: int, max_fraction: float) -> None:
@@ -302,6 +290,165 @@ def check_skips(skipped: int, delivered: int, max_fraction: float) -> None:
         f'{skipped} of {skipped + delivered} examples were skipped as unreadable images, more '
         f'than config.input.max_skip_fraction={max_fraction}; check the image folders of '
         'config.input.sources (the log names each skipped file)')
+
+
+class ExampleIds:
+  """With `config.input.log_example_ids`, appends `{"step": s, "example_ids": [...]}` per step
+  to WORKDIR/example_ids/process_<i>.jsonl (this process's rows; after a resume the steps since
+  the checkpoint appear again, and the last line of a step is the one that counts)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self._file = None
+    if enabled:
+      os.makedirs(os.path.join(workdir, 'example_ids'), exist_ok=True)
+      self._file = open(os.path.join(workdir, 'example_ids',
+                                     f'process_{jax.process_index()}.jsonl'), 'a')
+
+  def write(self, step: int, example_ids) -> None:
+    if self._file:
+      self._file.write(json.dumps({'step': step, 'example_ids': example_ids.tolist()}) + '\n')
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, checkpoints and evaluates; returns the final evaluation metrics, or {} when a
+  preemption notice stopped the run (after saving a checkpoint).
+
+  Re-running with the same workdir resumes from its latest complete checkpoint: parameters,
+  optimizer state, step, RNG and the exact position in the data stream.
+
+  Raises:
+    ValueError: for a bad config or unreadable input, before anything is compiled.
+    NonFiniteError: after `config.max_consecutive_nonfinite` non-finite steps in a row.
+    RuntimeError: when too many images cannot be read.
+  """
+  validate_config(config)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'cannot create the workdir {workdir}: {e}') from e
+  if not os.access(workdir, os.W_OK):
+    raise ValueError(f'the workdir {workdir} is not writable')
+  # Installed first, so that a notice during the (long) set-up is not lost.
+  watcher = preemption.Watcher()
+  checkpoints = checkpoints_lib.Checkpoints(workdir, config)
+  try:
+    return _train(config, workdir, watcher, checkpoints)
+  finally:
+    checkpoints.close()  # Waits for a save in flight: an error never loses it.
+    watcher.close()
+
+
+def _train(config, workdir, watcher: preemption.Watcher,
+           checkpoints: checkpoints_lib.Checkpoints) -> dict:
+  is_main = jax.process_index() == 0
+  resume_step = checkpoints.latest_step()
+  if is_main:
+    write_config(config, workdir, resume_step)
+
+  if config.get('synthetic'):
+    s = config.synthetic
+    synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
+                       num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
+  records, stats = sources.read_sources(config.input.sources)
+  logging.info('Training data: %s', stats)
+  if not records:
+    raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
+  eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
+  saved_tokenizer = None if resume_step is None else checkpoints.tokenizer_model(resume_step)
+  tokenizer = prepare_tokenizer(config, records, workdir, saved_tokenizer)
+  start_step = resume_step or 0
+  restore_position = resume_step is not None and config.input.resume_position
+  mesh = sharding.make_mesh(config)
+  batches = iter(pipeline.make_train_dataset(
+      records, tokenizer, image_size=config.model.image_size,
+      context_length=config.model.text.context_length, batch_size=config.input.batch_size,
+      # Without the saved position, a resumed run draws a new stream rather than repeat the
+      # examples of the first steps.
+      seed=config.seed if restore_position or not start_step else config.seed + start_step,
+      crop_scale=config.input.crop_scale, num_workers=config.input.num_workers,
+      rows=train_step_lib.process_rows(mesh, config.input.batch_size),
+      max_consecutive_skips=config.input.max_consecutive_skips))
+
+  model = rils_lib.build_model(config, tokenizer.eot_id)
+  optimizer = optim.make_optimizer(config)
+  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
+  if resume_step is not None:
+    state = checkpoints.restore(resume_step, state, batches if restore_position else None)
+    logging.info('Resumed from the checkpoint at step %d%s', resume_step,
+                 '' if restore_position else ' (data stream restarted with a new seed)')
+  elif config.init_from:
+    state = state.replace(params=checkpoints_lib.load_params(config.init_from, state.params))
+    logging.info('Parameters initialised from %s', config.init_from)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
+               dict(mesh.shape))
+  train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+
+  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  writer.write(start_step, {'data/images': stats.images, 'data/captions': stats.captions,
+                            'data/empty_captions_skipped': stats.empty_captions,
+                            'data/duplicate_captions_skipped': stats.duplicate_captions,
+                            'data/images_without_caption': stats.images_without_caption,
+                            'data/captions_without_image': stats.captions_without_image,
+                            'num_params': num_params})
+  if start_step >= config.total_steps and is_main:
+    print(f'The checkpoint at step {start_step} has reached config.total_steps='
+          f'{config.total_steps}: nothing to train.', flush=True)
+  health = Health(config, checkpoints)
+  example_ids = ExampleIds(workdir, config.input.log_example_ids)
+  start_time = window_time = first_step_time = time.time()
+  window_images = 0
+  for step in range(start_step + 1, config.total_steps + 1):
+    batch = next(batches)
+    example_ids.write(step, batch['example_id'])
+    state, metrics = train_step(state, train_step_lib.put_batch(batch, mesh))
+    health.observe(step, metrics)
+    window_images += config.input.batch_size
+    if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      metrics['images_per_sec'] = window_images / (now - window_time)
+      metrics['data/skipped_examples'] = metrics.pop('skipped_examples')
+      window_time, window_images = now, 0
+      writer.write(step, metrics)
+      if is_main:
+        print(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
+                            first_step_time, start_step + 1), flush=True)
+    if step == start_step + 1:
+      first_step_time = time.time()
+    preempted = watcher.reached(step)
+    if preempted or step == config.total_steps or checkpoints.should_save(step):
+      checkpoints.save(step, state, batches, config, tokenizer.model_path)
+    if preempted:
+      checkpoints.wait()
+      if is_main:
+        print(f'Preempted ({watcher.signal_name}) at step {step}: saved the checkpoint '
+              f'{os.path.join(checkpoints.directory, str(step))}; run the same command again '
+              'to resume from it.', flush=True)
+      example_ids.close()
+      writer.close()
+      return {}
+  health.finish()
+  example_ids.close()
+  checkpoints.wait()
+  if is_main and start_step < config.total_steps:
+    print(f'Training done: {config.total_steps - start_step} steps in '
+          f'{time.time() - start_time:.1f} s', flush=True)
+
+  embedder = evaluation.Embedder(model, config, mesh, tokenizer,
+                                 jax.tree.map(lambda x: x.sharding, state.params))
+  results = evaluation.run_evals(eval_data, state.params, embedder)
+  if results:
+    writer.write(int(state.step), results)
+    if is_main:
+      print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
+  writer.close()
+  return results
 
 
 class _QuietLibraries:

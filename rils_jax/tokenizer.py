@@ -63,13 +63,25 @@ class Tokenizer:
     """Tokenises captions into int32 (len(captions), context_length).
 
     Each row is the caption's pieces, truncated to `context_length - 1`, then end-of-text, then
-    padding; the end-of-text token is always present.
+    padding; the end-of-text token is always present. Captions longer than 32 characters per
+    token are cut at a space before encoding: sentencepiece pieces are at most 16 characters by
+    default, so the kept pieces are the same, and a megabyte-long caption costs microseconds
+    instead of 0.35 s.
     """
     out = np.full((len(captions), context_length), self.pad_id, np.int32)
-    for row, ids in enumerate(self._sp.encode(list(captions))):
+    limit = 32 * context_length
+    captions = [_cut(c, limit) for c in captions]
+    for row, ids in enumerate(self._sp.encode(captions)):
       ids = ids[:context_length - 1] + [self.eot_id]
       out[row, :len(ids)] = ids
     return out
+
+
+def _cut(text: str, limit: int) -> str:
+  if len(text) <= limit:
+    return text
+  space = text.rfind(' ', limit // 2, limit)
+  return text[:space if space > 0 else limit]
 
 
 def read_captions(path: str) -> List[str]:

@@ -40,20 +40,35 @@ from rils_jax.models import vit
 
 @flax.struct.dataclass
 class TrainState:
-  """step: int32 scalar; params: float32 pytree; opt_state: optax state pytree."""
+  """Everything a run needs to continue exactly, except the input pipeline's position.
+
+  step: int32 scalar, train steps taken (= global batches consumed, skipped updates included).
+  params: float32 pytree. opt_state: optax state pytree.
+  rng: uint32 (2,) key data of the masking noise; step t uses `fold_in(rng, t)`.
+  skipped_examples: int32 scalar, unreadable images dropped by the input pipeline so far (all
+    processes).
+  nonfinite_steps: int32 scalar, steps whose update was skipped for a NaN/Inf loss or gradient.
+  consecutive_nonfinite: int32 scalar, such steps in a row up to the current one.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  rng: jax.Array
+  skipped_examples: jax.Array
+  nonfinite_steps: jax.Array
+  consecutive_nonfinite: jax.Array
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, np.ndarray]:
-  """All-zero batch with the shapes and dtypes of the input pipeline (uint8 images, int32 text).
+  """All-zero batch with the device-side shapes and dtypes of the train step's input (uint8
+  images, int32 text, int32 skip counts).
 
   Shapes only: the text rows hold no end-of-text token, so the text tower pools position 0.
   """
   size = config.model.image_size
   return dict(image=np.zeros((batch_size, size, size, 3), np.uint8),
-              text=np.zeros((batch_size, config.model.text.context_length), np.int32))
+              text=np.zeros((batch_size, config.model.text.context_length), np.int32),
+              skipped=np.zeros((batch_size,), np.int32))
 
 
 def boxed_params(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -82,13 +97,18 @@ def state_shardings(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
   opt_state = optax.tree_map_params(
       optimizer, lambda _, s: s, abstract_opt_state, params,
       transform_non_params=lambda _: sharding.replicated(mesh))
-  return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
+  replicated = sharding.replicated(mesh)
+  return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated,
+                    skipped_examples=replicated, nonfinite_steps=replicated,
+                    consecutive_nonfinite=replicated)
 
 
 def _init_state(model, optimizer, config, rng) -> TrainState:
   params = init_params(model, config, rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(jax.random.PRNGKey(config.seed + 1)),
+                    skipped_examples=zero, nonfinite_steps=zero, consecutive_nonfinite=zero)
 
 
 def create_train_state(model: rils_lib.RILS, optimizer: optax.GradientTransformation,
@@ -146,11 +166,21 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
   """Builds the jitted train step `(state, batch) -> (new_state, metrics)`.
 
-  `batch` holds `image` uint8 (B, H, W, 3) and `text` int32 (B, L), sharded over the
-  data-parallel axes. The masking noise comes from `fold_in(PRNGKey(config.seed + 1), step)`
-  for the whole global batch, so it depends on the step only, never on the device count or the
-  accumulation. `state` is donated. Metrics are float32 scalars: those of `losses.rils_loss`
-  plus `grad_norm` (before clipping) and `learning_rate`.
+  `batch` holds `image` uint8 (B, H, W, 3), `text` int32 (B, L) and `skipped` int32 (B,)
+  (unreadable images dropped before each example), sharded over the data-parallel axes. The
+  masking noise comes from `fold_in(state.rng, step)` for the whole global batch, so it depends
+  on the step only, never on the device count or the accumulation. `state` is donated.
+
+  A step whose loss or gradient norm is NaN or Inf changes neither the parameters nor the
+  optimizer state; it still advances `step` (its batch is consumed) and counts in
+  `nonfinite_steps` and `consecutive_nonfinite` (reset by the next finite step). The caller
+  decides when a run of them should stop training (`rils_jax.main`).
+  `config.debug.nan_loss_steps` (1-based step numbers) multiplies the loss by NaN at those
+  steps, which makes the loss and every gradient NaN: fault injection for testing the guard.
+
+  Metrics are float32 scalars: those of `losses.rils_loss` plus `grad_norm` (before clipping),
+  `learning_rate`, `nonfinite` (1 for a skipped update), and the state's counters
+  `skipped_examples`, `nonfinite_steps` and `consecutive_nonfinite`.
 
   Raises:
     ValueError: if the batch does not split into `config.optim.accum_steps` micro-batches that
@@ -161,16 +191,19 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
   accum = check_accumulation(config, mesh)
   shardings = state_shardings(model, optimizer, config, mesh)
 
-  def loss_of(outputs):
-    return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
+  nan_loss_steps = tuple(int(s) for s in config.debug.nan_loss_steps)
 
-  def full_batch_gradients(params, images, tokens, masking):
+  def loss_of(outputs, fault):
+    loss, metrics = losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
+    return loss * fault, {**metrics, 'loss': metrics['loss'] * fault}
+
+  def full_batch_gradients(params, images, tokens, masking, fault):
     def loss_fn(p):
-      return loss_of(forward(model, config, mesh, p, images, tokens, masking))
+      return loss_of(forward(model, config, mesh, p, images, tokens, masking), fault)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  def cached_gradients(params, images, tokens, masking):
+  def cached_gradients(params, images, tokens, masking, fault):
     # GradCache (see the module docstring). Micro-batch a holds rows a, a + A, a + 2A, ...: a
     # strided split keeps every micro-batch spread over all data-parallel devices.
     micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
@@ -191,7 +224,7 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
     _, outputs = jax.lax.scan(lambda _, mb: (None, features(params, mb)), None, micro)
     outputs = jax.tree.map(merge, outputs)
     (loss, metrics), (d_outputs, d_logit_scale) = jax.value_and_grad(
-        lambda o, s: loss_of({**o, 'logit_scale': s}), argnums=(0, 1), has_aux=True)(
+        lambda o, s: loss_of({**o, 'logit_scale': s}, fault), argnums=(0, 1), has_aux=True)(
             outputs, params['logit_scale'])
 
     def backward(grads, xs):
@@ -209,15 +242,33 @@ def make_train_step(model: rils_lib.RILS, optimizer: optax.GradientTransformatio
 
   def step_fn(state: TrainState, batch):
     images = transforms.normalize(batch['image'], config.input)
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state.step)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     masking = masking_for(model, config, rng, images.shape[0])
-    (_, metrics), grads = gradients(state.params, images, batch['text'], masking)
+    fault = jnp.float32(1.0)
+    if nan_loss_steps:
+      fault = jnp.where(jnp.isin(state.step + 1, jnp.array(nan_loss_steps)), jnp.nan, 1.0)
+    (loss, metrics), grads = gradients(state.params, images, batch['text'], masking, fault)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # CLIP clamps the learnable log-scale so that exp(logit_scale) <= 100.
     params = {**params, 'logit_scale': jnp.minimum(params['logit_scale'], max_log_scale)}
-    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    # One bad batch or overflow must not poison the run: keep the previous parameters and
+    # moments (a NaN would otherwise spread into every weight through Adam's moments).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    bad = 1 - finite.astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped_examples=state.skipped_examples + jnp.sum(batch['skipped']),
+        nonfinite_steps=state.nonfinite_steps + bad,
+        consecutive_nonfinite=(state.consecutive_nonfinite + 1) * bad)
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), nonfinite=bad,
+                   skipped_examples=new_state.skipped_examples,
+                   nonfinite_steps=new_state.nonfinite_steps,
+                   consecutive_nonfinite=new_state.consecutive_nonfinite)
+    return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -240,8 +291,10 @@ def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
 def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
   """Assembles the global batch from this process's rows (`make_array_from_process_local_data`).
 
-  Only the `image` and `text` entries go to the devices.
+  `image` and `text` go to the devices, and `skipped` as int32 (zeros when the batch has none,
+  e.g. a hand-made one); `example_id` stays on the host.
   """
   batch_sharding = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-          for k in ('image', 'text')}
+  local = {'image': batch['image'], 'text': batch['text'],
+           'skipped': np.asarray(batch.get('skipped', np.zeros(len(batch['image']))), np.int32)}
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}

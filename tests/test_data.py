@@ -341,3 +341,128 @@ def test_readers_on_the_shared_real_data():
   assert img.mode == 'RGB' and min(img.size) > 100
   paths, labels, classes = sources.read_image_folder(os.path.join(SHARED, 'cifar10_test'), 3)
   assert len(classes) == 10 and len(paths) == 30 and 'airplane' in classes
+
+
+def _hostile_dataset(folder):
+  """Every kind of awkward file and caption a web-scale dataset holds.
+
+  Returns:
+    (captions CSV path, names that must decode, names that must be skipped).
+  """
+  os.makedirs(folder)
+  rng = np.random.default_rng(0)
+
+  def path(name):
+    return os.path.join(folder, name)
+
+  Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path('rgb.jpg'))
+  Image.new('CMYK', (12, 9), (0, 255, 255, 0)).save(path('cmyk.jpg'))
+  Image.new('L', (9, 12), 77).save(path('gray.png'))
+  Image.new('RGBA', (8, 8), (0, 0, 255, 128)).save(path('rgba.png'))
+  palette = Image.new('P', (8, 8), 1)
+  palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+  palette.save(path('palette.png'), transparency=0)
+  Image.fromarray(np.full((6, 7), 4096, np.uint16)).save(path('sixteen.png'))
+  frames = [Image.new('RGB', (10, 10), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+  frames[0].save(path('animated.gif'), save_all=True, append_images=frames[1:], loop=0)
+  Image.new('RGB', (1, 1), (10, 200, 30)).save(path('one_pixel.png'))
+  Image.new('RGB', (1, 500), (50, 50, 50)).save(path('needle.png'))
+  Image.new('RGB', (16, 16), (0, 128, 0)).save(path('png_named.jpg'), format='PNG')
+  # Upright: 10 wide, 20 tall, red above blue. Stored rotated a quarter turn anticlockwise with
+  # EXIF orientation 6 ("rotate 90 degrees clockwise to display").
+  upright = Image.new('RGB', (10, 20), (255, 0, 0))
+  upright.paste((0, 0, 255), (0, 10, 10, 20))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  upright.transpose(Image.Transpose.ROTATE_90).save(path('exif_rotated.jpg'), exif=exif,
+                                                    quality=95)
+  decodable = ['rgb.jpg', 'cmyk.jpg', 'gray.png', 'rgba.png', 'palette.png', 'sixteen.png',
+               'animated.gif', 'one_pixel.png', 'needle.png', 'png_named.jpg', 'exif_rotated.jpg']
+
+  with open(path('rgb.jpg'), 'rb') as f:
+    jpeg = f.read()
+  with open(path('truncated.jpg'), 'wb') as f:
+    f.write(jpeg[:len(jpeg) // 2])
+  with open(path('gray.png'), 'rb') as f:
+    png = bytearray(f.read())
+  png[-20:-12] = b'\x00' * 8  # The IDAT chunk's data and checksum.
+  with open(path('corrupt.png'), 'wb') as f:
+    f.write(bytes(png))
+  Image.new('1', (12_000, 12_000)).save(path('bomb.png'))  # 144 Mpixels, a few KB on disk.
+  open(path('zero_bytes.jpg'), 'wb').close()
+  with open(path('text.jpg'), 'w') as f:
+    f.write('this is not an image')
+  os.makedirs(path('folder.jpg'))
+  skipped = ['truncated.jpg', 'corrupt.png', 'bomb.png', 'zero_bytes.jpg', 'text.jpg',
+             'folder.jpg', 'missing.jpg']
+
+  rows = [f'{name},a picture called {name}'.encode() for name in decodable + skipped]
+  rows += ['rgb.jpg,un caf\xe9 cr\xe8me'.encode('cp1252'),  # Not UTF-8.
+           b'rgb.jpg,a picture called rgb.jpg',  # A duplicate of a caption above.
+           ('gray.png,' + 'grey ' * 200_000).encode(),  # A megabyte.
+           b'no_caption.jpg,', b'no_caption.jpg,"   "',  # Empty and whitespace only.
+           'exif_rotated.jpg,un gar\u00e7on \u65e5\u672c'.encode()]  # Valid UTF-8.
+  csv_path = os.path.join(os.path.dirname(folder), 'hostile.csv')
+  with open(csv_path, 'wb') as f:
+    f.write(b'image,caption\n' + b'\n'.join(rows) + b'\n')
+  return csv_path, decodable, skipped
+
+
+def test_hostile_data_is_decoded_or_skipped_and_counted(tmp_path, tokenizer):
+  images = str(tmp_path / 'hostile')
+  csv_path, decodable, skipped = _hostile_dataset(images)
+  records, stats = sources.read_csv_captions(csv_path, images)
+  assert (stats.images, stats.non_utf8_lines, stats.duplicate_captions, stats.empty_captions,
+          stats.images_without_caption) == (18, 1, 1, 2, 1)
+  by_name = {os.path.basename(r.image): r for r in records}
+  assert 'un café crème' in by_name['rgb.jpg'].captions
+  assert 'un garçon 日本' in by_name['exif_rotated.jpg'].captions
+  assert max(len(c) for c in by_name['gray.png'].captions) == 999_999
+
+  for name in decodable:
+    img = transforms.load_image(os.path.join(images, name))
+    assert img.mode == 'RGB' and min(img.size) >= 1, name
+  upright = np.asarray(transforms.load_image(os.path.join(images, 'exif_rotated.jpg')))
+  assert upright.shape == (20, 10, 3)
+  assert upright[2, 5, 0] > 200 and upright[2, 5, 2] < 60  # Red at the top...
+  assert upright[17, 5, 2] > 200 and upright[17, 5, 0] < 60  # ...blue at the bottom.
+  assert np.asarray(transforms.load_image(os.path.join(images, 'animated.gif')))[5, 5].tolist() \
+      == [255, 0, 0]  # The first frame.
+  for name in skipped:
+    with pytest.raises(transforms.BadImageError, match=name):
+      transforms.load_image(os.path.join(images, name))
+
+  # Three epochs through the training pipeline: every decodable image three times, every bad
+  # one skipped and counted (all of them in the first two epochs, some in the third).
+  out = _consume(records, tokenizer, len(decodable), batch_size=3)  # 3 x len(decodable).
+  ids = np.concatenate([b['example_id'] for b in out])
+  names = [os.path.basename(records[i].image) for i in ids]
+  assert sorted(set(names)) == sorted(decodable)
+  assert all(names.count(n) == 3 for n in decodable)
+  total_skipped = int(sum(b['skipped'].sum() for b in out))
+  assert 2 * len(skipped) <= total_skipped <= 3 * len(skipped)
+  row = out[0]['text'][0]
+  assert (row == tokenizer.eot_id).sum() == 1
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_pipeline_resumes_from_a_saved_iterator_state(csv_dataset, tokenizer, num_workers):
+  path, images = csv_dataset
+  records, _ = sources.read_csv_captions(path, images)
+
+  def make():
+    return iter(pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
+                                            batch_size=2, seed=5, num_workers=num_workers))
+
+  whole = make()
+  expected = [next(whole) for _ in range(7)]
+  first = make()
+  for _ in range(3):
+    next(first)
+  state = first.get_state()
+  resumed = make()
+  resumed.set_state(state)
+  for want in expected[3:]:
+    got = next(resumed)
+    for key in ('example_id', 'image', 'text', 'skipped'):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -97,6 +97,31 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
   with pytest.raises(FileNotFoundError, match='none.csv'):
     main_lib.train(config, str(tmp_path / 'd'))
 
+  # Found by validate_config, before the workdir is even created.
+  config = _config(data_root)
+  config.optim.learning_rate = 1e-3
+  config.model.mask_ration = 0.5
+  errors = {r'unknown config keys: model.mask_ration \(did you mean model.mask_ratio\?\); '
+            r'optim.learning_rate\. ': config,
+            r'image size \(30, 30\) is not divisible by patch size 8':
+                _config(data_root, **{'model.image_size': 30}),
+            "config.tokenizer.model='/nonexistent.model' is not a readable file":
+                _config(data_root, **{'tokenizer.model': '/nonexistent.model'}),
+            'config.max_consecutive_nonfinite=0 must be >= 1':
+                _config(data_root, max_consecutive_nonfinite=0),
+            'config.keep_every=-1 must be >= 0': _config(data_root, keep_every=-1),
+            r'nan_loss_steps=\[0\] must hold steps >= 1':
+                _config(data_root, **{'debug.nan_loss_steps': (0,)})}
+  for message, config in errors.items():
+    with pytest.raises(ValueError, match=message):
+      main_lib.train(config, str(tmp_path / 'never'))
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    main_lib.train(_config(data_root, init_from=str(tmp_path)), str(tmp_path / 'never'))
+  assert not os.path.exists(tmp_path / 'never')
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ValueError, match='cannot create the workdir'):
+    main_lib.train(_config(data_root), str(tmp_path / 'a_file' / 'run'))
+
 
 def test_command_line_overrides(tmp_path):
   """`python -m rils_jax.main` parses the config file and the documented overrides."""
@@ -128,7 +153,7 @@ def test_resume_keeps_config_and_tokenizer_of_the_checkpoint(tmp_path, data_root
   other = tokenizer_lib.train_tokenizer(['some other words'] * 10, 30, str(tmp_path / 'o.model'))
   config = _config(data_root, total_steps=4)
   config.tokenizer.model = other
-  with pytest.raises(ValueError, match='differs'):
+  with pytest.raises(ValueError, match='another tokenizer'):
     main_lib.train(config, workdir)
   config = _config(data_root, total_steps=4, **{'model.embed_dim': 32})
   with pytest.raises(ValueError, match='does not fit the model'):

@@ -69,13 +69,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   """The tiny model on a small generated dataset, as a config file for `rils_jax.main`:
 
     python -m rils_jax.main --config=tests/tiny.py:root=/tmp/shapes,steps=4 --workdir=DIR
+
+  `every`: checkpoint interval (default: `steps`); `evals=false` drops the final evaluations.
   """
-  arg = config_lib.parse_arg(arg, root='', steps=4)
+  arg = config_lib.parse_arg(arg, root='', steps=4, every=0, evals=True)
   c = tiny_config(total_steps=arg.steps)
   c.optim.eps = 1e-3  # See test_train_step.test_eight_devices_match_one_device.
-  c.checkpoint_every = arg.steps
+  c.checkpoint_every = arg.every or arg.steps
   c.log_every = 1
   c.tokenizer.vocab_size = 64
   config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
                             zeroshot_per_class=2, root=arg.root)
+  if not arg.evals:
+    c.evals.zeroshot.root = ''
+    c.evals.retrieval.sources = []
   return c

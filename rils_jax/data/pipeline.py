@@ -17,6 +17,7 @@ per-process batch.
 All map functions are module-level classes so that grain's spawned workers can import them.
 """
 
+import signal
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import grain
@@ -154,8 +155,16 @@ def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenize
   it = ds.to_iter_dataset().filter(CountSkipped(max_consecutive_skips))
   it = it.batch(stop - start, drop_remainder=True)
   if num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=ignore_sigterm)
   return it
+
+
+def ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: schedulers such as SLURM send SIGTERM to every process of a job; the
+  workers must keep feeding the main process while it saves its checkpoint (it stops them)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EvalTransform(grain.transforms.Map):

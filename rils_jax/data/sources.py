@@ -4,18 +4,24 @@
 - COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + image folder.
 - Image folder `<class_name>/<file>` for zero-shot classification.
 
-Records group all captions of an image, in file order. Empty or whitespace-only captions are
-dropped and counted; an image left with no caption is dropped and counted. Images are not
-opened here: missing or corrupt files are found (and counted) by the input pipeline.
+Records group all captions of an image, in file order. Empty or whitespace-only captions and
+repeats of a caption of the same image are dropped and counted; an image left with no caption
+is dropped and counted. CSV lines that are not UTF-8 are read as Windows-1252 (the usual
+origin of such files) and counted. Images are not opened here: missing or corrupt files are
+found (and counted) by the input pipeline.
 """
 
+import codecs
 import collections
 import csv
+import io
 import dataclasses
 import json
 import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import logging
 
 # Long captions are legal (the tokenizer truncates them); the csv module's default 128 KB field
 # limit would turn one into a crash.
@@ -39,6 +45,9 @@ class SourceStats:
   empty_captions: int = 0
   images_without_caption: int = 0
   captions_without_image: int = 0  # COCO annotations whose image_id is not in `images`.
+  duplicate_captions: int = 0  # Repeats of a caption of the same image.
+  duplicate_image_ids: int = 0  # COCO `images` entries whose id was already listed.
+  non_utf8_lines: int = 0  # CSV lines decoded as Windows-1252.
 
   def add(self, other: 'SourceStats') -> 'SourceStats':
     return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -55,7 +64,10 @@ def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str
       stats.empty_captions += 1
       captions.setdefault(name, [])
       continue
-    captions.setdefault(name, []).append(caption)
+    if caption in captions.setdefault(name, []):
+      stats.duplicate_captions += 1
+      continue
+    captions[name].append(caption)
   records = []
   for name, caps in captions.items():
     if not caps:
@@ -97,8 +109,8 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
-  # utf-8-sig reads files saved with a byte-order mark (Excel) as well as plain UTF-8.
-  with open(captions_csv, encoding='utf-8-sig', errors='replace', newline='') as f:
+  lines, non_utf8 = _decode_lines(captions_csv)
+  with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
     if not {'image', 'caption'} <= set(reader.fieldnames or []):
       raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
@@ -115,7 +127,31 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     except csv.Error as e:
       raise ValueError(f'{captions_csv}, line {reader.line_num}: {e}') from e
   order = list(dict.fromkeys(name for name, _ in pairs if name))
-  return _group([p for p in pairs if p[0]], image_dir, order)
+  records, stats = _group([p for p in pairs if p[0]], image_dir, order)
+  stats.non_utf8_lines = non_utf8
+  return records, stats
+
+
+def _decode_lines(path: str) -> Tuple[str, int]:
+  """The text of a file that should be UTF-8, and how many of its lines were not (those are
+  decoded as Windows-1252, undefined bytes replaced). A byte-order mark (Excel) is dropped."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  if data.startswith(codecs.BOM_UTF8):
+    data = data[len(codecs.BOM_UTF8):]
+  try:
+    return data.decode('utf-8'), 0
+  except UnicodeDecodeError:
+    pass
+  lines, bad = [], 0
+  for line in data.splitlines(keepends=True):
+    try:
+      lines.append(line.decode('utf-8'))
+    except UnicodeDecodeError:
+      lines.append(line.decode('cp1252', errors='replace'))
+      bad += 1
+  logging.warning('%s: %d lines are not UTF-8; read them as Windows-1252', path, bad)
+  return ''.join(lines), bad
 
 
 def read_coco_captions(annotations_json: str, image_dir: str
@@ -131,9 +167,21 @@ def read_coco_captions(annotations_json: str, image_dir: str
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
   try:
-    with open(annotations_json, encoding='utf-8-sig') as f:
-      data = json.load(f)
-    names = {img['id']: img['file_name'] for img in data['images']}
+    with open(annotations_json, 'rb') as f:
+      raw = f.read()
+    try:
+      text = raw.decode('utf-8-sig')
+    except UnicodeDecodeError:
+      # JSON must be UTF-8; keep the readable captions rather than lose the whole file.
+      logging.warning('%s is not valid UTF-8; undecodable bytes are replaced', annotations_json)
+      text = raw.decode('utf-8-sig', errors='replace')
+    data = json.loads(text)
+    names, duplicate_ids = {}, 0
+    for img in data['images']:
+      if img['id'] in names:  # The first entry of an id wins.
+        duplicate_ids += 1
+        continue
+      names[img['id']] = img['file_name']
     annotations = [(a.get('image_id'), str(a.get('caption') or ''))
                    for a in data['annotations']]
   except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -142,6 +190,7 @@ def read_coco_captions(annotations_json: str, image_dir: str
   pairs = [(names[i], caption) for i, caption in annotations if i in names]
   records, stats = _group(pairs, image_dir, list(names.values()))
   stats.captions_without_image = len(annotations) - len(pairs)
+  stats.duplicate_image_ids = duplicate_ids
   return records, stats
 
 
