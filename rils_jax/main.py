@@ -25,7 +25,6 @@ DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 wri
 metrics; all processes write their shards of each checkpoint together through orbax.
 """
 
-import filecmp
 import json
 import math
 import os

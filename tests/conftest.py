@@ -1,12 +1,25 @@
 """Test set-up: 8 virtual CPU devices (must be set before jax is imported), parsed absl flags."""
 
 import os
+import shutil
+import tempfile
 
 if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests compile the same tiny programs, in this process and in the subprocesses they start
+# (which inherit this environment): a compilation cache shared by the session saves minutes.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rils_jax_xla_')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if '_CACHE' in globals():
+    shutil.rmtree(_CACHE, ignore_errors=True)
