@@ -326,6 +326,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: when too many images cannot be read.
   """
   validate_config(config)
+  if '://' in workdir:
+    raise ValueError(f'--workdir={workdir} is a URL; rils_jax writes its workdir (logs, '
+                     'tokenizer, checkpoints) as a filesystem path. Use a path that every host '
+                     'sees and that outlives them: a shared filesystem (NFS, Filestore)')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -112,7 +112,7 @@ def fake_outputs(env, count, timeout=10.0):
 def test_tpu_v4_32_all_clone(env):
   lines = dry(TPU, 'all', '--name=rils-v4', '--zone=us-central2-b', '--accelerator=v4-32',
               f'--repo={REPO}', '--branch=dev', f'--config={V4_CONFIG}',
-              '--workdir=gs://bucket/run1', '--', '--config.total_steps=10', env=env)
+              '--workdir=/mnt/shared/run1', '--', '--config.total_steps=10', env=env)
   assert len(lines) == 3, lines
   create, setup, start = lines
   assert create == ('gcloud compute tpus tpu-vm create rils-v4 --zone=us-central2-b '
@@ -123,13 +123,13 @@ def test_tpu_v4_32_all_clone(env):
   assert '-m venv ~/rils_venv' in setup
   assert '~/rils_venv/bin/pip install -r requirements.txt "jax[tpu]==0.10.2"' in setup
   assert (f'cd ~/rils_jax && mkdir -p ~/rils_logs && {{ nohup ~/rils_venv/bin/python -m rils_jax.main '
-          f'--config={V4_CONFIG} --workdir=gs://bucket/run1 --distributed=on --config.total_steps=10 '
+          f'--config={V4_CONFIG} --workdir=/mnt/shared/run1 --distributed=on --config.total_steps=10 '
           '> ~/rils_logs/rils-v4.log 2>&1 < /dev/null & }') in start
 
 
 def test_tpu_space_separated_options_are_the_same(env):
   args = ['--name', 'rils-v4', '--zone', 'us-central2-b', '--accelerator', 'v4-32', '--repo', REPO,
-          '--config', V4_CONFIG, '--workdir', 'gs://bucket/run1']
+          '--config', V4_CONFIG, '--workdir', '/mnt/shared/run1']
   assert dry(TPU, 'all', *args, env=env) == dry(
       TPU, 'all', *[f'{k}={v}' for k, v in zip(args[::2], args[1::2])], env=env)
 
@@ -137,7 +137,7 @@ def test_tpu_space_separated_options_are_the_same(env):
 def test_tpu_v5e_256_all_queued_copy(env):
   lines = dry(TPU, 'all', '--queued', '--spot', '--project=my-proj', '--name=rils-v5e',
               '--zone=us-west4-a', '--accelerator=v5litepod-256', '--copy', f'--config={V5E_CONFIG}',
-              '--workdir=gs://bucket/run2', env=env)
+              '--workdir=/mnt/shared/run2', env=env)
   assert lines[0] == ('gcloud compute tpus queued-resources create rils-v5e --node-id=rils-v5e '
                       '--zone=us-west4-a --project=my-proj --accelerator-type=v5litepod-256 '
                       '--runtime-version=v2-alpha-tpuv5-lite --spot')
@@ -156,7 +156,7 @@ def test_tpu_v5e_256_all_queued_copy(env):
 def test_tpu_multislice(env):
   r = run(TPU, 'all', '--queued', '--num_slices', '2', '--name=rils-ms', '--zone=us-west4-a',
           '--accelerator=v5litepod-256', f'--repo={REPO}', f'--config={V5E_CONFIG}',
-          '--workdir=gs://bucket/run3', '--dry_run', '--', '--config.mesh.slice=2', env=env)
+          '--workdir=/mnt/shared/run3', '--dry_run', '--', '--config.mesh.slice=2', env=env)
   assert r.returncode == 0, r.stderr
   assert not pathlib.Path(env['FAKE_MARKER']).exists()
   lines = r.stdout.splitlines()
@@ -189,29 +189,30 @@ def test_tpu_run_quoting_end_to_end(env, tmp_path):
   _write_exe(home / 'rils_venv/bin/python', FAKE_PYTHON)
   env['FAKE_EXEC'] = '1'
   r = run(TPU, 'run', '--name=rils-v4', '--zone=us-central2-b', '--code_dir=my code',
-          f'--config={V4_CONFIG}', '--workdir=gs://bucket/run 1', '--', "--config.name=it's a b",
+          f'--config={V4_CONFIG}', '--workdir=/mnt/shared/run 1', '--', "--config.name=it's a b",
           env=env)
   assert r.returncode == 0, r.stderr
   [record] = fake_outputs(env, 1)
   assert record['cwd'] == str(home / 'my code')
   assert record['argv'] == ['-m', 'rils_jax.main', f'--config={V4_CONFIG}',
-                            '--workdir=gs://bucket/run 1', '--distributed=on',
+                            '--workdir=/mnt/shared/run 1', '--distributed=on',
                             "--config.name=it's a b"]
   assert (home / 'rils_logs/rils-v4.log').exists()
 
 
 @pytest.mark.parametrize('args, missing', [
-    (['all', '--zone=z', '--accelerator=v4-32', f'--repo={REPO}', '--config=c', '--workdir=gs://b'], '--name'),
-    (['all', '--name=n', '--accelerator=v4-32', f'--repo={REPO}', '--config=c', '--workdir=gs://b'], '--zone'),
+    (['all', '--zone=z', '--accelerator=v4-32', f'--repo={REPO}', '--config=c', '--workdir=/mnt/b'], '--name'),
+    (['all', '--name=n', '--accelerator=v4-32', f'--repo={REPO}', '--config=c', '--workdir=/mnt/b'], '--zone'),
     (['create', '--name=n', '--zone=z'], '--accelerator'),
-    (['run', '--name=n', '--zone=z', '--workdir=gs://b'], '--config'),
+    (['run', '--name=n', '--zone=z', '--workdir=/mnt/b'], '--config'),
     (['run', '--name=n', '--zone=z', '--config=c'], '--workdir'),
     (['setup', '--name=n', '--zone=z'], '--repo'),
     (['all', '--name=n', '--zone=z', '--accelerator=v4-32', '--copy', '--config=c',
-      '--workdir=gs://b', '--num_slices=2'], '--queued'),
+      '--workdir=/mnt/b', '--num_slices=2'], '--queued'),
     (['run', '--name=n', '--zone=z', '--config=c', '--workdir'], '--workdir'),
-    (['run', '--name=n', '--zone=z', '--config=c', '--workdir=gs://b', '--bogus=1'], '--bogus'),
+    (['run', '--name=n', '--zone=z', '--config=c', '--workdir=/mnt/b', '--bogus=1'], '--bogus'),
     (['--name=n', '--zone=z'], 'SUBCOMMAND'),
+    (['run', '--name=n', '--zone=z', '--config=c', '--workdir=gs://b/run'], 'is a URL'),
 ])
 def test_tpu_errors(env, args, missing):
   r = run(TPU, *args, '--dry_run', env=env)
@@ -372,7 +373,7 @@ def test_help_documents_every_option(env, script):
 
 def test_help_names_the_presets_and_shared_storage(env):
   tpu = run(TPU, '--help', env=env).stdout
-  for piece in ('tpu_v4_32', 'v4-32', 'tpu_v4_64', 'v4-64', 'tpu_v5e_256', 'v5litepod-256', 'gs://',
+  for piece in ('tpu_v4_32', 'v4-32', 'tpu_v4_64', 'v4-64', 'tpu_v5e_256', 'v5litepod-256', 'Filestore',
                 '--config.mesh.slice=K'):
     assert piece in tpu
   for script in (SLURM, MULTINODE):

@@ -1,18 +1,25 @@
-"""Two processes x 4 CPU devices train exactly like one process x 8 devices (same data, seed).
+"""Two processes x 4 CPU devices train exactly like one process x 8 devices (same data, seed),
+also when they are preempted (SIGTERM) half-way and restarted.
 
 The processes talk through JAX's distributed runtime on localhost (gloo collectives on CPU);
-each reads only its rows of every global batch, both write the orbax checkpoint together and
-only process 0 writes logs.
+each reads only its rows of every global batch, both write the orbax checkpoint together (each
+its own data position) and only process 0 writes logs.
 """
 
 import json
 import os
+import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from rils_jax import checkpoints
 from rils_jax import config_lib
@@ -22,7 +29,7 @@ from rils_jax.data import sources
 from rils_jax.data import synthetic
 from tests import tiny
 
-STEPS = 4
+STEPS = 8
 
 
 def _free_port() -> int:
@@ -31,7 +38,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path):
   root = str(tmp_path / 'shapes')
   config = tiny.get_config(f'root={root},steps={STEPS}')
   s = config.synthetic
@@ -41,39 +48,38 @@ def test_two_processes_match_one_process(tmp_path):
   tok = str(tmp_path / 'tok.model')
   tokenizer_lib.train_tokenizer((c for r in records for c in r.captions), 64, tok)
   config.tokenizer.model = tok
+  config.input.log_example_ids = True
 
-  # Reference: this process, 8 devices.
+  # Reference: this process, 8 devices, never interrupted.
   single = str(tmp_path / 'single')
   single_results = main_lib.train(config, single)
 
+  # Two processes x 4 devices, preempted: SIGTERM to both, JAX's preemption service makes them
+  # save the same step and exit 0.
   multi = str(tmp_path / 'multi')
-  port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-         'JAX_PLATFORMS': 'cpu'}
-  repo = config_lib.REPO_ROOT
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'rils_jax.main', f'--config=tests/tiny.py:root={root},steps={STEPS}',
-       f'--config.tokenizer.model={tok}', f'--workdir={multi}',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f'process {i} failed:\n{out[-4000:]}'
+  procs = _start_two_processes(root, tok, multi, 'tests.fault_runner', '--slow_steps=0.5')
+  _wait_for(procs[0], rf'^step 3/{STEPS}')
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outputs = _finish(procs)
+  preempted = re.search(r'Preempted \(preemption notice\) at step (\d+)', outputs[0])
+  assert preempted, outputs[0][-3000:]
+  step = int(preempted.group(1))
+  assert 3 <= step < STEPS
+  assert sorted(ocp.utils.checkpoint_steps(os.path.join(multi, 'checkpoints'))) == [step]
 
-  # Only process 0 prints progress and the evaluation; it matches the single-process run.
-  assert f'step {STEPS}/{STEPS}' in outputs[0] and 'step ' not in outputs[1]
+  # Restarted, they resume from that step, each at its own data position, and end like the
+  # single process.
+  outputs = _finish(_start_two_processes(root, tok, multi, 'rils_jax.main'))
+  assert f'step {step + 1}/{STEPS}' in outputs[0] and 'step 1/' not in outputs[0]
+  assert not re.search(r'^step \d+/', outputs[1], re.M)  # Only process 0 prints progress.
   final = json.loads(outputs[0].split('Final evaluation: ')[1].splitlines()[0])
   for key, value in single_results.items():
     np.testing.assert_allclose(final[key], value, atol=1e-6, err_msg=key)
-  with open(os.path.join(multi, 'metrics.jsonl')) as f:
-    logged = [json.loads(line) for line in f]
-  with open(os.path.join(single, 'metrics.jsonl')) as f:
-    reference = [json.loads(line) for line in f]
-  assert len(logged) == len(reference)  # Written by process 0 only.
-  for a, b in zip(logged, reference):
-    if 'loss' in b:
-      np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+  logged, reference = _losses(multi), _losses(single)
+  assert sorted(logged) == sorted(reference) == list(range(1, STEPS + 1))
+  for k in reference:
+    np.testing.assert_allclose(logged[k], reference[k], rtol=1e-5)
 
   params_multi = checkpoints.read_state(multi, STEPS)['params']
   params_single = checkpoints.read_state(single, STEPS)['params']
@@ -81,3 +87,70 @@ def test_two_processes_match_one_process(tmp_path):
   for (path, a), b in zip(flat, jax.tree.leaves(params_multi)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+  ids = [_example_ids(multi, i) for i in range(2)]
+  expected = _example_ids(single, 0)
+  assert sorted(expected) == list(range(1, STEPS + 1))
+  for k, row in expected.items():
+    assert ids[0][k] + ids[1][k] == row, k  # Process p holds rows [4p, 4p + 4).
+
+
+def _start_two_processes(root, tok, workdir, module, *extra):
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'JAX_PLATFORMS': 'cpu'}
+  procs = []
+  for i in range(2):
+    p = subprocess.Popen(
+        [sys.executable, '-m', module, *extra, f'--config=tests/tiny.py:root={root},steps={STEPS}',
+         f'--config.tokenizer.model={tok}', '--config.input.log_example_ids=true',
+         f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}'],
+        cwd=config_lib.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    # Both pipes are drained all the time, so that neither process blocks on a full pipe.
+    p.lines = queue.Queue()
+    p.seen = []
+    threading.Thread(target=lambda p=p: [p.lines.put(x) for x in p.stdout], daemon=True).start()
+    procs.append(p)
+  return procs
+
+
+def _wait_for(process, pattern, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      line = process.lines.get(timeout=1)
+    except queue.Empty:
+      continue
+    process.seen.append(line)
+    if re.search(pattern, line):
+      return
+  raise AssertionError(f'no line matching {pattern!r} in:\n{"".join(process.seen)[-4000:]}')
+
+
+def _finish(procs, timeout=600):
+  outputs = []
+  for i, p in enumerate(procs):
+    p.wait(timeout=timeout)
+    time.sleep(0.5)
+    while not p.lines.empty():
+      p.seen.append(p.lines.get())
+    out = ''.join(p.seen)
+    assert p.returncode == 0, f'process {i} failed:\n{out[-4000:]}'
+    outputs.append(out)
+  return outputs
+
+
+def _losses(workdir):
+  """Step -> logged loss; after a restart, the last line of a step counts."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {m['step']: m['loss'] for m in map(json.loads, f) if 'loss' in m}
+
+
+def _example_ids(workdir, process):
+  ids = {}
+  with open(os.path.join(workdir, 'example_ids', f'process_{process}.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      ids[record['step']] = record['example_ids']
+  return ids
