@@ -398,6 +398,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
                             'data/duplicate_captions_skipped': stats.duplicate_captions,
                             'data/images_without_caption': stats.images_without_caption,
                             'data/captions_without_image': stats.captions_without_image,
+                            'data/duplicate_image_ids_skipped': stats.duplicate_image_ids,
+                            'data/non_utf8_lines': stats.non_utf8_lines,
                             'num_params': num_params})
   if start_step >= config.total_steps and is_main:
     print(f'The checkpoint at step {start_step} has reached config.total_steps='

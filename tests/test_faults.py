@@ -8,12 +8,10 @@ CPU devices, so that the final parameters can be compared bitwise.
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grain
@@ -28,8 +26,6 @@ from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import config_lib
 from rils_jax import main as main_lib
 from rils_jax import tokenizer as tokenizer_lib
-from rils_jax.data import sources
-from rils_jax.data import synthetic
 from tests import tiny
 
 STEPS = 8
@@ -39,14 +35,8 @@ STEPS = 8
 def setup(tmp_path_factory):
   """The data, a tokenizer and the uninterrupted reference run of STEPS steps."""
   tmp = tmp_path_factory.mktemp('faults')
-  root = str(tmp / 'shapes')
-  config = _config(root, '')
-  s = config.synthetic
-  synthetic.generate(root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
-                     num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
-  records, _ = sources.read_sources(config.input.sources)
-  tok = str(tmp / 'tok.model')
-  tokenizer_lib.train_tokenizer((c for r in records for c in r.captions), 64, tok)
+  root, tok = str(tmp / 'shapes'), str(tmp / 'tok.model')
+  tiny.generate_data(root, tok)
   reference = str(tmp / 'reference')
   main_lib.train(_config(root, tok), reference)
   return dict(root=root, tokenizer=tok, reference=reference)
@@ -59,46 +49,19 @@ def _config(root, tokenizer, every=4, **overrides) -> ml_collections.ConfigDict:
   return tiny.apply_overrides(c, **overrides)
 
 
-def _launch(setup, workdir, *fault_flags, every=4):
+def _launch(setup, workdir, *fault_flags, every=4) -> tiny.Output:
   command = [sys.executable, '-m', 'tests.fault_runner', *fault_flags,
              f'--config=tests/tiny.py:root={setup["root"]},steps={STEPS},every={every},'
              'evals=false', f'--config.tokenizer.model={setup["tokenizer"]}',
              '--config.input.log_example_ids=true', f'--workdir={workdir}']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu'}
-  process = subprocess.Popen(command, cwd=config_lib.REPO_ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  lines = queue.Queue()
-  threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
-                   daemon=True).start()
-  return process, lines
-
-
-def _wait_for(lines, pattern, seen, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    try:
-      line = lines.get(timeout=1)
-    except queue.Empty:
-      continue
-    seen.append(line)
-    if re.search(pattern, line):
-      return line
-  raise AssertionError(f'no line matching {pattern!r} in:\n{"".join(seen)[-4000:]}')
+  return tiny.Output(subprocess.Popen(command, cwd=config_lib.REPO_ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
 
 
 def _committed_steps(workdir):
   return sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, 'checkpoints')))
-
-
-def _example_ids(workdir):
-  """Step -> example ids; after a restart the last line of a step is the one trained on."""
-  ids = {}
-  with open(os.path.join(workdir, 'example_ids', 'process_0.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      ids[record['step']] = record['example_ids']
-  return ids
 
 
 def _assert_same_run(workdir, reference):
@@ -108,22 +71,21 @@ def _assert_same_run(workdir, reference):
   flat_a = jax.tree_util.tree_leaves_with_path(a)
   for (path, x), y in zip(flat_a, jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-  ids = _example_ids(workdir)
+  ids = tiny.example_ids(workdir)
   assert sorted(ids) == list(range(1, STEPS + 1))
-  assert ids == _example_ids(reference)
+  assert ids == tiny.example_ids(reference)
 
 
 def test_sigkill_then_restart_matches_the_uninterrupted_run(setup, tmp_path):
   workdir = str(tmp_path / 'killed')
-  process, lines = _launch(setup, workdir, '--slow_steps=0.5')
-  seen = []
-  _wait_for(lines, rf'^step 5/{STEPS}', seen)
+  output = _launch(setup, workdir, '--slow_steps=0.5')
+  output.wait_for(rf'^step 5/{STEPS}')
   while 4 not in _committed_steps(workdir):
     time.sleep(0.1)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait(timeout=60) == -signal.SIGKILL
+  output.process.send_signal(signal.SIGKILL)
+  assert output.process.wait(timeout=60) == -signal.SIGKILL
   assert _committed_steps(workdir) == [4]
-  assert max(_example_ids(workdir)) >= 5  # It had gone past the checkpoint.
+  assert max(tiny.example_ids(workdir)) >= 5  # It had gone past the checkpoint.
 
   main_lib.train(_config(setup['root'], setup['tokenizer']), workdir)
   _assert_same_run(workdir, setup['reference'])
@@ -131,19 +93,18 @@ def test_sigkill_then_restart_matches_the_uninterrupted_run(setup, tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_0(setup, tmp_path):
   workdir = str(tmp_path / 'preempted')
-  process, lines = _launch(setup, workdir, '--slow_steps=0.5')
-  seen = []
-  _wait_for(lines, rf'^step 2/{STEPS}', seen)
-  process.send_signal(signal.SIGTERM)
+  output = _launch(setup, workdir, '--slow_steps=0.5')
+  output.wait_for(rf'^step 2/{STEPS}')
+  output.process.send_signal(signal.SIGTERM)
   time.sleep(0.3)
-  process.send_signal(signal.SIGTERM)  # A second notice while it saves.
-  assert process.wait(timeout=300) == 0
-  line = _wait_for(lines, r'^Preempted \(SIGTERM\) at step \d+', seen)
+  output.process.send_signal(signal.SIGTERM)  # A second notice while it saves.
+  assert output.process.wait(timeout=300) == 0
+  line = output.wait_for(r'^Preempted \(SIGTERM\) at step \d+')
   step = int(re.search(r'at step (\d+)', line).group(1))
   assert 2 <= step < STEPS, line
   assert _committed_steps(workdir) == [4, step] if step > 4 else [step]
   assert int(checkpoints_lib.read_state(workdir, step)['step']) == step
-  assert 'Final evaluation' not in ''.join(seen) and 'Training done' not in ''.join(seen)
+  assert 'Final evaluation' not in output.text() and 'Training done' not in output.text()
 
   main_lib.train(_config(setup['root'], setup['tokenizer']), workdir)
   _assert_same_run(workdir, setup['reference'])
@@ -151,10 +112,9 @@ def test_sigterm_saves_the_current_step_and_exits_0(setup, tmp_path):
 
 def test_kill_during_an_async_save_keeps_the_previous_checkpoint(setup, tmp_path):
   workdir = str(tmp_path / 'killed_in_save')
-  process, lines = _launch(setup, workdir, '--kill_in_save=6', every=2)
-  assert process.wait(timeout=300) == -signal.SIGKILL
-  seen = []
-  _wait_for(lines, 'fault_runner: SIGKILL while committing', seen)
+  output = _launch(setup, workdir, '--kill_in_save=6', every=2)
+  assert output.process.wait(timeout=300) == -signal.SIGKILL
+  assert 'fault_runner: SIGKILL while committing' in output.text()
   assert _committed_steps(workdir) == [2, 4]  # keep_checkpoints=2; 6 never completed.
   leftovers = [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.startswith('6')]
   assert leftovers and all('tmp' in n for n in leftovers), leftovers

@@ -8,14 +8,11 @@ its own data position) and only process 0 writes logs.
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
@@ -24,9 +21,6 @@ import orbax.checkpoint as ocp
 from rils_jax import checkpoints
 from rils_jax import config_lib
 from rils_jax import main as main_lib
-from rils_jax import tokenizer as tokenizer_lib
-from rils_jax.data import sources
-from rils_jax.data import synthetic
 from tests import tiny
 
 STEPS = 8
@@ -39,14 +33,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path):
-  root = str(tmp_path / 'shapes')
+  root, tok = str(tmp_path / 'shapes'), str(tmp_path / 'tok.model')
+  tiny.generate_data(root, tok)
   config = tiny.get_config(f'root={root},steps={STEPS}')
-  s = config.synthetic
-  synthetic.generate(root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
-                     num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
-  records, _ = sources.read_sources(config.input.sources)
-  tok = str(tmp_path / 'tok.model')
-  tokenizer_lib.train_tokenizer((c for r in records for c in r.captions), 64, tok)
   config.tokenizer.model = tok
   config.input.log_example_ids = True
 
@@ -58,9 +47,9 @@ def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path)
   # save the same step and exit 0.
   multi = str(tmp_path / 'multi')
   procs = _start_two_processes(root, tok, multi, 'tests.fault_runner', '--slow_steps=0.5')
-  _wait_for(procs[0], rf'^step 3/{STEPS}')
+  procs[0].wait_for(rf'^step 3/{STEPS}')
   for p in procs:
-    p.send_signal(signal.SIGTERM)
+    p.process.send_signal(signal.SIGTERM)
   outputs = _finish(procs)
   preempted = re.search(r'Preempted \(preemption notice\) at step (\d+)', outputs[0])
   assert preempted, outputs[0][-3000:]
@@ -87,8 +76,8 @@ def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path)
   for (path, a), b in zip(flat, jax.tree.leaves(params_multi)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
-  ids = [_example_ids(multi, i) for i in range(2)]
-  expected = _example_ids(single, 0)
+  ids = [tiny.example_ids(multi, i) for i in range(2)]
+  expected = tiny.example_ids(single, 0)
   assert sorted(expected) == list(range(1, STEPS + 1))
   for k, row in expected.items():
     assert ids[0][k] + ids[1][k] == row, k  # Process p holds rows [4p, 4p + 4).
@@ -98,45 +87,21 @@ def _start_two_processes(root, tok, workdir, module, *extra):
   port = _free_port()
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'JAX_PLATFORMS': 'cpu'}
-  procs = []
-  for i in range(2):
-    p = subprocess.Popen(
-        [sys.executable, '-m', module, *extra, f'--config=tests/tiny.py:root={root},steps={STEPS}',
-         f'--config.tokenizer.model={tok}', '--config.input.log_example_ids=true',
-         f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
-         '--num_processes=2', f'--process_id={i}'],
-        cwd=config_lib.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-    # Both pipes are drained all the time, so that neither process blocks on a full pipe.
-    p.lines = queue.Queue()
-    p.seen = []
-    threading.Thread(target=lambda p=p: [p.lines.put(x) for x in p.stdout], daemon=True).start()
-    procs.append(p)
-  return procs
-
-
-def _wait_for(process, pattern, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    try:
-      line = process.lines.get(timeout=1)
-    except queue.Empty:
-      continue
-    process.seen.append(line)
-    if re.search(pattern, line):
-      return
-  raise AssertionError(f'no line matching {pattern!r} in:\n{"".join(process.seen)[-4000:]}')
+  return [tiny.Output(subprocess.Popen(
+      [sys.executable, '-m', module, *extra, f'--config=tests/tiny.py:root={root},steps={STEPS}',
+       f'--config.tokenizer.model={tok}', '--config.input.log_example_ids=true',
+       f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}'],
+      cwd=config_lib.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)) for i in range(2)]
 
 
 def _finish(procs, timeout=600):
   outputs = []
   for i, p in enumerate(procs):
-    p.wait(timeout=timeout)
-    time.sleep(0.5)
-    while not p.lines.empty():
-      p.seen.append(p.lines.get())
-    out = ''.join(p.seen)
-    assert p.returncode == 0, f'process {i} failed:\n{out[-4000:]}'
+    p.process.wait(timeout=timeout)
+    out = p.text()
+    assert p.process.returncode == 0, f'process {i} failed:\n{out[-4000:]}'
     outputs.append(out)
   return outputs
 
@@ -145,12 +110,3 @@ def _losses(workdir):
   """Step -> logged loss; after a restart, the last line of a step counts."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return {m['step']: m['loss'] for m in map(json.loads, f) if 'loss' in m}
-
-
-def _example_ids(workdir, process):
-  ids = {}
-  with open(os.path.join(workdir, 'example_ids', f'process_{process}.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      ids[record['step']] = record['example_ids']
-  return ids

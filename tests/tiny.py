@@ -1,4 +1,13 @@
-"""A tiny config and model shared by the tests, and a few steps of training it."""
+"""A tiny config and model shared by the tests, a few steps of training it, its generated data,
+and helpers for the tests that run `rils_jax.main` in subprocesses."""
+
+import json
+import os
+import queue
+import re
+import subprocess
+import threading
+import time
 
 import jax
 import ml_collections
@@ -7,7 +16,10 @@ import numpy as np
 from rils_jax import config_lib
 from rils_jax import optim
 from rils_jax import sharding
+from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
+from rils_jax.data import sources
+from rils_jax.data import synthetic
 from rils_jax.models import rils as rils_lib
 
 
@@ -84,3 +96,57 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.evals.zeroshot.root = ''
     c.evals.retrieval.sources = []
   return c
+
+
+def generate_data(root: str, tokenizer_path: str) -> None:
+  """Writes `get_config`'s dataset under `root` and trains its 64-piece tokenizer to
+  `tokenizer_path`, so that several runs (and processes) share them."""
+  s = get_config(f'root={root}').synthetic
+  synthetic.generate(root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
+                     num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
+  records, _ = sources.read_sources(get_config(f'root={root}').input.sources)
+  tokenizer_lib.train_tokenizer((c for r in records for c in r.captions), 64, tokenizer_path)
+
+
+def example_ids(workdir: str, process: int = 0) -> dict:
+  """Step -> example ids from `input.log_example_ids`; after a restart the last line of a step
+  (the one trained on) counts."""
+  ids = {}
+  with open(os.path.join(workdir, 'example_ids', f'process_{process}.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      ids[record['step']] = record['example_ids']
+  return ids
+
+
+class Output:
+  """The merged stdout / stderr of a subprocess, drained by a thread (so that the process never
+  blocks on a full pipe) and searchable while it runs."""
+
+  def __init__(self, process: subprocess.Popen):
+    self.process = process
+    self.seen = []
+    self._lines = queue.Queue()
+    threading.Thread(target=lambda: [self._lines.put(x) for x in process.stdout],
+                     daemon=True).start()
+
+  def wait_for(self, pattern: str, timeout: float = 300) -> str:
+    """The first line matching `pattern`; AssertionError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      try:
+        line = self._lines.get(timeout=1)
+      except queue.Empty:
+        continue
+      self.seen.append(line)
+      if re.search(pattern, line):
+        return line
+    raise AssertionError(f'no line matching {pattern!r} in:\n{self.text()[-4000:]}')
+
+  def text(self) -> str:
+    """Everything read so far (all of it once the process has exited)."""
+    if self.process.poll() is not None:
+      time.sleep(0.5)  # The reader thread catches up with the closed pipe.
+    while not self._lines.empty():
+      self.seen.append(self._lines.get())
+    return ''.join(self.seen)
