@@ -166,9 +166,9 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
       os.path.join(path, 'checkpoints')) else path
   steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
   if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f'no checkpoint {"" if step is None else step} under {root} '
-                            f'(steps there: {sorted(steps)}); give a run\'s workdir or one of '
-                            'its WORKDIR/checkpoints/<step> folders')
+    which = 'no checkpoint' if step is None else f'no checkpoint {step}'
+    raise FileNotFoundError(f'{which} under {root} (steps there: {sorted(steps)}); give a '
+                            'run\'s workdir or one of its WORKDIR/checkpoints/<step> folders')
   return os.path.join(root, str(max(steps) if step is None else step), 'state')
 
 
