@@ -21,6 +21,8 @@ import sentencepiece as spm
 from absl import app
 from absl import flags
 
+from rils_jax.data import sources
+
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
 
@@ -99,13 +101,13 @@ def read_captions(path: str) -> List[str]:
     if 'annotations' not in data:
       raise ValueError(f'{path} is not a COCO captions file (no "annotations")')
     return [str(a.get('caption', '')) for a in data['annotations']]
-  with open(path, encoding='utf-8-sig', errors='replace', newline='') as f:
-    if path.endswith('.csv'):
-      reader = csv.DictReader(f)
-      if 'caption' not in (reader.fieldnames or []):
-        raise ValueError(f'{path} has no "caption" column (columns: {reader.fieldnames})')
-      return [row['caption'] or '' for row in reader]
-    return f.read().splitlines()
+  text, _ = sources.read_text(path)
+  if path.endswith('.csv'):
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    if 'caption' not in (reader.fieldnames or []):
+      raise ValueError(f'{path} has no "caption" column (columns: {reader.fieldnames})')
+    return [row['caption'] or '' for row in reader]
+  return text.splitlines()
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str) -> str:

@@ -416,6 +416,7 @@ def test_hostile_data_is_decoded_or_skipped_and_counted(tmp_path, tokenizer):
           stats.images_without_caption) == (18, 1, 1, 2, 1)
   by_name = {os.path.basename(r.image): r for r in records}
   assert 'un café crème' in by_name['rgb.jpg'].captions
+  assert 'un café crème' in tokenizer_lib.read_captions(csv_path)  # The same text as training.
   assert 'un garçon 日本' in by_name['exif_rotated.jpg'].captions
   assert max(len(c) for c in by_name['gray.png'].captions) == 999_999
 

@@ -6,7 +6,6 @@ fault injected); their restarts and the uninterrupted reference run in this proc
 CPU devices, so that the final parameters can be compared bitwise.
 """
 
-import json
 import os
 import re
 import signal
@@ -125,11 +124,6 @@ def test_kill_during_an_async_save_keeps_the_previous_checkpoint(setup, tmp_path
   _assert_same_run(workdir, setup['reference'])
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {m['step']: m for m in map(json.loads, f) if 'loss' in m}
-
-
 def test_warm_start_then_nonfinite_steps(setup, tmp_path):
   """init_from loads the reference's parameters; NaN steps leave the state as it was; three in
   a row stop the run with a message naming the last good checkpoint."""
@@ -161,7 +155,7 @@ def test_warm_start_then_nonfinite_steps(setup, tmp_path):
               (state[5]['params'], state[5]['opt_state']))
   assert (int(state[3]['nonfinite_steps']), int(state[3]['consecutive_nonfinite'])) == (1, 0)
   assert (int(state[5]['nonfinite_steps']), int(state[5]['consecutive_nonfinite'])) == (3, 2)
-  metrics = _metrics(workdir)
+  metrics = tiny.logged_metrics(workdir)
   assert np.isnan(metrics[1]['loss']) and metrics[1]['nonfinite'] == 1
   assert np.isfinite(metrics[3]['loss']) and metrics[3]['nonfinite'] == 0
 

@@ -119,6 +119,13 @@ def example_ids(workdir: str, process: int = 0) -> dict:
   return ids
 
 
+def logged_metrics(workdir: str) -> dict:
+  """Step -> the training metrics logged in WORKDIR/metrics.jsonl; after a restart the last
+  line of a step counts."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {m['step']: m for m in map(json.loads, f) if 'loss' in m}
+
+
 class Output:
   """The merged stdout / stderr of a subprocess, drained by a thread (so that the process never
   blocks on a full pipe) and searchable while it runs."""

@@ -109,7 +109,7 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
-  lines, non_utf8 = _decode_lines(captions_csv)
+  lines, non_utf8 = read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
     if not {'image', 'caption'} <= set(reader.fieldnames or []):
@@ -132,9 +132,11 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   return records, stats
 
 
-def _decode_lines(path: str) -> Tuple[str, int]:
-  """The text of a file that should be UTF-8, and how many of its lines were not (those are
-  decoded as Windows-1252, undefined bytes replaced). A byte-order mark (Excel) is dropped."""
+def read_text(path: str) -> Tuple[str, int]:
+  """The text of a caption file that should be UTF-8, and how many of its lines were not (those
+  are decoded as Windows-1252, undefined bytes replaced). A byte-order mark (Excel) is dropped.
+  The training readers and the tokenizer trainer both read captions through it, so that they
+  see the same text."""
   with open(path, 'rb') as f:
     data = f.read()
   if data.startswith(codecs.BOM_UTF8):
