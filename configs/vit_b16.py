@@ -20,10 +20,15 @@ Recipe and sources (see ../shared/docs/RILS_METHOD.md):
 - Steps: 25 epochs of LAION-20M at batch 4096 = 122,070 steps; 1 epoch = 4,883 warm-up steps.
 
 Data: with no argument the config points at the generated shapes data (224 px) so that it runs
-anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini); for LAION-scale data set
-`config.input.sources` to your CSV / COCO files.
+anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini). LAION-scale data (README
+"Data at scale"): `:data=webdataset:/data/laion/{00000..01999}.tar` (img2dataset shards),
+`:data=arrayrecord:/data/laion_ar/train-*.array_record` (python -m rils_jax.data.convert) or
+`:data=tfds:coco_captions`; mixtures and evaluation data go in a copy of this file.
 
-Arguments: `configs/vit_b16.py:data=synthetic|shared,dtype=auto|bfloat16|float32,platform=NAME`;
+  python -m rils_jax.main --config=configs/vit_b16.py:data=arrayrecord:/data/ar/*.array_record \
+      --workdir=/mnt/shared/b16 --config.input.num_workers=16
+
+Arguments: `configs/vit_b16.py:data=DATA,dtype=auto|bfloat16|float32,platform=NAME`;
 `auto` is bfloat16 compute on GPU / TPU (the recipe's mixed precision) and float32 on CPU, where
 XLA's bfloat16 matmuls are far slower than float32. `platform` is a preset of
 rils_jax/platforms.py (tpu_v4_32, tpu_v4_64, tpu_v5e_256, tpu_v5p_128, gpu_8xh100,

@@ -134,9 +134,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.accum_steps = 1     # Micro-batches per step (exact full-batch gradient, GradCache).
 
   c.input = ml_collections.ConfigDict()
-  c.input.sources = []        # dicts: kind ('csv'|'coco'), captions, images, select.
+  # Training sources (rils_jax/data/sources.py): dicts with `kind` csv | coco (captions,
+  # images), arrayrecord | webdataset (files: a shard pattern), tfds (name, split, data_dir);
+  # optional `select` ('start:stop') and `weight` (all weighted: a mixture; none: concatenated).
+  c.input.sources = []
   c.input.batch_size = 4096   # Global batch.
   c.input.num_workers = 0     # grain worker processes per host.
+  # How the processes split the data: 'global_batch' (each reads its rows of the seed's global
+  # batches: the same batches for any process count) or 'records' (grain's ShardByJaxProcess).
+  c.input.sharding = 'global_batch'
+  c.input.draft_decoding = True   # Reduced-size JPEG decoding where equivalent (transforms.py).
+  c.input.prefetch_to_device = 2  # Batches transferred ahead of the step (0: none).
   c.input.crop_scale = (0.5, 1.0)
   c.input.max_consecutive_skips = 1000  # Unreadable images in a row before the run stops.
   c.input.max_skip_fraction = 0.5       # Fraction of unreadable images that stops the run.
@@ -207,8 +215,9 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
                  ) -> ml_collections.ConfigDict:
   """The RILS paper's pre-training set-up for a ViT variant (see configs/vit_b16.py).
 
-  `arg`: 'data=synthetic|shared,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset
-  of rils_jax/platforms.py, which also sets the dtype).
+  `arg`: 'data=DATA,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset of
+  rils_jax/platforms.py, which also sets the dtype); DATA is synthetic, shared, or shards
+  (see `shard_data`).
 
   Raises:
     ValueError: for an unknown argument, data or platform name.
@@ -236,14 +245,39 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
     synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
   elif arg.data == 'shared':
     shared_data(c)
+  elif arg.data.split(':', 1)[0] in SHARD_KINDS:
+    shard_data(c, arg.data)
   else:
-    raise ValueError(f"data must be 'synthetic' or 'shared', got {arg.data!r}")
+    raise ValueError("data must be 'synthetic', 'shared', 'webdataset:PATTERN', "
+                     f"'arrayrecord:PATTERN' or 'tfds:NAME', got {arg.data!r}")
   if arg.platform:
     if arg.dtype != 'auto':
       raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
                        '(or override --config.model.dtype after it)')
     platforms.apply_platform(c, arg.platform)
   return c
+
+
+SHARD_KINDS = ('webdataset', 'arrayrecord', 'tfds')
+
+
+def shard_data(config: ml_collections.ConfigDict, spec: str) -> None:
+  """Trains on one shard source, `KIND:WHAT`: `webdataset:/data/laion/{00000..01999}.tar`,
+  `arrayrecord:/data/laion_ar/train-*.array_record` or `tfds:coco_captions` (split train,
+  $TFDS_DATA_DIR). No evaluation data is set: add `config.evals` in a copy of the config.
+
+  Raises:
+    ValueError: for another kind or an empty pattern.
+  """
+  kind, _, what = spec.partition(':')
+  if kind not in SHARD_KINDS or not what:
+    raise ValueError(f'shard data must look like KIND:PATTERN with KIND in {SHARD_KINDS}, '
+                     f'got {spec!r}')
+  source = (dict(kind='tfds', name=what, split='train') if kind == 'tfds'
+            else dict(kind=kind, files=what))
+  config.input.sources = [source]
+  config.evals.zeroshot.root = ''
+  config.evals.retrieval.sources = []
 
 
 def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,

@@ -25,6 +25,7 @@ DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 wri
 metrics; all processes write their shards of each checkpoint together through orbax.
 """
 
+import functools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import shutil
 import time
 from typing import Optional
 
+import grain
 import jax
 import ml_collections
 from absl import app
@@ -136,7 +138,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.kind not in ('rils', 'clip'):
     raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {config.loss.kind!r}")
   if not config.input.sources:
-    raise ValueError('config.input.sources is empty: name at least one csv or coco source')
+    raise ValueError('config.input.sources is empty: name at least one source (kinds: '
+                     f'{", ".join(sources.SOURCE_KINDS)})')
+  for spec in config.input.sources:
+    sources.check_spec(spec)  # Files are opened later; a malformed entry fails now.
+  sources.mixture_weights(config.input.sources)
+  if config.input.sharding not in ('global_batch', 'records'):
+    raise ValueError("config.input.sharding must be 'global_batch' or 'records', got "
+                     f'{config.input.sharding!r}')
+  if config.input.prefetch_to_device < 0 or config.input.num_workers < 0:
+    raise ValueError('config.input.prefetch_to_device and config.input.num_workers must be >= 0')
   model = rils_lib.build_model(config, eot_id=0)  # Raises for a bad variant, size or dtype.
   num_patches = math.prod(model.grid_shape())  # Raises for an image size the patches miss.
   if config.loss.kind == 'rils':
@@ -144,13 +155,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.make_optimizer(config)  # Raises for a bad schedule or moment dtype.
 
 
-def prepare_tokenizer(config, records, workdir: str, saved_model: Optional[bytes]
-                      ) -> tokenizer_lib.Tokenizer:
+def prepare_tokenizer(config, data: sources.RecordSource, workdir: str,
+                      saved_model: Optional[bytes]) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, kept as workdir/tokenizer.model.
 
   A run that resumes uses `saved_model`, the one saved in the checkpoint (the one its text tower
   was trained with), and restores the workdir's copy from it. A fresh run copies the config's
-  model there or, when the config names none, trains one on the training captions. With several
+  model there or, when the config names none, trains one on the training captions (all of them
+  for csv/coco sources, those of 50,000 records spread over shard sources). With several
   processes each one prepares and checks the same tokenizer (training is deterministic),
   process 0 writes it, and all wait for that.
 
@@ -173,10 +185,10 @@ def prepare_tokenizer(config, records, workdir: str, saved_model: Optional[bytes
   elif config.tokenizer.model:
     shutil.copyfile(config.tokenizer.model, tmp)
   else:
-    logging.info("Training a sentencepiece tokenizer (<= %d pieces) on %d images' captions",
-                 config.tokenizer.vocab_size, len(records))
-    tokenizer_lib.train_tokenizer((c for r in records for c in r.captions),
-                                  config.tokenizer.vocab_size, tmp)
+    captions = sources.sample_captions(data)
+    logging.info('Training a sentencepiece tokenizer (<= %d pieces) on %d captions',
+                 config.tokenizer.vocab_size, len(captions))
+    tokenizer_lib.train_tokenizer(captions, config.tokenizer.vocab_size, tmp)
   try:
     check_vocab(tokenizer_lib.Tokenizer(tmp), config)
   except ValueError:
@@ -357,25 +369,33 @@ def _train(config, workdir, watcher: preemption.Watcher,
     s = config.synthetic
     synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
                        num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
-  records, stats = sources.read_sources(config.input.sources)
-  logging.info('Training data: %s', stats)
-  if not records:
+  parts = [sources.open_source(spec) for spec in config.input.sources]
+  data = sources.ConcatSource(parts)
+  stats = data.stats
+  logging.info('Training data: %s: %s', ' + '.join(repr(p) for p in parts), stats)
+  if not len(data):
     raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
   eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
   saved_tokenizer = None if resume_step is None else checkpoints.tokenizer_model(resume_step)
-  tokenizer = prepare_tokenizer(config, records, workdir, saved_tokenizer)
+  tokenizer = prepare_tokenizer(config, data, workdir, saved_tokenizer)
   start_step = resume_step or 0
   restore_position = resume_step is not None and config.input.resume_position
   mesh = sharding.make_mesh(config)
-  batches = iter(pipeline.make_train_dataset(
-      records, tokenizer, image_size=config.model.image_size,
+  by_records = config.input.sharding == 'records'
+  dataset = pipeline.make_train_dataset(
+      parts, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length, batch_size=config.input.batch_size,
       # Without the saved position, a resumed run draws a new stream rather than repeat the
       # examples of the first steps.
       seed=config.seed if restore_position or not start_step else config.seed + start_step,
       crop_scale=config.input.crop_scale, num_workers=config.input.num_workers,
-      rows=train_step_lib.process_rows(mesh, config.input.batch_size),
-      max_consecutive_skips=config.input.max_consecutive_skips))
+      rows=None if by_records else train_step_lib.process_rows(mesh, config.input.batch_size),
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True) if by_records else None,
+      weights=sources.mixture_weights(config.input.sources),
+      max_consecutive_skips=config.input.max_consecutive_skips,
+      draft=config.input.draft_decoding)
+  put = functools.partial(train_step_lib.put_batch, mesh=mesh)
+  batches = iter(pipeline.prefetch_to_device(dataset, put, config.input.prefetch_to_device))
 
   model = rils_lib.build_model(config, tokenizer.eot_id)
   optimizer = optim.make_optimizer(config)
@@ -410,8 +430,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)
-    example_ids.write(step, batch['example_id'])
-    state, metrics = train_step(state, train_step_lib.put_batch(batch, mesh))
+    example_ids.write(step, batch.pop('example_id'))
+    state, metrics = train_step(state, batch)
     health.observe(step, metrics)
     window_images += config.input.batch_size
     if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:

@@ -18,7 +18,7 @@ All map functions are module-level classes so that grain's spawned workers can i
 """
 
 import signal
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -41,23 +41,42 @@ class TrainTransform(grain.transforms.RandomMap):
   """(example_id, ImageCaptions) -> dict(image, text, example_id), or `Skipped`."""
 
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer, image_size: int, context_length: int,
-               crop_scale: Sequence[float]):
+               crop_scale: Sequence[float], draft: bool = True):
     self.tokenizer = tokenizer
     self.image_size = image_size
     self.context_length = context_length
     self.crop_scale = tuple(crop_scale)
+    self.draft = draft
 
   def random_map(self, element, rng: np.random.Generator):
     example_id, record = element
+    if isinstance(record, sources.BadRecord):
+      logging.warning('Skipping example %d: %s', example_id, record.reason)
+      return Skipped(record.reason)
+    captions = [c for c in (' '.join(c.split()) for c in record.captions) if c]
+    if not captions:  # Only shard formats get here: the csv/coco readers drop such images.
+      return Skipped(f'{record.name}: no non-empty caption')
     try:
-      img = transforms.load_image(record.image)
+      image = transforms.decode_crop(record.image, self.image_size, rng, self.crop_scale,
+                                     name=record.name, draft=self.draft)
     except transforms.BadImageError as e:
       logging.warning('Skipping example %d: %s', example_id, e)
       return Skipped(str(e))
-    image = transforms.random_resized_crop(img, self.image_size, rng, self.crop_scale)
-    caption = record.captions[rng.integers(len(record.captions))]
+    caption = captions[rng.integers(len(captions))]
     return dict(image=image, text=self.tokenizer.encode([caption], self.context_length)[0],
                 example_id=np.int64(example_id))
+
+
+class AttachId(grain.transforms.MapWithIndex):
+  """record -> (offset + index, record): the example id is the record's position in the
+  concatenation of all sources, whatever shuffling, sharding or mixing follows."""
+
+  def __init__(self, offset: int, length: int):
+    self.offset, self.length = offset, length
+
+  def map_with_index(self, index: int, element):
+    # grain passes epoch * length + position once the dataset is repeated.
+    return self.offset + index % self.length, element
 
 
 class ProcessRows(grain.MapDataset):
@@ -120,15 +139,29 @@ class CountSkipped(grain.transforms.Filter):
     return True
 
 
-def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenizer_lib.Tokenizer,
-                       *, image_size: int, context_length: int, batch_size: int, seed: int,
+def as_sources(data) -> List[sources.RecordSource]:
+  """A source, a list of sources, or a list of `ImageCaptions` -> a list of sources."""
+  if isinstance(data, sources.RecordSource):
+    return [data]
+  data = list(data)
+  if all(isinstance(d, sources.ImageCaptions) for d in data):
+    return [sources.ListSource(data)]
+  return data
+
+
+def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: int,
+                       context_length: int, batch_size: int, seed: int,
                        crop_scale: Sequence[float] = (0.5, 1.0), num_workers: int = 0,
                        rows: Optional[Tuple[int, int]] = None,
-                       max_consecutive_skips: int = 1000) -> grain.IterDataset:
+                       shard_options: Optional[grain.sharding.ShardOptions] = None,
+                       weights: Optional[Sequence[float]] = None,
+                       max_consecutive_skips: int = 1000, draft: bool = True
+                       ) -> grain.IterDataset:
   """Infinite stream of this process's part of the training batches (see the module docstring).
 
   Args:
-    records: all image-caption records (every process passes the same list).
+    data: the training sources (`sources.RecordSource`s, or one list of `ImageCaptions`); every
+      process passes the same ones. Without `weights` they are concatenated into one epoch.
     tokenizer: sentencepiece tokenizer.
     image_size: output side in pixels.
     context_length: token row length L.
@@ -138,26 +171,92 @@ def make_train_dataset(records: List[sources.ImageCaptions], tokenizer: tokenize
     num_workers: grain worker processes (0: decode in this process).
     rows: this process's rows [start, stop) of each global batch (see
       `train_step.process_rows`); default all of them (one process).
+    shard_options: instead of `rows`, grain's per-record sharding
+      (`grain.sharding.ShardByJaxProcess()`): process p of P reads records p, p + P, ... of
+      each source, shuffled with the same seed, in batches of B / P. Disjoint and complete
+      like `rows`, but the batches then depend on the process count.
+    weights: mixture weights, one per source: each source is shuffled (seed + its index) and
+      repeated on its own, and `grain.MapDataset.mix` interleaves them in these proportions
+      (exactly, by a fixed pattern). Ids stay positions in the concatenation.
     max_consecutive_skips: see `CountSkipped`.
+    draft: reduced-size JPEG decoding where equivalent (see `transforms.decode_crop`).
 
   Raises:
-    ValueError: if there are fewer records than one global batch, or `rows` are out of range.
+    ValueError: if a (sharded) source has fewer records than one batch, `rows` are out of
+      range, `rows` and `shard_options` are both given, or the weights do not fit the sources.
   """
-  start, stop = rows or (0, batch_size)
-  if len(records) < batch_size:
-    raise ValueError(f'{len(records)} training records, fewer than one batch of {batch_size}')
-  # Ids are attached to the records themselves: the index grain passes to `map_with_index`
-  # keeps counting across epochs.
-  ds = grain.MapDataset.source(list(enumerate(records)))
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale), seed=seed)
-  ds = ProcessRows(ds, global_batch=batch_size, start=start, local_batch=stop - start)
+  parts = as_sources(data)
+  if rows is not None and shard_options is not None:
+    raise ValueError('give rows or shard_options, not both')
+  shard_index, shard_count = ((shard_options.shard_index, shard_options.shard_count)
+                              if shard_options else (0, 1))
+  if batch_size % shard_count:
+    raise ValueError(f'batch {batch_size} does not split over {shard_count} shards')
+  start, stop = rows or (0, batch_size // shard_count)
+  if weights is not None:
+    if len(weights) != len(parts) or not all(w > 0 for w in weights):
+      raise ValueError(f'mixture weights {list(weights)} must be {len(parts)} positive numbers, '
+                       'one per source')
+  offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+
+  def prepare(part: sources.RecordSource, offset: int) -> grain.MapDataset:
+    ds = grain.MapDataset.source(part).map_with_index(AttachId(offset, len(part)))
+    return ds[shard_index::shard_count] if shard_count > 1 else ds
+
+  if weights is None:
+    ds = prepare(sources.ConcatSource(parts), 0)
+    _check_size(len(ds), stop - start if shard_count > 1 else batch_size, 'the sources')
+    ds = ds.shuffle(seed=seed).repeat(None)
+  else:
+    mixed = []
+    for i, (part, offset) in enumerate(zip(parts, offsets)):
+      ds = prepare(part, offset)
+      _check_size(len(ds), 1, part.name)
+      mixed.append(ds.shuffle(seed=seed + i).repeat(None))
+    ds = grain.MapDataset.mix(mixed, list(weights))
+  ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale, draft),
+                     seed=seed)
+  if shard_count == 1:
+    ds = ProcessRows(ds, global_batch=batch_size, start=start, local_batch=stop - start)
   it = ds.to_iter_dataset().filter(CountSkipped(max_consecutive_skips))
   it = it.batch(stop - start, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                         worker_init_fn=ignore_sigterm)
   return it
+
+
+def _check_size(size: int, needed: int, what: str) -> None:
+  if size < needed:
+    raise ValueError(f'{size} training records in {what}' + (
+        f', fewer than one batch of {needed}' if needed > 1 else ''))
+
+
+class PutOnDevice(grain.transforms.Map):
+  """Host batch -> `put(batch)` (global device arrays), with `example_id` kept on the host."""
+
+  def __init__(self, put: Callable[[dict], dict]):
+    self.put = put
+
+  def map(self, batch: dict) -> dict:
+    out = dict(self.put(batch))
+    out['example_id'] = batch['example_id']
+    return out
+
+
+def prefetch_to_device(ds: grain.IterDataset, put: Callable[[dict], dict], size: int,
+                       host_buffer: int = 2) -> grain.IterDataset:
+  """Batches already on the devices: a thread keeps `host_buffer` host batches ready and another
+  keeps `size` of them transferred by `put` (e.g. `train_step.put_batch`), so that decoding and
+  the host-to-device copy overlap the training step (as grain.experimental.device_put, which
+  cannot assemble multi-process global arrays). grain's thread prefetch checkpoints the position
+  of the batches handed out, not of those in flight. `size=0`: `put` runs on demand, no thread.
+  """
+  if size == 0:
+    return ds.map(PutOnDevice(put))
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=host_buffer)
+  ds = ds.map(PutOnDevice(put))
+  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=size)
 
 
 def ignore_sigterm(worker_index: int, worker_count: int) -> None:
@@ -168,19 +267,18 @@ def ignore_sigterm(worker_index: int, worker_count: int) -> None:
 
 
 class EvalTransform(grain.transforms.Map):
-  """(index, image path) -> dict(image uint8 (S, S, 3), index), or None for a bad image."""
+  """(index, image) -> dict(image uint8 (S, S, 3), index), or None for a bad image."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
   def map(self, element):
-    index, path = element
+    index, image = element
     try:
-      img = transforms.load_image(path)
+      return dict(image=transforms.decode_crop(image, self.image_size), index=np.int64(index))
     except transforms.BadImageError as e:
       logging.warning('Skipping evaluation image: %s', e)
       return None
-    return dict(image=transforms.resize_center_crop(img, self.image_size), index=np.int64(index))
 
 
 def eval_batches(paths: Sequence[str], image_size: int, batch_size: int, num_workers: int = 0

@@ -1,8 +1,19 @@
-"""Readers of image-caption and labelled-image datasets into in-memory record lists.
+"""Image-caption data sources, and readers of caption files and labelled image folders.
 
-- CSV `image,caption` + an image folder (the Flickr8k / Kaggle layout): one row per caption.
-- COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + image folder.
-- Image folder `<class_name>/<file>` for zero-shot classification.
+A training source is a random-access sequence of `ImageCaptions` (grain's RandomAccessDataSource
+protocol: `__len__`, `__getitem__`), opened from a config dict by `open_source`:
+- `csv`: CSV `image,caption` + an image folder (the Flickr8k / Kaggle layout), one row per
+  caption; `captions`, `images`.
+- `coco`: COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + an
+  image folder; `captions`, `images`.
+- `arrayrecord`: shards written by `python -m rils_jax.data.convert`; `files` (a shard pattern,
+  see rils_jax/data/shards.py).
+- `webdataset`: img2dataset / WebDataset `.tar` shards of `KEY.jpg` + `KEY.txt`; `files`.
+- `tfds`: a prepared TFDS dataset read with `tfds.data_source` (no TensorFlow); `name`,
+  `split`, optional `data_dir`, `image_key` ('image'), `caption_key` ('captions/text').
+Every kind takes `select` (a slice of its records, e.g. ':-100') and `weight` (mixtures: see
+rils_jax/data/pipeline.py). Image-folder datasets `<class_name>/<file>` are read by
+`read_image_folder` for zero-shot classification.
 
 Records group all captions of an image, in file order. Empty or whitespace-only captions and
 repeats of a caption of the same image are dropped and counted; an image left with no caption
@@ -11,16 +22,19 @@ origin of such files) and counted. Images are not opened here: missing or corrup
 found (and counted) by the input pipeline.
 """
 
+import bisect
 import codecs
 import collections
 import csv
-import io
 import dataclasses
+import functools
+import io
 import json
 import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from absl import logging
 
 # Long captions are legal (the tokenizer truncates them); the csv module's default 128 KB field
@@ -32,9 +46,22 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 
 @dataclasses.dataclass(frozen=True)
 class ImageCaptions:
-  """One image and all its captions. `image` is a file path."""
-  image: str
+  """One image and all its captions. `image` is a file path, the encoded bytes, or a decoded
+  uint8 array (see transforms.load_image); `key` names it in messages (default: the path)."""
+  image: Any
   captions: Tuple[str, ...]
+  key: str = ''
+
+  @property
+  def name(self) -> str:
+    return self.key or (self.image if isinstance(self.image, str) else '')
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+  """Stands for a record that could not be read (a damaged shard entry); the pipeline skips
+  and counts it like an undecodable image."""
+  reason: str
 
 
 @dataclasses.dataclass
@@ -214,6 +241,161 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
   records = select(records, source.get('select'))
   return records, dataclasses.replace(stats, images=len(records),
                                       captions=sum(len(r.captions) for r in records))
+
+
+class RecordSource:
+  """A random-access image-caption source: `len(source)` records, `source[i]` an
+  `ImageCaptions` or a `BadRecord`. Subclasses set `name` and may set `stats`."""
+  name: str = ''
+  stats: SourceStats = SourceStats()
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, index: int):
+    raise NotImplementedError
+
+
+class ListSource(RecordSource):
+  """In-memory records (the csv and coco kinds)."""
+
+  def __init__(self, records: Sequence[ImageCaptions], name: str = 'records',
+               stats: Optional[SourceStats] = None):
+    self.records, self.name = list(records), name
+    self.stats = stats or SourceStats(images=len(self.records),
+                                      captions=sum(len(r.captions) for r in self.records))
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int):
+    return self.records[index]
+
+
+class SliceSource(RecordSource):
+  """The records `range(len(parent))[start:stop]` of a source (`select`)."""
+
+  def __init__(self, parent: RecordSource, spec: str):
+    self._parent, self._indices = parent, select(range(len(parent)), spec)
+    self.name = f'{parent.name}[{spec}]'
+    self.stats = dataclasses.replace(parent.stats, images=len(self._indices), captions=0)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._parent[self._indices[index]]
+
+
+class ConcatSource(RecordSource):
+  """Several sources one after the other; record ids are positions in the concatenation."""
+
+  def __init__(self, parts: Sequence[RecordSource]):
+    self.parts = list(parts)
+    self.offsets = [0]
+    for part in self.parts:
+      self.offsets.append(self.offsets[-1] + len(part))
+    self.name = ' + '.join(p.name for p in self.parts)
+    self.stats = functools.reduce(SourceStats.add, (p.stats for p in self.parts), SourceStats())
+
+  def __len__(self) -> int:
+    return self.offsets[-1]
+
+  def __getitem__(self, index: int):
+    part = bisect.bisect_right(self.offsets, index) - 1
+    return self.parts[part][index - self.offsets[part]]
+
+
+SOURCE_KINDS = ('csv', 'coco', 'arrayrecord', 'webdataset', 'tfds')
+_REQUIRED = {'csv': ('captions', 'images'), 'coco': ('captions', 'images'),
+             'arrayrecord': ('files',), 'webdataset': ('files',), 'tfds': ('name', 'split')}
+_OPTIONAL = {'select', 'weight'}
+_KIND_OPTIONAL = {'webdataset': {'image_ext', 'caption_ext'},
+                  'tfds': {'data_dir', 'image_key', 'caption_key'}}
+
+
+def check_spec(spec: Mapping[str, Any]) -> None:
+  """Checks a source config's keys (files are not opened).
+
+  Raises:
+    ValueError: for an unknown kind, a missing or unknown key.
+  """
+  spec = dict(spec)
+  kind = spec.get('kind')
+  if kind not in SOURCE_KINDS:
+    raise ValueError(f'source {spec}: kind must be one of {list(SOURCE_KINDS)}, got {kind!r}')
+  missing = [k for k in _REQUIRED[kind] if not spec.get(k)]
+  if missing:
+    raise ValueError(f'{kind} source {spec} lacks {missing}')
+  unknown = set(spec) - {'kind'} - set(_REQUIRED[kind]) - _OPTIONAL - _KIND_OPTIONAL.get(kind,
+                                                                                         set())
+  if unknown:
+    raise ValueError(f'{kind} source {spec}: unknown keys {sorted(unknown)}')
+
+
+def mixture_weights(specs: Sequence[Mapping[str, Any]]) -> Optional[List[float]]:
+  """The sources' `weight`s, or None when none has one (the sources are then concatenated).
+
+  Raises:
+    ValueError: if only some sources have a weight, or one is not a positive number.
+  """
+  weights = [spec.get('weight') for spec in specs]
+  if all(w is None for w in weights):
+    return None
+  if any(w is None for w in weights):
+    raise ValueError(f'config.input.sources: either every source has a weight (a mixture) or '
+                     f'none (concatenated), got {weights}')
+  if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+             for w in weights):
+    raise ValueError(f'config.input.sources: weights must be positive numbers, got {weights}')
+  return [float(w) for w in weights]
+
+
+def open_source(spec: Mapping[str, Any]) -> RecordSource:
+  """Opens one source config (see the module docstring for the kinds and their keys).
+
+  Raises:
+    ValueError: for an unknown kind, a missing or unknown key; each reader's errors otherwise
+      (FileNotFoundError for missing files).
+  """
+  check_spec(spec)
+  spec = dict(spec)
+  kind = spec['kind']
+  if kind in ('csv', 'coco'):
+    records, stats = read_image_captions(spec)
+    return ListSource(records, spec['captions'], stats)
+  if kind == 'arrayrecord':
+    from rils_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top  (cycle)
+    source = arrayrecord.ArrayRecordSource(spec['files'])
+  elif kind == 'webdataset':
+    from rils_jax.data import webdataset  # pylint: disable=g-import-not-at-top
+    source = webdataset.WebDatasetSource(
+        spec['files'], image_ext=spec.get('image_ext', webdataset.IMAGE_EXTENSIONS),
+        caption_ext=spec.get('caption_ext', 'txt'))
+  else:
+    from rils_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    source = tfds_source.TfdsSource(
+        spec['name'], spec['split'], data_dir=spec.get('data_dir') or None,
+        image_key=spec.get('image_key', 'image'),
+        caption_key=spec.get('caption_key', 'captions/text'))
+  return SliceSource(source, spec['select']) if spec.get('select') else source
+
+
+def sample_captions(source: RecordSource, max_records: int = 50_000) -> List[str]:
+  """The captions of at most `max_records` records spread evenly over `source` (all of them for
+  in-memory sources): what the tokenizer is trained on when config.tokenizer.model is empty."""
+  if isinstance(source, ConcatSource):
+    per_part = max(1, max_records // max(1, len(source.parts)))
+    return [c for p in source.parts for c in sample_captions(p, per_part)]
+  if isinstance(source, ListSource):
+    return [c for r in source.records for c in r.captions]
+  indices = np.linspace(0, len(source) - 1, min(len(source), max_records)).round().astype(int)
+  out = []
+  for i in dict.fromkeys(indices.tolist()):
+    record = source[i]
+    if isinstance(record, ImageCaptions):
+      out.extend(record.captions)
+  return out
 
 
 def read_sources(sources: Sequence[Mapping[str, Any]]

@@ -1,0 +1,94 @@
+"""A prepared TFDS image-text dataset as a random-access source (`tfds.data_source`).
+
+`tfds.data_source` reads the ArrayRecord files of a dataset that `tfds build` (or
+`download_and_prepare` with `file_format='array_record'`) prepared, without TensorFlow, and
+decodes each example to numpy: the image comes as a uint8 array (TFDS decodes it; skipping the
+decoding needs TensorFlow) and the captions as strings. For `coco_captions` the defaults fit:
+`image_key='image'`, `caption_key='captions/text'`.
+"""
+
+from typing import Optional
+
+import numpy as np
+
+from rils_jax.data import sources
+
+
+def _captions(value) -> tuple:
+  if isinstance(value, (str, bytes)):
+    value = [value]
+  return tuple(v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
+               for v in np.asarray(value, object).reshape(-1))
+
+
+def _lookup(example, key: str):
+  value = example
+  for part in key.split('/'):
+    if isinstance(value, dict) and part in value:
+      value = value[part]
+    elif isinstance(value, dict) and key in value:  # A flat key that contains '/'.
+      return value[key]
+    else:
+      raise KeyError(f'no {key!r} in the example (keys: {sorted(example)})')
+  return value
+
+
+class TfdsSource(sources.RecordSource):
+  """The examples of one split of a prepared TFDS dataset, as `ImageCaptions`.
+
+  Args:
+    name: dataset name, optionally with config and version (`coco_captions/2017:1.1.0`).
+    split: TFDS split, slicing allowed (`train[:90%]`).
+    data_dir: TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+    image_key / caption_key: feature paths, '/' separating nested features.
+
+  Raises (constructor):
+    FileNotFoundError: if the dataset is not prepared in ArrayRecord format under `data_dir`.
+    KeyError: if the first example lacks `image_key` or `caption_key`.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
+               image_key: str = 'image', caption_key: str = 'captions/text'):
+    self._args = dict(name=name, split=split, data_dir=data_dir)
+    self.image_key, self.caption_key = image_key, caption_key
+    self.name = f'tfds:{name}[{split}]'
+    self._source = None
+    self._length = len(self._open())
+    if self._length:
+      first = self._open()[0]
+      _lookup(first, image_key), _lookup(first, caption_key)  # Key errors now, not mid-run.
+    self.stats = sources.SourceStats(images=self._length)
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+      try:
+        self._source = tfds.data_source(**self._args)
+      except Exception as e:  # tfds raises DatasetNotFoundError, AssertionError, ValueError.
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        # tfds's message lists every registered dataset: keep its first and last lines.
+        reason = ' ... '.join(dict.fromkeys(lines[:1] + lines[-2:]))
+        raise FileNotFoundError(
+            f'TFDS dataset {self._args["name"]!r} split {self._args["split"]!r} is not prepared '
+            f'as ArrayRecord under data_dir={self._args["data_dir"] or "the TFDS default"} '
+            f'(`tfds build {self._args["name"]} --file_format=array_record`): '
+            f'{type(e).__name__}: {reason}') from e
+    return self._source
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_source'] = None  # Each worker opens its own readers.
+    return state
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    try:
+      example = self._open()[index]
+      image = _lookup(example, self.image_key)
+      return sources.ImageCaptions(image if isinstance(image, bytes) else np.asarray(image),
+                                   _captions(_lookup(example, self.caption_key)),
+                                   f'{self.name}:{index}')
+    except Exception as e:  # A damaged example must cost itself, not the run.
+      return sources.BadRecord(f'{self.name} example {index}: {type(e).__name__}: {e}')
