@@ -7,7 +7,7 @@ r"""RILS ViT-L/16: the paper's larger model (Yang et al., CVPR 2023), same recip
 Model (RILS release, ../shared/docs/RILS_METHOD.md "Architectures"): ViT-L/16 at 224 px (width
 1024, 24 blocks, 16 heads), 1-block decoder 1024 wide, text transformer 768 wide / 12 layers /
 12 heads, context 77, joint width 768. Loss, optimiser, data and arguments as in vit_b16.py
-(`:data=synthetic|shared,dtype=...,platform=NAME`).
+(`:data=synthetic|shared|KIND:PATTERN,dtype=...,platform=NAME`).
 """
 
 from rils_jax import config_lib

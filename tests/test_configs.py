@@ -64,8 +64,21 @@ def test_configs_load_and_build(name, arg):
 def test_bad_config_argument():
   with pytest.raises(ValueError, match='unknown config argument'):
     _load('default', 'steps=3')
-  with pytest.raises(ValueError, match="'synthetic' or 'shared'"):
+  with pytest.raises(ValueError, match="'synthetic', 'shared', 'webdataset:PATTERN'"):
     _load('vit_b16', 'data=laion')
+  with pytest.raises(ValueError, match='KIND:PATTERN'):
+    _load('vit_b16', 'data=webdataset:')
+
+
+def test_shard_data_arguments():
+  c = _load('vit_b16', 'data=webdataset:/data/laion/{00000..01999}.tar')
+  assert list(c.input.sources) == [dict(kind='webdataset',
+                                        files='/data/laion/{00000..01999}.tar')]
+  assert not c.evals.zeroshot.root and not c.evals.retrieval.sources
+  c = _load('vit_l16', 'data=tfds:coco_captions,dtype=bfloat16')
+  assert list(c.input.sources) == [dict(kind='tfds', name='coco_captions', split='train')]
+  c = _load('vit_b16', 'data=arrayrecord:/d/train-*.array_record')
+  assert c.input.sources[0]['kind'] == 'arrayrecord'
 
 
 def test_parse_arg_types():

@@ -20,7 +20,6 @@ from rils_jax import config_lib
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
-from rils_jax.data import arrayrecord
 from rils_jax.data import benchmark
 from rils_jax.data import convert
 from rils_jax.data import pipeline

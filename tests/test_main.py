@@ -1,15 +1,21 @@
 """The entry point end to end on a tiny generated dataset: logs, checkpoints, resume, evals."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
+import numpy as np
 import pytest
 
 from rils_jax import config_lib
 from rils_jax import main as main_lib
 from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.data import convert
+from rils_jax.data import sources
+from rils_jax.data import synthetic
 from tests import tiny
 
 
@@ -111,7 +117,12 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
                 _config(data_root, max_consecutive_nonfinite=0),
             'config.keep_every=-1 must be >= 0': _config(data_root, keep_every=-1),
             r'nan_loss_steps=\[0\] must hold steps >= 1':
-                _config(data_root, **{'debug.nan_loss_steps': (0,)})}
+                _config(data_root, **{'debug.nan_loss_steps': (0,)}),
+            'config.input.sharding must be': _config(data_root, **{'input.sharding': 'hosts'}),
+            'kind must be one of': _config(data_root, **{'input.sources': [dict(kind='lmdb')]}),
+            'either every source has a weight': _config(data_root, **{'input.sources': [
+                dict(kind='arrayrecord', files='a-*', weight=2.0),
+                dict(kind='webdataset', files='b-{0..9}.tar')]})}
   for message, config in errors.items():
     with pytest.raises(ValueError, match=message):
       main_lib.train(config, str(tmp_path / 'never'))
@@ -123,6 +134,37 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(ValueError, match='cannot create the workdir'):
     main_lib.train(_config(data_root), str(tmp_path / 'a_file' / 'run'))
+
+
+def test_train_on_a_mixture_of_shard_sources(tmp_path, data_root):
+  config = _config(data_root, total_steps=6)
+  s = config.synthetic
+  synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
+                     num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
+  # The 64 training pictures as ArrayRecord shards, and the first 32 as a WebDataset shard.
+  csv_source = sources.open_source(config.input.sources[0])
+  converted = convert.convert(csv_source, str(tmp_path / 'ar' / 'train'), num_shards=2,
+                              num_workers=1)
+  with tarfile.open(tmp_path / 'train-0000.tar', 'w') as tar:
+    for i in range(32):
+      record = csv_source[i]
+      tar.add(record.image, arcname=f'{i:06d}.png')
+      caption = record.captions[0].encode()
+      info = tarfile.TarInfo(f'{i:06d}.txt')
+      info.size = len(caption)
+      tar.addfile(info, io.BytesIO(caption))
+  config.input.sources = [dict(kind='arrayrecord', files=converted['files'], weight=3.0),
+                          dict(kind='webdataset', files=str(tmp_path / 'train-{0000..0000}.tar'),
+                               weight=1.0)]
+  config.input.sharding = 'records'  # grain's ShardByJaxProcess (here: one process).
+  config.input.log_example_ids = True
+  workdir = str(tmp_path / 'run')
+  results = main_lib.train(config, workdir)
+  assert 0.0 <= results['zeroshot/top1'] <= 1.0
+  assert _read_metrics(workdir)[0]['data/images'] == 64 + 32
+  ids = np.concatenate(list(tiny.example_ids(workdir).values()))
+  assert len(ids) == 6 * 8 and ids.max() < 96
+  assert (ids < 64).sum() == 36  # 3:1, the mixture's exact pattern.
 
 
 def test_command_line_overrides(tmp_path):

@@ -65,6 +65,8 @@ class ArrayRecordSource(sources.RecordSource):
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self.paths = paths
     self.name = name or (files if isinstance(files, str) else paths[0])
+    # Caption counts would need a pass over every record; the converter printed them.
+    self.stats = sources.SourceStats(images=len(self._source))
 
   def __len__(self) -> int:
     return len(self._source)
