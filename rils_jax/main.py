@@ -140,9 +140,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.input.sources:
     raise ValueError('config.input.sources is empty: name at least one source (kinds: '
                      f'{", ".join(sources.SOURCE_KINDS)})')
-  for spec in config.input.sources:
-    sources.check_spec(spec)  # Files are opened later; a malformed entry fails now.
-  sources.mixture_weights(config.input.sources)
   if config.input.sharding not in ('global_batch', 'records'):
     raise ValueError("config.input.sharding must be 'global_batch' or 'records', got "
                      f'{config.input.sharding!r}')
@@ -153,6 +150,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.kind == 'rils':
     vit.random_masking(jax.random.PRNGKey(0), 1, num_patches, config.model.mask_ratio)
   optim.make_optimizer(config)  # Raises for a bad schedule or moment dtype.
+  for spec in config.input.sources:
+    sources.check_spec(spec)  # Files are opened later; a malformed entry fails now.
+  sources.mixture_weights(config.input.sources)
 
 
 def prepare_tokenizer(config, data: sources.RecordSource, workdir: str,
@@ -420,6 +420,7 @@ def _train(config, workdir, watcher: preemption.Watcher,
                             'data/captions_without_image': stats.captions_without_image,
                             'data/duplicate_image_ids_skipped': stats.duplicate_image_ids,
                             'data/non_utf8_lines': stats.non_utf8_lines,
+                            'data/damaged_shards': stats.damaged_shards,
                             'num_params': num_params})
   if start_step >= config.total_steps and is_main:
     print(f'The checkpoint at step {start_step} has reached config.total_steps='

@@ -319,7 +319,7 @@ def test_pipeline_stops_when_no_image_can_be_read(tmp_path, tokenizer):
              for i in range(8)]
   ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
                                    batch_size=4, seed=0, max_consecutive_skips=20)
-  with pytest.raises(RuntimeError, match='20 examples in a row had no readable image'):
+  with pytest.raises(RuntimeError, match='20 examples in a row had no readable image or caption'):
     next(iter(ds))
 
 

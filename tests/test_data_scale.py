@@ -12,6 +12,7 @@ import tarfile
 
 import grain
 import jax
+import msgpack
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ from rils_jax import config_lib
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
+from rils_jax.data import arrayrecord
 from rils_jax.data import benchmark
 from rils_jax.data import convert
 from rils_jax.data import pipeline
@@ -242,6 +244,9 @@ def test_tfds_source(tmp_path):
   with pytest.raises(KeyError, match="no 'text'"):
     sources.open_source(dict(kind='tfds', name='tiny_captions', split='train',
                              data_dir=str(tmp_path), caption_key='text'))
+  with pytest.raises(TypeError, match='name one of them, e.g. captions/text'):
+    sources.open_source(dict(kind='tfds', name='tiny_captions', split='train',
+                             data_dir=str(tmp_path), caption_key='captions'))
 
 
 def _numbered(n, offset=0):
@@ -381,3 +386,73 @@ def test_input_benchmark_figures(tmp_path):
     assert r['images_per_s_per_core'] == pytest.approx(
         r['images_per_s'] / r['cpu_cores_busy'], rel=0.05)
   assert results[0]['skipped'] >= 1  # The plain loop meets the bad and the missing image too.
+
+
+def test_damaged_webdataset_shards_keep_their_good_part_and_are_counted(tmp_path):
+  with tarfile.open(tmp_path / 'whole.tar', 'w') as tar:
+    for i in range(10):
+      _add(tar, f'{i:03d}.jpg', _jpeg(i))
+      _add(tar, f'{i:03d}.txt', f'caption {i}'.encode())
+  data = (tmp_path / 'whole.tar').read_bytes()
+  members = tarfile.open(tmp_path / 'whole.tar').getmembers()
+  bad_header = bytearray(data)
+  bad_header[members[6].offset + 5] ^= 0xFF  # Member 6 (sample 3's image) has a bad header.
+  damaged = {'bad_header': (bytes(bad_header), 3),
+             'cut_between_members': (data[:members[10].offset], 5),
+             'cut_inside_a_member': (data[:members[10].offset_data + 100], 5),
+             'concatenated': (data + data, 10)}
+  for name, (content, kept) in damaged.items():
+    (tmp_path / f'{name}.tar').write_bytes(content)
+    source = webdataset.WebDatasetSource(str(tmp_path / f'{name}.tar'))
+    assert (len(source), source.stats.damaged_shards) == (kept, 1), name
+    assert source[kept - 1].captions == (f'caption {kept - 1}',)
+  whole = webdataset.WebDatasetSource(str(tmp_path / 'whole.tar'))
+  assert (len(whole), whole.stats.damaged_shards) == (10, 0)
+
+
+def test_converter_never_mixes_or_loses_shard_sets(tmp_path):
+  captions, images = _csv(tmp_path)
+  source, _ = convert.open_input('csv', captions, images, None)
+  prefix = str(tmp_path / 'out' / 'train')
+  first = convert.convert(source, prefix, num_shards=2, num_workers=1)
+  before = {p: open(p, 'rb').read() for p in shards.expand(first['files'])}
+  with pytest.raises(ValueError, match='exist already'):
+    convert.convert(source, prefix, num_shards=3, num_workers=1)
+  bad = tmp_path / 'bad.csv'
+  bad.write_text('image,caption\nmissing.jpg,nothing here\n')
+  bad_source, _ = convert.open_input('csv', str(bad), images, None)
+  with pytest.raises(ValueError, match='no record could be converted'):
+    convert.convert(bad_source, prefix, num_shards=2, num_workers=1, overwrite=True)
+  # The failed run left the earlier set as it was, and no temporary file.
+  assert sorted(os.listdir(tmp_path / 'out')) == sorted(os.path.basename(p) for p in before)
+  assert all(open(p, 'rb').read() == data for p, data in before.items())
+  second = convert.convert(source, prefix, num_shards=3, num_workers=1, overwrite=True)
+  assert len(shards.expand(second['files'])) == 3  # The 2-shard set is gone.
+  assert len(sources.open_source(dict(kind='arrayrecord', files=second['files']))) == 12
+  with pytest.raises(ValueError, match='--resize=-5 must be >= 0'):
+    convert.convert(source, str(tmp_path / 'x'), resize=-5)
+  assert convert.convert(source, str(tmp_path / 'y' / 't'), num_shards=50)['shards'] == 14
+
+
+def test_unreadable_array_record_shards_are_named(tmp_path):
+  captions, images = _csv(tmp_path)
+  source, _ = convert.open_input('csv', captions, images, None)
+  out = convert.convert(source, str(tmp_path / 'ar' / 't'), num_workers=1)
+  path = shards.expand(out['files'])[0]
+  (tmp_path / 'half.array_record').write_bytes(open(path, 'rb').read()[:5000])
+  (tmp_path / 'text.array_record').write_text('not a shard')
+  for name in ('half', 'text'):
+    broken = str(tmp_path / f'{name}.array_record')
+    with pytest.raises(ValueError, match=f'{broken} is not a readable ArrayRecord file'):
+      sources.open_source(dict(kind='arrayrecord', files=f'{path}::{broken}'))
+
+
+def test_bad_weights_and_captions_are_clear_errors(tokenizer):
+  for weights in ([float('inf'), 1.0], [0, 1], ['1', '1'], [True, 1]):
+    with pytest.raises(ValueError, match='finite positive numbers'):
+      _stream([_numbered(4), _numbered(4)], tokenizer, 1, weights=weights)
+  assert sources.mixture_weights([dict(weight=np.float32(2)), dict(weight=1)]) == [2.0, 1.0]
+  assert arrayrecord.decode(msgpack.packb({'image': b'x', 'captions': 'one caption'})).captions \
+      == ('one caption',)
+  with pytest.raises(ValueError, match='list of strings'):
+    arrayrecord.decode(msgpack.packb({'image': b'x', 'captions': [1, None]}))

@@ -8,6 +8,7 @@ Shards are named `PREFIX-00000-of-00008.array_record` and written with `group_si
 reading one record decompresses only that record (grain's recommendation for random access).
 """
 
+import glob
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -36,10 +37,13 @@ def decode(data: bytes) -> sources.ImageCaptions:
   """
   try:
     record = msgpack.unpackb(data, raw=False)
-    image, captions = record['image'], tuple(str(c) for c in record['captions'])
+    image, captions = record['image'], record['captions']
     if not isinstance(image, bytes):
       raise TypeError(f'image is {type(image).__name__}, not bytes')
-    return sources.ImageCaptions(image, captions, str(record.get('key', '')))
+    captions = [captions] if isinstance(captions, str) else captions
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+      raise TypeError(f'captions must be a list of strings, got {captions!r:.100}')
+    return sources.ImageCaptions(image, tuple(captions), str(record.get('key', '')))
   except Exception as e:  # msgpack raises several types (ExtraData, UnpackValueError, ...).
     raise ValueError(f'not an image-caption record: {type(e).__name__}: {e}') from e
 
@@ -48,12 +52,22 @@ def shard_names(prefix: str, num_shards: int) -> List[str]:
   return [f'{prefix}-{i:05d}-of-{num_shards:05d}{SUFFIX}' for i in range(num_shards)]
 
 
+def _unreadable(paths: Sequence[str], error: Exception) -> str:
+  for path in paths:
+    try:
+      array_record_module.ArrayRecordReader(path).close()
+    except Exception as e:  # pylint: disable=broad-except
+      return f'{path} is not a readable ArrayRecord file: {type(e).__name__}: {e or "damaged"}'
+  return f'cannot read the ArrayRecord shards {paths[:3]}...: {type(error).__name__}: {error}'
+
+
 class ArrayRecordSource(sources.RecordSource):
   """Random access to the records of ArrayRecord shards (grain's ArrayRecordDataSource), in
   shard-pattern order.
 
   Raises (constructor):
-    ValueError: if the pattern names no file (see `shards.expand`).
+    ValueError: if the pattern names no file (see `shards.expand`), or a shard is not a
+      readable ArrayRecord file (named in the message).
     FileNotFoundError: if a named shard does not exist.
   """
 
@@ -62,7 +76,10 @@ class ArrayRecordSource(sources.RecordSource):
     for path in paths:
       if not shards.is_url(path) and not os.path.isfile(path):
         raise FileNotFoundError(f'ArrayRecord shard not found: {path}')
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(paths)
+    except Exception as e:  # array_record raises RuntimeError, often without the file's name.
+      raise ValueError(_unreadable(paths, e)) from e
     self.paths = paths
     self.name = name or (files if isinstance(files, str) else paths[0])
     # Caption counts would need a pass over every record; the converter printed them.
@@ -81,13 +98,19 @@ class ArrayRecordSource(sources.RecordSource):
     return f'ArrayRecordSource({len(self.paths)} shards, {len(self)} records)'
 
 
+def existing_shards(prefix: str) -> List[str]:
+  """Shards (of any count) that already carry `prefix`."""
+  return sorted(glob.glob(f'{glob.escape(prefix)}-[0-9]*-of-[0-9]*{SUFFIX}'))
+
+
 class ShardWriter:
   """Writes the records made from `total` inputs to `num_shards` shards: the record of input i
   goes to shard i * num_shards // total, so that reading the shards in order gives the records in
   input order (inputs that made no record leave no gap in the output).
 
-  Files are written under a temporary name and renamed when closed: a killed conversion leaves
-  no shard that looks complete.
+  Shards are written under temporary names and all renamed by `close`: a failed or killed
+  conversion never leaves a set that looks complete, nor replaces an earlier one. `abort`
+  removes the temporary files.
   """
 
   def __init__(self, prefix: str, num_shards: int, total: int):
@@ -112,15 +135,28 @@ class ShardWriter:
   def _next_shard(self) -> None:
     if self._writer is not None:
       self._writer.close()
-      os.replace(self.paths[self._shard] + '.tmp', self.paths[self._shard])
     self._shard += 1
     self._writer = (array_record_module.ArrayRecordWriter(self.paths[self._shard] + '.tmp',
                                                           WRITER_OPTIONS)
                     if self._shard < len(self.paths) else None)
 
   def close(self) -> List[str]:
-    """Finishes every shard (a shard whose inputs all failed is written empty); returns the
-    shard paths."""
+    """Finishes every shard (a shard whose inputs all failed is written empty), then gives them
+    their final names; returns the shard paths."""
     while self._shard < len(self.paths):
       self._next_shard()
+    for path in self.paths:
+      os.replace(path + '.tmp', path)
     return self.paths
+
+  def abort(self) -> None:
+    """Removes the temporary files (after an error)."""
+    if self._writer is not None:
+      try:
+        self._writer.close()
+      except Exception:  # pylint: disable=broad-except  (already failing; the files go anyway)
+        pass
+      self._writer = None
+    for path in self.paths:
+      if os.path.exists(path + '.tmp'):
+        os.remove(path + '.tmp')

@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import time
 from typing import Optional, Tuple
@@ -52,6 +53,7 @@ def _define_flags():
   flags.DEFINE_integer('resize', 0, 'Downscale images whose shorter side exceeds this (0: keep).')
   flags.DEFINE_integer('quality', 95, 'JPEG quality of resized images.')
   flags.DEFINE_integer('num_workers', os.cpu_count() or 1, 'Decoding processes.')
+  flags.DEFINE_bool('overwrite', False, 'Replace shards that already carry the output prefix.')
   flags.mark_flags_as_required(['kind', 'output'])
 
 
@@ -153,26 +155,50 @@ def open_input(kind: str, captions: Optional[str], images: Optional[str], files:
 
 
 def convert(source: sources.RecordSource, output: str, num_shards: int = 0, resize: int = 0,
-            quality: int = 95, num_workers: int = 1, chunk: int = 64) -> dict:
+            quality: int = 95, num_workers: int = 1, chunk: int = 64,
+            overwrite: bool = False) -> dict:
   """Writes the records of `source` to ArrayRecord shards `output-*-of-*.array_record`.
 
+  The shards appear only when all are written; shards of an earlier conversion with the same
+  prefix are an error, or with `overwrite` are removed once the new ones are complete.
+
   Returns:
-    dict(records, skipped={reason: count}, shards, bytes, seconds, records_per_s).
+    dict(records, skipped={reason: count}, shards, bytes, seconds, records_per_s, files).
 
   Raises:
-    ValueError: if `source` is empty or nothing could be converted.
+    ValueError: if `source` is empty, nothing could be converted, an option is out of range,
+      or shards with this prefix exist and `overwrite` is off.
+    OSError: if the output cannot be written.
   """
   if not len(source):
     raise ValueError('no record to convert')
-  num_shards = num_shards or max(1, -(-len(source) // 10_000))
+  if resize < 0 or not 1 <= quality <= 100 or num_shards < 0:
+    raise ValueError(f'--resize={resize} must be >= 0, --quality={quality} in [1, 100], '
+                     f'--num_shards={num_shards} >= 0')
+  old = arrayrecord.existing_shards(output)
+  if old and not overwrite:
+    raise ValueError(f'{len(old)} shards named {output}-*{arrayrecord.SUFFIX} exist already '
+                     f'(e.g. {old[0]}); choose another --output or pass --overwrite')
+  # More shards than records would only add empty files.
+  num_shards = min(num_shards or max(1, -(-len(source) // 10_000)), len(source))
   writer = arrayrecord.ShardWriter(output, num_shards, len(source))
+  try:
+    return _convert(source, writer, old, resize, quality, num_workers, chunk, output)
+  except BaseException:
+    writer.abort()
+    raise
+
+
+def _convert(source, writer, old, resize, quality, num_workers, chunk, output) -> dict:
   skipped = collections.Counter()
   start = time.time()
   ranges = collections.deque((i, min(i + chunk, len(source)))
                              for i in range(0, len(source), chunk))
   num_workers = max(1, num_workers)
-  with concurrent.futures.ProcessPoolExecutor(num_workers, initializer=_init_worker,
-                                              initargs=(source, resize, quality)) as pool:
+  # Spawned, not forked: forking a process whose JAX or grain threads run can deadlock.
+  with concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
+      initargs=(source, resize, quality)) as pool:
     in_flight = collections.deque()
     while ranges or in_flight:
       while ranges and len(in_flight) < 4 * num_workers:  # Bounded: results wait in memory.
@@ -184,9 +210,12 @@ def convert(source: sources.RecordSource, output: str, num_shards: int = 0, resi
           skipped[reason] += 1
         else:
           writer.write(i, record)
-  paths = writer.close()
   if not writer.written:
     raise ValueError(f'no record could be converted: {dict(skipped)}')
+  for path in old:  # Only now that the new set is complete.
+    if path not in writer.paths:
+      os.remove(path)
+  paths = writer.close()
   seconds = time.time() - start
   return dict(records=writer.written, skipped=dict(skipped), shards=len(paths),
               bytes=sum(os.path.getsize(p) for p in paths), seconds=round(seconds, 2),
@@ -199,9 +228,12 @@ def main(argv):
   f = flags.FLAGS
   try:
     source, left_out = open_input(f.kind, f.captions, f.images, f.files)
-    out = convert(source, f.output, f.num_shards, f.resize, f.quality, f.num_workers)
-  except (FileNotFoundError, ValueError) as e:
+    out = convert(source, f.output, f.num_shards, f.resize, f.quality, f.num_workers,
+                  overwrite=f.overwrite)
+  except (OSError, ValueError) as e:
     raise app.UsageError(str(e)) from e
+  except RuntimeError as e:  # array_record's writer reports an unwritable output so.
+    raise app.UsageError(f'cannot write {f.output}: {e}') from e
   if left_out:
     out['skipped']['no caption or no image (reader)'] = left_out
   print(json.dumps(out))

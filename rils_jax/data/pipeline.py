@@ -131,8 +131,8 @@ class CountSkipped(grain.transforms.Filter):
       self._since_last += 1
       if self._since_last >= self.max_consecutive:
         raise RuntimeError(
-            f'{self._since_last} examples in a row had no readable image (last: '
-            f'{element.reason}); check the image folders of config.input.sources')
+            f'{self._since_last} examples in a row had no readable image or caption (last: '
+            f'{element.reason}); check config.input.sources')
       return False
     element['skipped'] = np.int64(self._since_last)
     self._since_last = 0
@@ -190,13 +190,18 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     raise ValueError('give rows or shard_options, not both')
   shard_index, shard_count = ((shard_options.shard_index, shard_options.shard_count)
                               if shard_options else (0, 1))
-  if batch_size % shard_count:
-    raise ValueError(f'batch {batch_size} does not split over {shard_count} shards')
+  if batch_size < 1 or batch_size % shard_count:
+    raise ValueError(f'batch {batch_size} must be positive and split over {shard_count} shards')
   start, stop = rows or (0, batch_size // shard_count)
   if weights is not None:
-    if len(weights) != len(parts) or not all(w > 0 for w in weights):
-      raise ValueError(f'mixture weights {list(weights)} must be {len(parts)} positive numbers, '
-                       'one per source')
+    if len(weights) != len(parts):
+      raise ValueError(f'{len(weights)} mixture weights for {len(parts)} sources: give one per '
+                       'source')
+    weights = sources.check_weights(weights)
+  for part in parts:
+    # Checked on every process alike: a process left with an empty shard must not be the only
+    # one to stop.
+    _check_size(len(part), shard_count, part.name, 'one per process:')
   offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
 
   def prepare(part: sources.RecordSource, offset: int) -> grain.MapDataset:
@@ -211,7 +216,7 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     mixed = []
     for i, (part, offset) in enumerate(zip(parts, offsets)):
       ds = prepare(part, offset)
-      _check_size(len(ds), 1, part.name)
+      _check_size(len(ds), 1, part.name, 'the minimum,')
       mixed.append(ds.shuffle(seed=seed + i).repeat(None))
     ds = grain.MapDataset.mix(mixed, list(weights))
   ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale, draft),
@@ -226,10 +231,9 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
   return it
 
 
-def _check_size(size: int, needed: int, what: str) -> None:
+def _check_size(size: int, needed: int, what: str, unit: str = 'one batch of') -> None:
   if size < needed:
-    raise ValueError(f'{size} training records in {what}' + (
-        f', fewer than one batch of {needed}' if needed > 1 else ''))
+    raise ValueError(f'{size} training records in {what}, fewer than {unit} {needed}')
 
 
 class PutOnDevice(grain.transforms.Map):

@@ -1,6 +1,7 @@
 """File lists from shard patterns: brace ranges and alternatives (`shard-{00000..00099}.tar`,
 `{train,extra}-*.tar`, the WebDataset / img2dataset notation, expanded by `braceexpand`), then
-glob wildcards (`*`, `?`, `[...]`), several patterns separated by spaces or `::`.
+glob wildcards (`*`, `?`, `[...]`); several patterns separated by `::` (as WebDataset) or given as
+a list. Spaces belong to the path.
 
 Local paths and object-store URLs (`gs://...`, anything `etils.epath` opens) are accepted; a
 brace-expanded name is kept as is (without a check that it exists, as WebDataset does) unless it
@@ -28,9 +29,10 @@ def expand(patterns: Union[str, Sequence[str]]) -> List[str]:
       nothing.
   """
   if isinstance(patterns, str):
-    patterns = patterns.replace('::', ' ').split()
-  if not patterns:
-    raise ValueError('no shard pattern given')
+    patterns = patterns.split('::')
+  patterns = [p.strip() for p in patterns]
+  if not patterns or not all(patterns):
+    raise ValueError(f'empty shard pattern in {patterns!r}')
   out = []
   for pattern in patterns:
     try:

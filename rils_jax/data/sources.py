@@ -30,6 +30,8 @@ import dataclasses
 import functools
 import io
 import json
+import math
+import numbers
 import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -75,6 +77,7 @@ class SourceStats:
   duplicate_captions: int = 0  # Repeats of a caption of the same image.
   duplicate_image_ids: int = 0  # COCO `images` entries whose id was already listed.
   non_utf8_lines: int = 0  # CSV lines decoded as Windows-1252.
+  damaged_shards: int = 0  # WebDataset shards read only up to a cut or damaged header.
 
   def add(self, other: 'SourceStats') -> 'SourceStats':
     return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
@@ -331,6 +334,14 @@ def check_spec(spec: Mapping[str, Any]) -> None:
                                                                                          set())
   if unknown:
     raise ValueError(f'{kind} source {spec}: unknown keys {sorted(unknown)}')
+  for key, value in spec.items():
+    if key in ('weight', 'image_ext'):
+      continue
+    if key == 'files' and isinstance(value, (list, tuple)) and all(
+        isinstance(v, str) for v in value):
+      continue
+    if not isinstance(value, str):
+      raise ValueError(f'{kind} source {spec}: {key} must be a string, got {value!r}')
 
 
 def mixture_weights(specs: Sequence[Mapping[str, Any]]) -> Optional[List[float]]:
@@ -345,10 +356,22 @@ def mixture_weights(specs: Sequence[Mapping[str, Any]]) -> Optional[List[float]]
   if any(w is None for w in weights):
     raise ValueError(f'config.input.sources: either every source has a weight (a mixture) or '
                      f'none (concatenated), got {weights}')
-  if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
-             for w in weights):
-    raise ValueError(f'config.input.sources: weights must be positive numbers, got {weights}')
-  return [float(w) for w in weights]
+  return check_weights(weights)
+
+
+def check_weights(weights: Sequence[Any]) -> List[float]:
+  """`weights` as floats.
+
+  Raises:
+    ValueError: unless every weight is a finite positive number.
+  """
+  out = []
+  for w in weights:
+    if isinstance(w, (bool, str, bytes)) or not isinstance(w, numbers.Real) or not (
+        math.isfinite(w) and w > 0):
+      raise ValueError(f'mixture weights must be finite positive numbers, got {list(weights)}')
+    out.append(float(w))
+  return out
 
 
 def open_source(spec: Mapping[str, Any]) -> RecordSource:

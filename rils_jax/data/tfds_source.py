@@ -15,21 +15,32 @@ from rils_jax.data import sources
 
 
 def _captions(value) -> tuple:
+  """Text, bytes, or a list / array of them -> tuple of str.
+
+  Raises:
+    TypeError: for anything else (e.g. a caption key that names a nested feature dict).
+  """
   if isinstance(value, (str, bytes)):
     value = [value]
-  return tuple(v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
-               for v in np.asarray(value, object).reshape(-1))
+  if isinstance(value, dict):
+    raise TypeError(f'the caption feature is a dict with keys {sorted(value)}: name one of '
+                    'them, e.g. captions/text')
+  out = []
+  for v in np.asarray(value, object).reshape(-1):
+    if not isinstance(v, (str, bytes)):
+      raise TypeError(f'captions must be text, got {type(v).__name__}')
+    out.append(v.decode('utf-8', errors='replace') if isinstance(v, bytes) else v)
+  return tuple(out)
 
 
 def _lookup(example, key: str):
+  if key in example:  # A flat key, which may contain '/' (e.g. 'image/id').
+    return example[key]
   value = example
   for part in key.split('/'):
-    if isinstance(value, dict) and part in value:
-      value = value[part]
-    elif isinstance(value, dict) and key in value:  # A flat key that contains '/'.
-      return value[key]
-    else:
+    if not (isinstance(value, dict) and part in value):
       raise KeyError(f'no {key!r} in the example (keys: {sorted(example)})')
+    value = value[part]
   return value
 
 
@@ -45,6 +56,7 @@ class TfdsSource(sources.RecordSource):
   Raises (constructor):
     FileNotFoundError: if the dataset is not prepared in ArrayRecord format under `data_dir`.
     KeyError: if the first example lacks `image_key` or `caption_key`.
+    TypeError: if its `caption_key` does not hold text.
   """
 
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
@@ -56,7 +68,8 @@ class TfdsSource(sources.RecordSource):
     self._length = len(self._open())
     if self._length:
       first = self._open()[0]
-      _lookup(first, image_key), _lookup(first, caption_key)  # Key errors now, not mid-run.
+      _lookup(first, image_key)  # Errors now, not mid-run.
+      _captions(_lookup(first, caption_key))
     self.stats = sources.SourceStats(images=self._length)
 
   def _open(self):

@@ -100,7 +100,9 @@ def _describe(source: ImageSource) -> str:
     return source
   if isinstance(source, np.ndarray):
     return f'array {source.shape} {source.dtype}'
-  return f'{len(source)} bytes'
+  if isinstance(source, (bytes, bytearray, memoryview)):
+    return f'{len(source)} bytes'
+  return f'a {type(source).__name__}'
 
 
 def load_image(source: ImageSource, name: str = '') -> Image.Image:

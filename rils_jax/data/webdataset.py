@@ -6,7 +6,9 @@ Opening the source reads every shard's tar headers (in threads; no image data is
 index of (offset, size) per image and caption, so that sample i can be read with one seek: the
 global order and the grain iterator state are then what they are for ArrayRecord, which is what
 makes the stream deterministic and resumable. Samples without an image or a caption are left
-out and counted. Uncompressed tars only: a compressed one has no seekable members.
+out and counted. Uncompressed tars only: a compressed one has no seekable members. A shard that
+is cut off or damaged part-way keeps its samples before the damage and is logged and counted
+(`data/damaged_shards`); a file that is not a tar at all is an error.
 
 Local and NFS paths are read with `os.pread`; URLs (`gs://...`) through `etils.epath`. At LAION
 scale (thousands of shards) the header scan is repeated by every host and worker; converting
@@ -22,6 +24,7 @@ import tarfile
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from rils_jax.data import shards
@@ -38,6 +41,7 @@ class ShardIndex:
   caption: np.ndarray  # int64 (n, 2): offset, size of the caption member.
   without_caption: int = 0
   without_image: int = 0
+  damaged: str = ''  # What was wrong with a shard that was read only up to some point.
 
 
 def _split_name(name: str) -> Tuple[str, str]:
@@ -49,21 +53,48 @@ def _split_name(name: str) -> Tuple[str, str]:
 def index_shard(path: str, image_ext: Sequence[str], caption_ext: str) -> ShardIndex:
   """Reads the tar headers of one shard.
 
+  A shard that starts as a tar but is cut off or damaged further on (a bad header, a member
+  whose data runs past the end, no end-of-archive blocks) keeps the samples before the damage;
+  `ShardIndex.damaged` says what was wrong (tarfile itself would stop there silently).
+
   Raises:
     FileNotFoundError: if the shard does not exist.
-    ValueError: if it is not an uncompressed tar file.
+    ValueError: if it is not an uncompressed tar file at all.
   """
   members: Dict[str, Dict[str, Tuple[int, int]]] = collections.OrderedDict()
+  damaged = ''
   try:
-    with epath.Path(path).open('rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
-      for info in tar:
-        if info.isfile():
-          key, ext = _split_name(info.name)
-          members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+    with epath.Path(path).open('rb') as f:
+      size = f.seek(0, os.SEEK_END)
+      f.seek(0)
+      with tarfile.open(fileobj=f, mode='r:') as tar:
+        try:
+          for info in tar:
+            if info.offset_data + info.size > size:
+              damaged = f'member {info.name!r} is cut off at byte {size}'
+              break
+            if info.isfile():
+              key, ext = _split_name(info.name)
+              members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+        except tarfile.TarError as e:
+          damaged = f'{e} after byte {tar.offset}'
+        if not damaged:
+          # tarfile stops quietly at the first bad header; a whole tar ends with zero blocks
+          # (then zero padding), so anything else there is damage or a second, concatenated tar.
+          f.seek(tar.offset)
+          tail = f.read(64 * 1024)
+          if len(tail) < 512 or tail.count(0) != len(tail):
+            damaged = (f'no end-of-archive blocks at byte {tar.offset}: a damaged header, a '
+                       'file cut off, or several tars concatenated')
   except FileNotFoundError as e:
     raise FileNotFoundError(f'WebDataset shard not found: {path}') from e
+  except IsADirectoryError as e:
+    raise ValueError(f'{path} is a folder, not a tar shard') from e
   except tarfile.TarError as e:
     raise ValueError(f'{path} is not an uncompressed tar file: {e}') from e
+  if damaged:
+    logging.warning('WebDataset shard %s is damaged: %s; its %d complete samples before that '
+                    'are used', path, damaged, len(members))
   keys, image, caption = [], [], []
   without_caption = without_image = 0
   for key, parts in members.items():
@@ -78,7 +109,8 @@ def index_shard(path: str, image_ext: Sequence[str], caption_ext: str) -> ShardI
     image.append(found)
     caption.append(parts[caption_ext])
   as_array = lambda x: np.asarray(x, np.int64).reshape(-1, 2)
-  return ShardIndex(keys, as_array(image), as_array(caption), without_caption, without_image)
+  return ShardIndex(keys, as_array(image), as_array(caption), without_caption, without_image,
+                    damaged)
 
 
 class WebDatasetSource(sources.RecordSource):
@@ -107,7 +139,8 @@ class WebDatasetSource(sources.RecordSource):
     self.stats = sources.SourceStats(
         images=len(self), captions=len(self),
         images_without_caption=sum(i.without_caption for i in indices),
-        captions_without_image=sum(i.without_image for i in indices))
+        captions_without_image=sum(i.without_image for i in indices),
+        damaged_shards=sum(bool(i.damaged) for i in indices))
 
   def _index(self, path: str) -> ShardIndex:
     return index_shard(path, self._image_ext, self._caption_ext)
