@@ -1,10 +1,12 @@
 """grain input pipelines: the training stream of (image, caption) batches, and evaluation batches.
 
 Training (`make_train_dataset`):
-  records -> id -> shuffle, reshuffled every epoch -> repeat -> decode + RandomResizedCrop +
-  one random caption, tokenised (random state from the seed and the global position) -> this
-  process's rows of each global batch (`ProcessRows`) -> drop and count bad examples ->
-  fixed-size batches -> optional multiprocessing workers.
+  random-access sources (rils_jax/data/sources.py) -> id -> shuffle, reshuffled every epoch ->
+  repeat (a weighted mixture: each source on its own, then `MapDataset.mix`) -> decode +
+  RandomResizedCrop + one random caption, tokenised (random state from the seed and the global
+  position) -> this process's rows of each global batch (`ProcessRows`) -> drop and count bad
+  examples -> fixed-size batches -> optional multiprocessing workers; `prefetch_to_device`
+  then keeps batches transferred ahead of the step.
 The global stream depends only on the seed: global batch k holds stream positions
 [k * B, (k + 1) * B) and process p reads its block of rows of every global batch, so 1 process
 x 8 devices and 2 processes x 4 devices train on the same batches, and the processes read
