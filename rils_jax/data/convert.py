@@ -106,8 +106,8 @@ def convert_record(record, resize: int, quality: int) -> Tuple[Optional[bytes], 
     return None, 'bad image'
   if resize and min(img.size) > resize:
     scale = resize / min(img.size)
-    img = img.resize((max(resize, round(img.width * scale)), max(resize, round(img.height * scale))),
-                     Image.BICUBIC)
+    size = (max(resize, round(img.width * scale)), max(resize, round(img.height * scale)))
+    img = img.resize(size, Image.BICUBIC)
     out = io.BytesIO()
     img.save(out, 'JPEG', quality=quality)
     data = out.getvalue()
@@ -212,14 +212,15 @@ def _convert(source, writer, old, resize, quality, num_workers, chunk, output) -
           writer.write(i, record)
   if not writer.written:
     raise ValueError(f'no record could be converted: {dict(skipped)}')
-  for path in old:  # Only now that the new set is complete.
-    if path not in writer.paths:
-      os.remove(path)
   paths = writer.close()
+  for path in old:  # Only now that the new set is in place.
+    if path not in paths:
+      os.remove(path)
   seconds = time.time() - start
   return dict(records=writer.written, skipped=dict(skipped), shards=len(paths),
               bytes=sum(os.path.getsize(p) for p in paths), seconds=round(seconds, 2),
-              records_per_s=round(len(source) / seconds, 1), files=f'{output}-*{arrayrecord.SUFFIX}')
+              records_per_s=round(len(source) / seconds, 1),
+              files=f'{output}-*{arrayrecord.SUFFIX}')
 
 
 def main(argv):
