@@ -33,7 +33,9 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   seen = set()
   for pair in filter(None, (arg or '').split(',')):
     if '=' not in pair:
-      raise ValueError(f'config argument {pair!r} must look like key=value')
+      hint = (": commas separate the argument's keys, so write brace alternatives {a,b} as two "
+              "patterns joined by '::'" if '{' in (arg or '') else '')
+      raise ValueError(f'config argument {pair!r} must look like key=value{hint}')
     key, value = pair.split('=', 1)
     if key not in defaults:
       raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')

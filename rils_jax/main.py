@@ -372,7 +372,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
   parts = [sources.open_source(spec) for spec in config.input.sources]
   data = sources.ConcatSource(parts)
   stats = data.stats
-  logging.info('Training data: %s: %s', ' + '.join(repr(p) for p in parts), stats)
+  logging.info('Training data: %s: %s%s', ' + '.join(repr(p) for p in parts), stats,
+               '' if data.counts_captions else ' (captions not counted in shard formats)')
   if not len(data):
     raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
   eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
@@ -413,15 +414,18 @@ def _train(config, workdir, watcher: preemption.Watcher,
   train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
 
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
-  writer.write(start_step, {'data/images': stats.images, 'data/captions': stats.captions,
-                            'data/empty_captions_skipped': stats.empty_captions,
-                            'data/duplicate_captions_skipped': stats.duplicate_captions,
-                            'data/images_without_caption': stats.images_without_caption,
-                            'data/captions_without_image': stats.captions_without_image,
-                            'data/duplicate_image_ids_skipped': stats.duplicate_image_ids,
-                            'data/non_utf8_lines': stats.non_utf8_lines,
-                            'data/damaged_shards': stats.damaged_shards,
-                            'num_params': num_params})
+  data_counts = {'data/images': stats.images, 'data/captions': stats.captions,
+                'data/empty_captions_skipped': stats.empty_captions,
+                'data/duplicate_captions_skipped': stats.duplicate_captions,
+                'data/images_without_caption': stats.images_without_caption,
+                'data/captions_without_image': stats.captions_without_image,
+                'data/duplicate_image_ids_skipped': stats.duplicate_image_ids,
+                'data/non_utf8_lines': stats.non_utf8_lines,
+                'data/damaged_shards': stats.damaged_shards,
+                'num_params': num_params}
+  if not data.counts_captions:  # Shard formats: counting would read every record.
+    del data_counts['data/captions']
+  writer.write(start_step, data_counts)
   if start_step >= config.total_steps and is_main:
     print(f'The checkpoint at step {start_step} has reached config.total_steps='
           f'{config.total_steps}: nothing to train.', flush=True)
@@ -452,6 +456,7 @@ def _train(config, workdir, watcher: preemption.Watcher,
       checkpoints.save(step, state, batches, config, tokenizer.model_path)
     if preempted:
       checkpoints.wait()
+      batches.close()
       if is_main:
         print(f'Preempted ({watcher.signal_name}) at step {step}: saved the checkpoint '
               f'{os.path.join(checkpoints.directory, str(step))}; run the same command again '
@@ -462,6 +467,9 @@ def _train(config, workdir, watcher: preemption.Watcher,
   health.finish()
   example_ids.close()
   checkpoints.wait()
+  # Stops the prefetch thread and the grain workers now (after the last save read the stream's
+  # position), rather than at interpreter exit while the evaluation runs.
+  batches.close()
   if is_main and start_step < config.total_steps:
     print(f'Training done: {config.total_steps - start_step} steps in '
           f'{time.time() - start_time:.1f} s', flush=True)
@@ -473,6 +481,9 @@ def _train(config, workdir, watcher: preemption.Watcher,
     writer.write(int(state.step), results)
     if is_main:
       print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
+  elif is_main:
+    print('No final evaluation: config.evals names no zero-shot folder '
+          '(evals.zeroshot.root) and no retrieval source (evals.retrieval.sources).', flush=True)
   writer.close()
   return results
 

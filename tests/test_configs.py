@@ -68,6 +68,8 @@ def test_bad_config_argument():
     _load('vit_b16', 'data=laion')
   with pytest.raises(ValueError, match='KIND:PATTERN'):
     _load('vit_b16', 'data=webdataset:')
+  with pytest.raises(ValueError, match="alternatives {a,b} as two patterns joined by '::'"):
+    _load('vit_b16', 'data=webdataset:/d/{a,b}.tar')
 
 
 def test_shard_data_arguments():

@@ -162,6 +162,7 @@ def test_train_on_a_mixture_of_shard_sources(tmp_path, data_root):
   results = main_lib.train(config, workdir)
   assert 0.0 <= results['zeroshot/top1'] <= 1.0
   assert _read_metrics(workdir)[0]['data/images'] == 64 + 32
+  assert 'data/captions' not in _read_metrics(workdir)[0]  # Not counted in ArrayRecord.
   ids = np.concatenate(list(tiny.example_ids(workdir).values()))
   assert len(ids) == 6 * 8 and ids.max() < 96
   assert (ids < 64).sum() == 36  # 3:1, the mixture's exact pattern.

@@ -84,6 +84,7 @@ class ArrayRecordSource(sources.RecordSource):
     self.name = name or (files if isinstance(files, str) else paths[0])
     # Caption counts would need a pass over every record; the converter printed them.
     self.stats = sources.SourceStats(images=len(self._source))
+    self.counts_captions = False
 
   def __len__(self) -> int:
     return len(self._source)

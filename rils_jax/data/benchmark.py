@@ -174,7 +174,10 @@ def main(argv):
   workers = [int(w) for w in f.workers]
   if any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 1:
     raise app.UsageError('--workers must be >= 0, --images and --batch_size >= 1')
-  results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
+  try:
+    results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
+  except (OSError, ValueError) as e:  # Missing or too little data: the message, no traceback.
+    raise SystemExit(f'data.benchmark: {e}') from e
   for r in results:
     print(json.dumps(r), flush=True)
   print(f'\n{"setting":<22} {"images/s":>9} {"cores busy":>10} {"per core":>9} '

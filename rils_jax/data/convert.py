@@ -93,8 +93,13 @@ def read_caption_folder(root: str) -> Tuple[sources.ListSource, int]:
   return sources.ListSource(records, root), without
 
 
-def convert_record(record, resize: int, quality: int) -> Tuple[Optional[bytes], str]:
-  """(ArrayRecord record, '') or (None, reason) for one `ImageCaptions` or `BadRecord`."""
+def convert_record(record, resize: int, quality: int, key_root: str = ''
+                   ) -> Tuple[Optional[bytes], str]:
+  """(ArrayRecord record, '') or (None, reason) for one `ImageCaptions` or `BadRecord`.
+
+  The record's key is the image's path relative to `key_root` when given (its name in the
+  dataset), else the source's name for it (WebDataset: SHARD:KEY).
+  """
   if isinstance(record, sources.BadRecord):
     return None, 'unreadable record'
   captions = [c for c in (' '.join(c.split()) for c in record.captions) if c]
@@ -116,20 +121,23 @@ def convert_record(record, resize: int, quality: int) -> Tuple[Optional[bytes], 
       data = f.read()
   else:
     data = bytes(record.image)
-  return arrayrecord.encode(record.name, data, captions), ''
+  key = (os.path.relpath(record.image, key_root) if key_root and isinstance(record.image, str)
+         else record.name)
+  return arrayrecord.encode(key, data, captions), ''
 
 
 _WORKER = {}
 
 
-def _init_worker(source, resize: int, quality: int) -> None:
+def _init_worker(source, resize: int, quality: int, key_root: str) -> None:
   # The source reaches each worker once, not with every chunk.
-  _WORKER.update(source=source, resize=resize, quality=quality)
+  _WORKER.update(source=source, resize=resize, quality=quality, key_root=key_root)
 
 
 def _convert_range(start: int, stop: int):
   w = _WORKER
-  return [convert_record(w['source'][i], w['resize'], w['quality']) for i in range(start, stop)]
+  return [convert_record(w['source'][i], w['resize'], w['quality'], w['key_root'])
+          for i in range(start, stop)]
 
 
 def open_input(kind: str, captions: Optional[str], images: Optional[str], files: Optional[str]
@@ -156,11 +164,12 @@ def open_input(kind: str, captions: Optional[str], images: Optional[str], files:
 
 def convert(source: sources.RecordSource, output: str, num_shards: int = 0, resize: int = 0,
             quality: int = 95, num_workers: int = 1, chunk: int = 64,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, key_root: str = '') -> dict:
   """Writes the records of `source` to ArrayRecord shards `output-*-of-*.array_record`.
 
   The shards appear only when all are written; shards of an earlier conversion with the same
-  prefix are an error, or with `overwrite` are removed once the new ones are complete.
+  prefix are an error, or with `overwrite` are removed once the new ones are complete. Keys:
+  see `convert_record`.
 
   Returns:
     dict(records, skipped={reason: count}, shards, bytes, seconds, records_per_s, files).
@@ -177,19 +186,20 @@ def convert(source: sources.RecordSource, output: str, num_shards: int = 0, resi
                      f'--num_shards={num_shards} >= 0')
   old = arrayrecord.existing_shards(output)
   if old and not overwrite:
-    raise ValueError(f'{len(old)} shards named {output}-*{arrayrecord.SUFFIX} exist already '
-                     f'(e.g. {old[0]}); choose another --output or pass --overwrite')
+    raise ValueError(f'shards named {output}-*{arrayrecord.SUFFIX} exist already ({len(old)} '
+                     f'files, e.g. {old[0]}); choose another --output or pass --overwrite')
   # More shards than records would only add empty files.
   num_shards = min(num_shards or max(1, -(-len(source) // 10_000)), len(source))
   writer = arrayrecord.ShardWriter(output, num_shards, len(source))
   try:
-    return _convert(source, writer, old, resize, quality, num_workers, chunk, output)
+    return _convert(source, writer, old, (resize, quality, key_root), num_workers, chunk,
+                    output)
   except BaseException:
     writer.abort()
     raise
 
 
-def _convert(source, writer, old, resize, quality, num_workers, chunk, output) -> dict:
+def _convert(source, writer, old, options, num_workers, chunk, output) -> dict:
   skipped = collections.Counter()
   start = time.time()
   ranges = collections.deque((i, min(i + chunk, len(source)))
@@ -198,7 +208,7 @@ def _convert(source, writer, old, resize, quality, num_workers, chunk, output) -
   # Spawned, not forked: forking a process whose JAX or grain threads run can deadlock.
   with concurrent.futures.ProcessPoolExecutor(
       num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
-      initargs=(source, resize, quality)) as pool:
+      initargs=(source, *options)) as pool:
     in_flight = collections.deque()
     while ranges or in_flight:
       while ranges and len(in_flight) < 4 * num_workers:  # Bounded: results wait in memory.
@@ -230,11 +240,12 @@ def main(argv):
   try:
     source, left_out = open_input(f.kind, f.captions, f.images, f.files)
     out = convert(source, f.output, f.num_shards, f.resize, f.quality, f.num_workers,
-                  overwrite=f.overwrite)
+                  overwrite=f.overwrite, key_root=f.images if f.kind != 'webdataset' else '')
   except (OSError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+    # A data or output problem, not a usage one: the message alone, without the flags' help.
+    raise SystemExit(f'convert: {e}') from e
   except RuntimeError as e:  # array_record's writer reports an unwritable output so.
-    raise app.UsageError(f'cannot write {f.output}: {e}') from e
+    raise SystemExit(f'convert: cannot write {f.output}: {e}') from e
   if left_out:
     out['skipped']['no caption or no image (reader)'] = left_out
   print(json.dumps(out))

@@ -248,9 +248,12 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
 
 class RecordSource:
   """A random-access image-caption source: `len(source)` records, `source[i]` an
-  `ImageCaptions` or a `BadRecord`. Subclasses set `name` and may set `stats`."""
+  `ImageCaptions` or a `BadRecord`. Subclasses set `name` and may set `stats`;
+  `counts_captions` is False where `stats.captions` is unknown (it would take a pass over every
+  record: ArrayRecord, TFDS)."""
   name: str = ''
   stats: SourceStats = SourceStats()
+  counts_captions: bool = True
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -282,6 +285,7 @@ class SliceSource(RecordSource):
     self._parent, self._indices = parent, select(range(len(parent)), spec)
     self.name = f'{parent.name}[{spec}]'
     self.stats = dataclasses.replace(parent.stats, images=len(self._indices), captions=0)
+    self.counts_captions = False
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -300,6 +304,7 @@ class ConcatSource(RecordSource):
       self.offsets.append(self.offsets[-1] + len(part))
     self.name = ' + '.join(p.name for p in self.parts)
     self.stats = functools.reduce(SourceStats.add, (p.stats for p in self.parts), SourceStats())
+    self.counts_captions = all(p.counts_captions for p in self.parts)
 
   def __len__(self) -> int:
     return self.offsets[-1]

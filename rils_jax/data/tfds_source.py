@@ -71,6 +71,7 @@ class TfdsSource(sources.RecordSource):
       _lookup(first, image_key)  # Errors now, not mid-run.
       _captions(_lookup(first, caption_key))
     self.stats = sources.SourceStats(images=self._length)
+    self.counts_captions = False
 
   def _open(self):
     if self._source is None:
