@@ -184,8 +184,9 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     draft: reduced-size JPEG decoding where equivalent (see `transforms.decode_crop`).
 
   Raises:
-    ValueError: if a (sharded) source has fewer records than one batch, `rows` are out of
-      range, `rows` and `shard_options` are both given, or the weights do not fit the sources.
+    ValueError: if the sources hold fewer records than one batch, a source fewer than one per
+      process, `rows` are out of range, `rows` and `shard_options` are both given, or the
+      weights do not fit the sources.
   """
   parts = as_sources(data)
   if rows is not None and shard_options is not None:
@@ -211,16 +212,13 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     return ds[shard_index::shard_count] if shard_count > 1 else ds
 
   if weights is None:
-    ds = prepare(sources.ConcatSource(parts), 0)
-    _check_size(len(ds), stop - start if shard_count > 1 else batch_size, 'the sources')
-    ds = ds.shuffle(seed=seed).repeat(None)
+    concat = sources.ConcatSource(parts)
+    _check_size(len(concat), batch_size, 'the sources')
+    ds = prepare(concat, 0).shuffle(seed=seed).repeat(None)
   else:
-    mixed = []
-    for i, (part, offset) in enumerate(zip(parts, offsets)):
-      ds = prepare(part, offset)
-      _check_size(len(ds), 1, part.name, 'the minimum,')
-      mixed.append(ds.shuffle(seed=seed + i).repeat(None))
-    ds = grain.MapDataset.mix(mixed, list(weights))
+    ds = grain.MapDataset.mix([prepare(part, offset).shuffle(seed=seed + i).repeat(None)
+                               for i, (part, offset) in enumerate(zip(parts, offsets))],
+                              weights)
   ds = ds.random_map(TrainTransform(tokenizer, image_size, context_length, crop_scale, draft),
                      seed=seed)
   if shard_count == 1:

@@ -22,6 +22,7 @@ origin of such files) and counted. Images are not opened here: missing or corrup
 found (and counted) by the input pipeline.
 """
 
+import abc
 import bisect
 import codecs
 import collections
@@ -246,7 +247,7 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
                                       captions=sum(len(r.captions) for r in records))
 
 
-class RecordSource:
+class RecordSource(abc.ABC):
   """A random-access image-caption source: `len(source)` records, `source[i]` an
   `ImageCaptions` or a `BadRecord`. Subclasses set `name` and may set `stats`;
   `counts_captions` is False where `stats.captions` is unknown (it would take a pass over every
@@ -255,11 +256,13 @@ class RecordSource:
   stats: SourceStats = SourceStats()
   counts_captions: bool = True
 
+  @abc.abstractmethod
   def __len__(self) -> int:
-    raise NotImplementedError
+    """The number of records."""
 
+  @abc.abstractmethod
   def __getitem__(self, index: int):
-    raise NotImplementedError
+    """Record `index`: an `ImageCaptions`, or a `BadRecord` for one that cannot be read."""
 
 
 class ListSource(RecordSource):
