@@ -26,7 +26,6 @@ import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-from PIL import Image
 
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import pipeline
@@ -133,8 +132,7 @@ def time_plain_loop(data: sources.RecordSource, tokenizer, config, *, images: in
     except transforms.BadImageError:
       skipped += 1
       continue
-    box = transforms.random_resized_crop_box(img.width, img.height, rng, config.input.crop_scale)
-    batch_images.append(np.asarray(img.resize((size, size), Image.BICUBIC, box=box), np.uint8))
+    batch_images.append(transforms.random_resized_crop(img, size, rng, config.input.crop_scale))
     caption = record.captions[rng.integers(len(record.captions))]
     batch_texts.append(tokenizer.encode([caption], length)[0])
     done += 1

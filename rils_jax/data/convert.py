@@ -33,7 +33,6 @@ from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
-from PIL import Image
 
 from rils_jax.data import arrayrecord
 from rils_jax.data import sources
@@ -82,8 +81,7 @@ def read_caption_folder(root: str) -> Tuple[sources.ListSource, int]:
         without += 1
         continue
       text, _ = sources.read_text(caption_file)
-      captions = tuple(c for c in dict.fromkeys(' '.join(l.split()) for l in text.splitlines())
-                       if c)
+      captions = tuple(dict.fromkeys(sources.clean_captions(text.splitlines())))
       if captions:
         records.append(sources.ImageCaptions(path, captions))
       else:
@@ -102,7 +100,7 @@ def convert_record(record, resize: int, quality: int, key_root: str = ''
   """
   if isinstance(record, sources.BadRecord):
     return None, 'unreadable record'
-  captions = [c for c in (' '.join(c.split()) for c in record.captions) if c]
+  captions = sources.clean_captions(record.captions)
   if not captions:
     return None, 'no caption'
   try:
@@ -110,9 +108,7 @@ def convert_record(record, resize: int, quality: int, key_root: str = ''
   except transforms.BadImageError:
     return None, 'bad image'
   if resize and min(img.size) > resize:
-    scale = resize / min(img.size)
-    size = (max(resize, round(img.width * scale)), max(resize, round(img.height * scale)))
-    img = img.resize(size, Image.BICUBIC)
+    img = transforms.resize_shorter_side(img, resize)
     out = io.BytesIO()
     img.save(out, 'JPEG', quality=quality)
     data = out.getvalue()

@@ -55,7 +55,7 @@ class TrainTransform(grain.transforms.RandomMap):
     if isinstance(record, sources.BadRecord):
       logging.warning('Skipping example %d: %s', example_id, record.reason)
       return Skipped(record.reason)
-    captions = [c for c in (' '.join(c.split()) for c in record.captions) if c]
+    captions = sources.clean_captions(record.captions)
     if not captions:  # Only shard formats get here: the csv/coco readers drop such images.
       return Skipped(f'{record.name}: no non-empty caption')
     try:

@@ -85,6 +85,11 @@ class SourceStats:
                                                 dataclasses.astuple(other))))
 
 
+def clean_captions(captions: Sequence[str]) -> List[str]:
+  """The captions with whitespace runs made single spaces, empty ones left out, in order."""
+  return [c for c in (' '.join(c.split()) for c in captions) if c]
+
+
 def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str],
            ) -> Tuple[List[ImageCaptions], SourceStats]:
   captions: Dict[str, List[str]] = collections.OrderedDict((name, []) for name in order)

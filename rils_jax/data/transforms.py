@@ -200,15 +200,20 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
   return np.asarray(img.resize((size, size), Image.BICUBIC, box=box), np.uint8)
 
 
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+  """Resizes (bicubic) so that the shorter side is `size` pixels, keeping the aspect ratio."""
+  scale = size / min(img.width, img.height)
+  return img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                    Image.BICUBIC)
+
+
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
   """Resizes the shorter side to `size` (bicubic), then takes the central `size` x `size` crop.
 
   Returns uint8 (size, size, 3).
   """
-  scale = size / min(img.width, img.height)
-  w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-  img = img.resize((w, h), Image.BICUBIC)
-  left, top = (w - size) // 2, (h - size) // 2
+  img = resize_shorter_side(img, size)
+  left, top = (img.width - size) // 2, (img.height - size) // 2
   return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
 
 
