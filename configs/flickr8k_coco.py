@@ -36,7 +36,6 @@ def get_config(arg=None):
   c.input.batch_size = 64
   c.input.num_workers = 1
   c.tokenizer.vocab_size = 2000
-  config_lib.shared_data(c, arg.data_dir)
-  c.evals.zeroshot.max_per_class = 100
+  config_lib.shared_data(c, arg.data_dir, zeroshot_per_class=':100')
   c.evals.batch_size = 250
   return c

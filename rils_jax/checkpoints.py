@@ -172,6 +172,19 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
   return os.path.join(root, str(max(steps) if step is None else step), 'state')
 
 
+def read_json(path: str, item: str, step: Optional[int] = None) -> Dict[str, Any]:
+  """The `config` or `tokenizer` JSON item of a checkpoint (`path` as for `checkpoint_path`).
+
+  Raises:
+    FileNotFoundError: when there is no such checkpoint or item.
+  """
+  folder = os.path.join(os.path.dirname(checkpoint_path(path, step)), item)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'the checkpoint {os.path.dirname(folder)} holds no {item!r} item')
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(folder, args=ocp.args.JsonRestore())
+
+
 def read_state(path: str, step: Optional[int] = None) -> Any:
   """The saved train state as a nested dict of numpy arrays (keys step, params, opt_state, rng,
   skipped_examples, nonfinite_steps, consecutive_nonfinite), restored whole on one device.

@@ -73,10 +73,11 @@ def synthetic_data(config: ml_collections.ConfigDict, image_size: int, num_train
                           num_heldout=num_heldout, zeroshot_per_class=zeroshot_per_class)
   config.input.sources = [dict(kind='csv', captions=os.path.join(root, 'train', 'captions.csv'),
                                images=os.path.join(root, 'train', 'images'), select='')]
-  config.evals.zeroshot.root = os.path.join(root, 'zeroshot')
-  config.evals.retrieval.sources = [
+  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='short',
+                               data=dict(kind='folder', root=os.path.join(root, 'zeroshot')))
+  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
       dict(kind='csv', captions=os.path.join(root, 'heldout', 'captions.csv'),
-           images=os.path.join(root, 'heldout', 'images'), select='')]
+           images=os.path.join(root, 'heldout', 'images'), select='')])
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -159,11 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.model = ''      # sentencepiece .model; '' trains one on the training captions.
   c.tokenizer.vocab_size = 8000  # Upper bound when training one.
 
+  # Evaluations (rils_jax/evals/runner.py): `batch_size`, plus named evaluators, each a dict
+  # with `kind` (zeroshot, retrieval, linear_probe, fewshot, lowshot, knn), `every` (steps; 0:
+  # at the end only) and the kind's settings. The data helpers below add some.
   c.evals = ml_collections.ConfigDict()
   c.evals.batch_size = 256
-  c.evals.zeroshot = dict(root='', max_per_class=0,
-                          templates=('a photo of a {}.', 'a {}.', 'a picture of a {}.'))
-  c.evals.retrieval = dict(sources=[])
 
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_loss_steps = ()  # Fault injection: steps (1-based) whose loss is made NaN.
@@ -174,7 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
 # values that are free-form (lists of sources and rules, the mesh's axes are checked by
 # sharding.make_mesh).
 OPTIONAL_KEYS = ('synthetic', 'platform')
-FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals.retrieval.sources')
+FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals')  # evals: checked by
+# rils_jax.evals.runner.evaluator_specs.
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
@@ -278,14 +280,20 @@ def shard_data(config: ml_collections.ConfigDict, spec: str) -> None:
   source = (dict(kind='tfds', name=what, split='train') if kind == 'tfds'
             else dict(kind=kind, files=what))
   config.input.sources = [source]
-  config.evals.zeroshot.root = ''
-  config.evals.retrieval.sources = []
+  remove_evals(config)
+
+
+def remove_evals(config: ml_collections.ConfigDict) -> None:
+  """Drops every evaluator of `config.evals` (keeps `evals.batch_size`)."""
+  for name in [k for k in config.evals.keys() if k != 'batch_size']:
+    del config.evals[name]
 
 
 def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
-                heldout: int = 100) -> None:
+                heldout: int = 100, zeroshot_per_class: str = '') -> None:
   """Points the config at ../shared/data: Flickr8k 1k (all but the last `heldout` images) + COCO
-  mini for training, the last `heldout` Flickr8k images for retrieval, CIFAR-10 for zero-shot."""
+  mini for training, the last `heldout` Flickr8k images for retrieval, CIFAR-10 test photos for
+  zero-shot (`zeroshot_per_class`: a slice of each class, '' for all 1,000)."""
   flickr, coco = os.path.join(data_dir, 'flickr8k_1k'), os.path.join(data_dir, 'coco_mini_train')
   config.input.sources = [
       dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
@@ -293,7 +301,8 @@ def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
       dict(kind='coco', captions=os.path.join(coco, 'captions_train2017.json'),
            images=os.path.join(coco, 'images'), select=''),
   ]
-  config.evals.retrieval.sources = [
+  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='clip_cifar_18', data=dict(
+      kind='folder', root=os.path.join(data_dir, 'cifar10_test'), per_class=zeroshot_per_class))
+  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
       dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
-           images=os.path.join(flickr, 'images'), select=f'-{heldout}:')]
-  config.evals.zeroshot.root = os.path.join(data_dir, 'cifar10_test')
+           images=os.path.join(flickr, 'images'), select=f'-{heldout}:')])

@@ -45,7 +45,6 @@ from ml_collections import config_flags
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import config_lib
 from rils_jax import distributed
-from rils_jax import evaluation
 from rils_jax import metric_writer
 from rils_jax import optim
 from rils_jax import preemption
@@ -55,6 +54,8 @@ from rils_jax import train_step as train_step_lib
 from rils_jax.data import pipeline
 from rils_jax.data import sources
 from rils_jax.data import synthetic
+from rils_jax.evals import embed as embed_lib
+from rils_jax.evals import runner as evals_lib
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
@@ -128,6 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.debug.nan_loss_steps!r}') from e
   if any(s < 1 for s in bad_steps):
     raise ValueError(f'config.debug.nan_loss_steps={bad_steps} must hold steps >= 1')
+  evals_lib.evaluator_specs(config.evals)
   if config.tokenizer.model and not (os.path.isfile(config.tokenizer.model) and
                                      os.access(config.tokenizer.model, os.R_OK)):
     raise ValueError(f'config.tokenizer.model={config.tokenizer.model!r} is not a readable file')
@@ -376,7 +378,7 @@ def _train(config, workdir, watcher: preemption.Watcher,
                '' if data.counts_captions else ' (captions not counted in shard formats)')
   if not len(data):
     raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
-  eval_data = evaluation.load_eval_data(config)  # Fails now, not after training.
+  evaluations = evals_lib.Evaluations(config)  # Opens the datasets: fails now, not after.
   saved_tokenizer = None if resume_step is None else checkpoints.tokenizer_model(resume_step)
   tokenizer = prepare_tokenizer(config, data, workdir, saved_tokenizer)
   start_step = resume_step or 0
@@ -412,6 +414,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(mesh.shape))
   train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  embedder = embed_lib.Embedder(model, config, mesh, tokenizer,
+                                jax.tree.map(lambda x: x.sharding, state.params))
 
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   data_counts = {'data/images': stats.images, 'data/captions': stats.captions,
@@ -451,6 +455,12 @@ def _train(config, workdir, watcher: preemption.Watcher,
                             first_step_time, start_step + 1), flush=True)
     if step == start_step + 1:
       first_step_time = time.time()
+    due = evaluations.due(step) if step < config.total_steps else []
+    if due:
+      results = evals_lib.flatten(evaluations.run(state.params, embedder, due))
+      writer.write(step, results)
+      if is_main:
+        print(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True), flush=True)
     preempted = watcher.reached(step)
     if preempted or step == config.total_steps or checkpoints.should_save(step):
       checkpoints.save(step, state, batches, config, tokenizer.model_path)
@@ -474,16 +484,14 @@ def _train(config, workdir, watcher: preemption.Watcher,
     print(f'Training done: {config.total_steps - start_step} steps in '
           f'{time.time() - start_time:.1f} s', flush=True)
 
-  embedder = evaluation.Embedder(model, config, mesh, tokenizer,
-                                 jax.tree.map(lambda x: x.sharding, state.params))
-  results = evaluation.run_evals(eval_data, state.params, embedder)
+  results = evals_lib.flatten(evaluations.run(state.params, embedder))
   if results:
     writer.write(int(state.step), results)
     if is_main:
       print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
   elif is_main:
-    print('No final evaluation: config.evals names no zero-shot folder '
-          '(evals.zeroshot.root) and no retrieval source (evals.retrieval.sources).', flush=True)
+    print('No final evaluation: config.evals names no evaluator (see '
+          'rils_jax/evals/runner.py).', flush=True)
   writer.close()
   return results
 

@@ -1,5 +1,6 @@
 """The entry point end to end on a tiny generated dataset: logs, checkpoints, resume, evals."""
 
+import glob
 import io
 import json
 import os
@@ -7,15 +8,25 @@ import subprocess
 import sys
 import tarfile
 
+import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from rils_jax import config_lib
+from rils_jax import evaluate as evaluate_lib
+from rils_jax import finetune as finetune_lib
 from rils_jax import main as main_lib
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import convert
 from rils_jax.data import sources
 from rils_jax.data import synthetic
+from rils_jax.data import transforms
+from rils_jax.evals import patch_text
+from rils_jax.evals import restore as restore_lib
+from rils_jax.models import rils as rils_lib
 from tests import tiny
 
 
@@ -39,13 +50,26 @@ def _read_metrics(workdir):
 
 def test_train_writes_logs_checkpoints_and_evals_then_resumes(tmp_path, data_root):
   workdir = str(tmp_path / 'run')
-  results = main_lib.train(_config(data_root, total_steps=6), workdir)
+  config = _config(data_root, total_steps=6, **{'evals.zeroshot.every': 4})
+  results = main_lib.train(config, workdir)
   assert 0.0 <= results['zeroshot/top1'] <= 1.0 and results['zeroshot/chance_top1'] == 0.05
   assert {'retrieval/i2t_r5', 'retrieval/t2i_r5', 'retrieval/chance_t2i_r5'} <= set(results)
   lines = _read_metrics(workdir)
   assert lines[0]['step'] == 0 and lines[0]['data/images'] == 64
   train_lines = [m for m in lines if 'loss' in m]
   assert [m['step'] for m in train_lines] == [1, 2, 4, 6]
+  # The periodic zero-shot evaluation at step 4, then every evaluator at the end (step 6).
+  assert [(m['step'], 'retrieval/i2t_r1' in m) for m in lines if 'zeroshot/top1' in m] == [
+      (4, False), (6, True)]
+  # The checkpoint evaluated on its own reproduces the final evaluation exactly.
+  evaluated = evaluate_lib.evaluate(config, workdir)
+  assert evaluated['zeroshot']['step'] == 6
+  for name in ('zeroshot', 'retrieval'):
+    for key, value in evaluated[name].items():
+      if key not in ('step', 'checkpoint', 'images', 'captions'):
+        assert value == results[f'{name}/{key}'], (name, key)
+  _check_patch_text_map(tmp_path, workdir, data_root)
+  _check_finetune(tmp_path, workdir, data_root)
   for m in train_lines:
     assert {'loss', 'clip_loss', 'recon_loss', 'clip_acc', 'gate_fraction', 'logit_scale',
             'learning_rate', 'grad_norm', 'images_per_sec', 'data/skipped_examples'} <= set(m)
@@ -63,12 +87,67 @@ def test_train_writes_logs_checkpoints_and_evals_then_resumes(tmp_path, data_roo
   assert steps == [1, 2, 4, 6, 7, 8]
 
 
+def _check_patch_text_map(tmp_path, workdir, data_root):
+  images = sorted(glob.glob(os.path.join(data_root, 'zeroshot', '*', '*.png')))[:2]
+  phrases = ['a red circle', 'a blue square', 'green']
+  out = str(tmp_path / 'maps.png')
+  probs = patch_text.patch_text_map(workdir, images, phrases, out)
+  assert probs.shape == (2, 4, 4, 3)  # 32 px, patch 8.
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  # Reference: the final-LayerNorm patch tokens times image_projection, normalised, softmax
+  # over the normalised phrase embeddings at the teacher temperature 0.04.
+  restored = restore_lib.restore(workdir)
+  pixels = np.stack([transforms.decode_crop(p, 32) for p in images])
+  _, tokens = restored.model.apply(
+      {'params': restored.params}, transforms.normalize(pixels, restored.config.input),
+      method=rils_lib.RILS.encode_image)
+  patches = np.asarray(tokens) @ np.asarray(restored.params['image_projection'])
+  patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
+  text = np.asarray(restored.model.apply(
+      {'params': restored.params}, restored.tokenizer.encode(phrases, 8),
+      method=rils_lib.RILS.encode_text))
+  logits = patches @ text.T / 0.04
+  reference = np.exp(logits - logits.max(-1, keepdims=True))
+  reference /= reference.sum(-1, keepdims=True)
+  np.testing.assert_allclose(probs.reshape(2, 16, 3), reference, atol=1e-4)
+  with Image.open(out) as png:
+    assert png.size == (5 * patch_text.PANEL, 2 * (patch_text.PANEL + patch_text.TITLE)
+                        + patch_text.TITLE)
+  with pytest.raises(ValueError, match='non-empty phrase'):
+    patch_text.patch_text_map(workdir, images, ['a', ' '], out)
+
+
+def _check_finetune(tmp_path, workdir, data_root):
+  folder = os.path.join(data_root, 'zeroshot')  # 20 classes x 2 pictures.
+  config = ml_collections.ConfigDict(dict(
+      init_from=workdir, seed=0, total_steps=3, batch_size=8, eval_batch_size=16, log_every=1,
+      eval_every=0, label_smoothing=0.1,
+      optim=dict(lr=1e-3, warmup_steps=1, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.05, grad_clip=0.0, layer_decay=0.65),
+      input=dict(crop_scale=(0.08, 1.0), num_workers=0),
+      data=dict(train=dict(kind='folder', root=folder, per_class=':1'),
+                test=dict(kind='folder', root=folder, per_class='1:'))))
+  ft_dir = str(tmp_path / 'finetune')
+  results = finetune_lib.finetune(config, ft_dir)
+  assert results['test/images'] == 20 and 0.0 <= results['test/top1'] <= results['test/top5']
+  assert [m['step'] for m in _read_metrics(ft_dir) if 'loss' in m] == [1, 2, 3]
+  # The fine-tuned encoder started from the pre-trained one and moved away from it.
+  pretrained = restore_lib.restore(workdir).params['visual']
+  tuned = ocp.StandardCheckpointer().restore(os.path.join(ft_dir, 'params'))
+  assert set(tuned) == {'visual', 'head'}
+  deltas = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), tuned['visual'],
+                        pretrained)
+  assert 0 < max(jax.tree.leaves(deltas)) < 0.05
+  with pytest.raises(ValueError, match='already holds fine-tuned parameters'):
+    finetune_lib.finetune(config, ft_dir)
+
+
 def test_clip_baseline_and_named_tokenizer(tmp_path, data_root):
   tok = tokenizer_lib.train_tokenizer(['a red circle', 'a blue square'] * 10, 40,
                                       str(tmp_path / 'named.model'))
   config = _config(data_root, total_steps=2, **{'loss.kind': 'clip'})
   config.tokenizer.model = tok
-  config.evals.retrieval.sources = []
+  del config.evals.retrieval
   workdir = str(tmp_path / 'clip')
   results = main_lib.train(config, workdir)
   assert set(results) == {'zeroshot/top1', 'zeroshot/top5', 'zeroshot/chance_top1',
@@ -87,7 +166,7 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
   with pytest.raises(ValueError, match='mask_ratio'):
     main_lib.train(_config(data_root, **{'model.mask_ratio': 1.0}), str(tmp_path / 'f'))
   with pytest.raises(FileNotFoundError, match='image folder dataset not found'):
-    main_lib.train(_config(data_root, **{'evals.zeroshot.root': str(tmp_path / 'nope')}),
+    main_lib.train(_config(data_root, **{'evals.zeroshot.data.root': str(tmp_path / 'nope')}),
                    str(tmp_path / 'g'))
   with pytest.raises(ValueError, match="'rils' or 'clip'"):
     main_lib.train(_config(data_root, **{'loss.kind': 'mae'}), str(tmp_path / 'b'))
@@ -218,8 +297,7 @@ def test_a_workdir_without_checkpoint_takes_the_new_tokenizer(tmp_path, data_roo
     main_lib.train(config, workdir)
   config = _config(data_root, total_steps=1)
   config.tokenizer.model = second
-  config.evals.zeroshot.root = ''
-  config.evals.retrieval.sources = []
+  config_lib.remove_evals(config)
   main_lib.train(config, workdir)
   with open(second, 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
     assert a.read() == b.read()

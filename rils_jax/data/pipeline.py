@@ -270,30 +270,43 @@ def ignore_sigterm(worker_index: int, worker_count: int) -> None:
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class EvalTransform(grain.transforms.Map):
-  """(index, image) -> dict(image uint8 (S, S, 3), index), or None for a bad image."""
+class EvalTransform(grain.transforms.MapWithIndex):
+  """(index, image or (image, label)) -> dict(image uint8 (S, S, 3), index[, label]), or None
+  for a bad image."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
-  def map(self, element):
-    index, image = element
+  def map_with_index(self, index, element):
+    image, label = element if isinstance(element, tuple) else (element, None)
     try:
-      return dict(image=transforms.decode_crop(image, self.image_size), index=np.int64(index))
+      out = dict(image=transforms.decode_crop(image, self.image_size), index=np.int64(index))
     except transforms.BadImageError as e:
       logging.warning('Skipping evaluation image: %s', e)
       return None
+    if label is not None:
+      out['label'] = np.int64(label)
+    return out
 
 
-def eval_batches(paths: Sequence[str], image_size: int, batch_size: int, num_workers: int = 0
+def eval_batches(images: Sequence, image_size: int, batch_size: int, num_workers: int = 0
                  ) -> Iterator[dict]:
   """Batches of resized, centre-cropped images; only the last batch may be smaller.
 
-  Each batch has `image` uint8 (b, S, S, 3) and `index` int64 (b,) into `paths`; bad images are
-  left out (the indices say which were kept). With workers the order is interleaved.
+  Args:
+    images: a random-access sequence (a list, or a lazy source with `__len__` and
+      `__getitem__`) of images (path, encoded bytes or uint8 array) or of `(image, label)`.
+    image_size: the output side S in pixels.
+    batch_size: images per batch.
+    num_workers: grain worker processes (0: decode in this process's threads).
+
+  Returns:
+    An iterator of dicts with `image` uint8 (b, S, S, 3), `index` int64 (b,) into `images` and,
+    for labelled items, `label` int64 (b,). Bad images are left out (the indices say which were
+    kept). With workers the order is interleaved.
   """
-  ds = grain.MapDataset.source(list(enumerate(paths)))
-  it = ds.map(EvalTransform(image_size)).to_iter_dataset().filter(_is_not_none)
+  ds = grain.MapDataset.source(images)
+  it = ds.map_with_index(EvalTransform(image_size)).to_iter_dataset().filter(_is_not_none)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   # Batched after the workers: batches made inside each worker would be fragments of a batch

@@ -445,12 +445,13 @@ def read_sources(sources: Sequence[Mapping[str, Any]]
   return records, stats
 
 
-def read_image_folder(root: str, max_per_class: Optional[int] = None
+def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class: str = ''
                       ) -> Tuple[List[str], List[int], List[str]]:
   """Reads an image-folder dataset `<root>/<class_name>/<image>`.
 
-  Classes are the sorted sub-folder names; files are sorted within a class; the first
-  `max_per_class` files of each class are kept when given.
+  Classes are the sorted sub-folder names; files are sorted within a class; `per_class` (a
+  `select` slice such as ':500' or '500:') then keeps a slice of each class's files, and the
+  first `max_per_class` of those are kept when given.
 
   Returns:
     (paths, labels, class_names).
@@ -466,9 +467,11 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None
   for label, name in enumerate(classes):
     files = sorted(f for f in os.listdir(os.path.join(root, name))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = select(files, per_class)
     files = files[:max_per_class] if max_per_class else files
     paths.extend(os.path.join(root, name, f) for f in files)
     labels.extend([label] * len(files))
   if not paths:
-    raise ValueError(f'{root} holds no <class>/<image> files')
+    raise ValueError(f'{root} holds no <class>/<image> files'
+                     + (f' in the per-class slice {per_class!r}' if per_class else ''))
   return paths, labels, classes

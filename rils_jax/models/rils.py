@@ -97,6 +97,18 @@ class RILS(nn.Module):
     tokens = self.visual(images)[:, 1:]
     return l2_normalize(self._project_image(tokens.mean(axis=1))), tokens
 
+  def encode_patches(self, images):
+    """Full-branch patch embeddings in the joint space: the teacher side of the reconstruction
+    loss (RILS forward pass step 6), for patch-text maps.
+
+    Args:
+      images: float (B, H, W, 3) normalised pixels.
+
+    Returns:
+      (B, N, embed_dim) float32, L2-normalised, patches in raster order.
+    """
+    return l2_normalize(self._project_image(self.visual(images)[:, 1:]))
+
   def encode_text(self, tokens):
     """Text embedding: (B, L) int32 token ids -> (B, embed_dim) float32, L2-normalised."""
     return l2_normalize(self.text(tokens) @ self.text_projection.astype(self.dtype))

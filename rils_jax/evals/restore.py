@@ -1,0 +1,69 @@
+"""A trained model back from a checkpoint, for evaluation and patch-text maps on one host.
+
+The model is rebuilt from the config saved in the checkpoint and the text tower's tokenizer from
+the sentencepiece model saved with it; the parameters are read whole (orbax stores each array's
+global value), so a checkpoint written under any mesh or number of hosts restores here. Only
+the parameters are read, not the optimizer state.
+"""
+
+import atexit
+import base64
+import dataclasses
+import os
+import tempfile
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from rils_jax import checkpoints as checkpoints_lib
+from rils_jax import sharding
+from rils_jax import tokenizer as tokenizer_lib
+from rils_jax import train_step as train_step_lib
+from rils_jax.models import rils as rils_lib
+
+
+@dataclasses.dataclass
+class Restored:
+  """A model and what it needs: `config` is the training run's config, `step` the checkpoint's
+  step, `path` its folder."""
+  model: rils_lib.RILS
+  params: Any
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer
+  mesh: Any
+  step: int
+  path: str
+
+
+def data_parallel_mesh():
+  """A mesh of every device on one data-parallel axis (evaluation keeps parameters
+  replicated)."""
+  return sharding.make_mesh(ml_collections.ConfigDict(
+      {'mesh': {'slice': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}}))
+
+
+def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
+  """Restores the model of a run's workdir (latest or `step`) or of one checkpoint folder.
+
+  Raises:
+    FileNotFoundError: when there is no checkpoint, or it lacks its config or tokenizer.
+    ValueError: when the saved parameters do not fit the saved config's model.
+  """
+  state_dir = checkpoints_lib.checkpoint_path(checkpoint, step)
+  folder = os.path.dirname(state_dir)
+  config = ml_collections.ConfigDict(checkpoints_lib.read_json(folder, 'config'))
+  tokenizer_bytes = checkpoints_lib.read_json(folder, 'tokenizer')
+  handle, path = tempfile.mkstemp(prefix='rils_jax_tokenizer_', suffix='.model')
+  with os.fdopen(handle, 'wb') as f:
+    f.write(base64.b64decode(tokenizer_bytes['sentencepiece_model']))
+  atexit.register(lambda: os.path.exists(path) and os.remove(path))
+  tokenizer = tokenizer_lib.Tokenizer(path)
+  model = rils_lib.build_model(config, tokenizer.eot_id)
+  mesh = data_parallel_mesh()
+  replicated = sharding.replicated(mesh)
+  like = jax.eval_shape(lambda: train_step_lib.init_params(model, config, jax.random.PRNGKey(0)))
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      like)
+  params = checkpoints_lib.load_params(folder, like)
+  return Restored(model, params, config, tokenizer, mesh, int(os.path.basename(folder)), folder)
