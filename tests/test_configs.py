@@ -9,6 +9,7 @@ import pytest
 from rils_jax import config_lib
 from rils_jax import flops
 from rils_jax import train_step as train_step_lib
+from rils_jax.evals import runner
 from rils_jax.models import rils as rils_lib
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -57,8 +58,21 @@ def test_vit_l16_is_the_release_large_model():
                                       ('vit_l16', 'platform=tpu_v4_64,data=shared')])
 def test_configs_load_and_build(name, arg):
   c = _load(name, arg)
-  assert c.input.sources and c.evals.zeroshot.root
+  assert c.input.sources and c.evals.zeroshot.data.root
+  assert set(runner.evaluator_specs(c.evals)) == {'zeroshot', 'retrieval'}
   rils_lib.build_model(c, eot_id=2)
+
+
+def test_evaluation_and_finetuning_configs():
+  c = _load('evals_shared', 'data_dir=/data')
+  specs = runner.evaluator_specs(c.evals)
+  assert sorted(specs) == ['fewshot', 'knn', 'linear_probe', 'lowshot', 'retrieval', 'zeroshot']
+  assert specs['fewshot']['train']['per_class'] == ':500'
+  assert specs['fewshot']['test']['per_class'] == '500:'
+  assert specs['zeroshot']['data'] == dict(kind='folder', root='/data/cifar10_test',
+                                           per_class='')
+  c = _load('finetune_cifar10', 'init_from=/run')
+  assert (c.init_from, c.optim.layer_decay, c.label_smoothing) == ('/run', 0.65, 0.1)
 
 
 def test_bad_config_argument():
@@ -76,7 +90,7 @@ def test_shard_data_arguments():
   c = _load('vit_b16', 'data=webdataset:/data/laion/{00000..01999}.tar')
   assert list(c.input.sources) == [dict(kind='webdataset',
                                         files='/data/laion/{00000..01999}.tar')]
-  assert not c.evals.zeroshot.root and not c.evals.retrieval.sources
+  assert list(c.evals.keys()) == ['batch_size']
   c = _load('vit_l16', 'data=tfds:coco_captions,dtype=bfloat16')
   assert list(c.input.sources) == [dict(kind='tfds', name='coco_captions', split='train')]
   c = _load('vit_b16', 'data=arrayrecord:/d/train-*.array_record')
