@@ -160,11 +160,15 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
     FileNotFoundError: when there is no (such) checkpoint there.
   """
   path = os.path.abspath(path)
+  if os.path.basename(path) == 'state' and os.path.isdir(path):
+    path = os.path.dirname(path)  # The state item's own folder was given.
   if os.path.isdir(os.path.join(path, 'state')):
     return os.path.join(path, 'state')
   root = os.path.join(path, 'checkpoints') if os.path.isdir(
       os.path.join(path, 'checkpoints')) else path
   steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
+  # A step folder without its state item (emptied, or cut short by hand) is not a checkpoint.
+  steps = [s for s in steps if os.path.isdir(os.path.join(root, str(s), 'state'))]
   if not steps or (step is not None and step not in steps):
     which = 'no checkpoint' if step is None else f'no checkpoint {step}'
     raise FileNotFoundError(f'{which} under {root} (steps there: {sorted(steps)}); give a '
@@ -177,12 +181,17 @@ def read_json(path: str, item: str, step: Optional[int] = None) -> Dict[str, Any
 
   Raises:
     FileNotFoundError: when there is no such checkpoint or item.
+    ValueError: when the item cannot be read (damaged).
   """
   folder = os.path.join(os.path.dirname(checkpoint_path(path, step)), item)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'the checkpoint {os.path.dirname(folder)} holds no {item!r} item')
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(folder, args=ocp.args.JsonRestore())
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(folder, args=ocp.args.JsonRestore())
+  except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError.
+    raise ValueError(f'the {item!r} item of the checkpoint {os.path.dirname(folder)} cannot be '
+                     f'read: {type(e).__name__}: {e}') from e
 
 
 def read_state(path: str, step: Optional[int] = None) -> Any:
@@ -206,11 +215,16 @@ def load_params(path: str, like) -> Any:
 
   Raises:
     FileNotFoundError: when `path` holds no checkpoint (see `checkpoint_path`).
-    ValueError: when its parameters do not have the names and shapes of `like`.
+    ValueError: when its parameters do not have the names and shapes of `like`, or the
+      checkpoint is incomplete or damaged.
   """
   path = checkpoint_path(path)
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree.get('params')
+  metadata = checkpointer.metadata(path).item_metadata
+  if metadata is None:
+    raise ValueError(f'{path} holds no readable checkpoint metadata: the checkpoint is '
+                     'incomplete or damaged; use another step')
+  saved = metadata.tree.get('params')
   if saved is None:
     raise ValueError(f'{path} holds no "params"')
   want = {jax.tree_util.keystr(k): tuple(v.shape)
@@ -225,8 +239,12 @@ def load_params(path: str, like) -> Any:
     raise ValueError(f'the parameters in {path} do not fit this model: missing {missing[:5]}, '
                      f'unexpected {extra[:5]}, other shapes {shapes[:5]} (first 5 of each)')
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={'params': abstract},
-      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
-      partial_restore=True))
+  try:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={'params': abstract},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
+        partial_restore=True))
+  except Exception as e:  # tensorstore / orbax errors on damaged files.
+    raise ValueError(f'the parameters in {path} cannot be read (damaged checkpoint?): '
+                     f'{type(e).__name__}: {str(e)[:500]}') from e
   return restored['params']

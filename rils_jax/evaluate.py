@@ -7,12 +7,14 @@ r"""Evaluates a checkpoint with the evaluators of a config; prints one JSON line
 checkpoint; `--config` supplies `config.evals` (the evaluators, see rils_jax/evals/runner.py)
 and `config.input.num_workers`, so a training config evaluates its own evaluators and an
 evaluation-only config such as configs/evals_shared.py runs a transfer suite. Each line is
-{"evaluator": NAME, "kind": KIND, "step": STEP, "checkpoint": PATH, METRIC: VALUE, ...};
-`--output=FILE` also appends the lines to FILE.
+{"evaluator": NAME, "kind": KIND, METRIC: VALUE, ..., "step": STEP, "checkpoint": PATH},
+printed as soon as that evaluator is done; `--output=FILE` also appends the lines to FILE. An
+evaluator that fails prints {"evaluator": NAME, "kind": KIND, "error": MESSAGE}, the others still
+run, and the command exits 1.
 """
 
 import json
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import ml_collections
 from absl import app
@@ -34,17 +36,28 @@ def _define_flags():
   flags.mark_flags_as_required(['config', 'checkpoint'])
 
 
-def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[int] = None
-             ) -> Dict[str, Dict[str, float]]:
+def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[int] = None,
+             on_result: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+             on_error: Optional[Callable[[str, Exception], None]] = None
+             ) -> Dict[str, Dict[str, Any]]:
   """Runs the evaluators of `config.evals` on a checkpoint's model.
 
+  Args:
+    config: supplies `evals` and `input.num_workers`.
+    checkpoint: a run's workdir or one checkpoint folder.
+    step: the checkpoint step (default: the latest).
+    on_result: called with (name, metrics) as soon as each evaluator is done.
+    on_error: when given, called with (name, error) for an evaluator that fails, and the
+      others still run; when None, the first failure raises.
+
   Returns:
-    evaluator name -> {metric: value}, and '_step' / '_checkpoint' under each as `step` and
-    `checkpoint`.
+    evaluator name -> {metric: value, 'step': checkpoint step, 'checkpoint': its folder}, for
+    the evaluators that succeeded.
 
   Raises:
     ValueError / FileNotFoundError: for a bad evaluator, dataset or checkpoint (before anything
       is embedded).
+    runner.EvaluationError: for a failing evaluator when `on_error` is None.
   """
   evaluations = runner.Evaluations(config)
   if not evaluations:
@@ -56,23 +69,54 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[
   run_config.input.num_workers = config.input.num_workers
   embedder = embed_lib.Embedder(restored.model, run_config, restored.mesh, restored.tokenizer)
   logging.info('Evaluating %s (step %d)', restored.path, restored.step)
-  results = evaluations.run(restored.params, embedder)
-  return {name: dict(metrics, step=restored.step, checkpoint=restored.path)
-          for name, metrics in results.items()}
+  results, cache = {}, {}
+  for name in evaluations.specs:
+    try:
+      metrics = evaluations.run(restored.params, embedder, [name], cache)[name]
+    except runner.EvaluationError as e:
+      if on_error is None:
+        raise
+      on_error(name, e)
+      continue
+    results[name] = dict(metrics, step=restored.step, checkpoint=restored.path)
+    if on_result:
+      on_result(name, results[name])
+  return results
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  results = evaluate(f.config, f.checkpoint, f.step)
-  lines = [json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, **metrics))
-           for name, metrics in results.items()]
-  for line in lines:
+  try:
+    out = open(f.output, 'a', encoding='utf-8') if f.output else None  # Fails now, not after.
+  except OSError as e:
+    raise SystemExit(f'error: cannot write --output={f.output}: {e}') from e
+  failed = []
+
+  def emit(line: str) -> None:
     print(line, flush=True)
-  if f.output:
-    with open(f.output, 'a') as out:
-      out.write(''.join(line + '\n' for line in lines))
+    if out:
+      out.write(line + '\n')
+      out.flush()
+
+  def on_result(name, metrics):
+    emit(json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, **metrics)))
+
+  def on_error(name, error):
+    failed.append(name)
+    emit(json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, error=str(error))))
+
+  try:
+    evaluate(f.config, f.checkpoint, f.step, on_result, on_error)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from e
+  finally:
+    if out:
+      out.close()
+  if failed:
+    raise SystemExit(f'error: {len(failed)} evaluator(s) failed: {", ".join(failed)} (their '
+                     'lines above hold the error; the others completed)')
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ flips. Not included: RandAugment, mixup / cutmix, drop path, EMA (they matter at
 
 Writes WORKDIR/metrics.jsonl and TensorBoard events (train loss, test top-1 / top-5 every
 `eval_every` steps and at the end) and the final parameters to WORKDIR/params (orbax); a workdir
-that already holds fine-tuned parameters is refused rather than overwritten.
+that is not empty is refused, so nothing saved there is overwritten.
 """
 
 import functools
@@ -84,8 +84,36 @@ class TrainCrop(grain.transforms.RandomMap):
     return dict(image=np.ascontiguousarray(pixels), label=np.int64(label))
 
 
-def _not_none(x) -> bool:
-  return x is not None
+class SkipGuard(grain.transforms.Filter):
+  """Drops unreadable images (None), raising after `limit` of them in a row: a training set
+  that is (almost) all unreadable would otherwise never give a batch."""
+
+  def __init__(self, limit: int = 1000):
+    self.limit, self.in_a_row = limit, 0
+
+  def filter(self, element) -> bool:
+    if element is not None:
+      self.in_a_row = 0
+      return True
+    self.in_a_row += 1
+    if self.in_a_row >= self.limit:
+      raise RuntimeError(f'{self.limit} training images in a row could not be read')
+    return False
+
+
+def first_readable(data: datasets.LabelledImages, name: str) -> int:
+  """Index of the first image of `data` that decodes.
+
+  Raises:
+    ValueError: when none does.
+  """
+  for i in range(len(data)):
+    try:
+      transforms.load_image(data.items[i][0])
+      return i
+    except transforms.BadImageError:
+      continue
+  raise ValueError(f'no image of the {name} set {data.name} can be read')
 
 
 def train_batches(data: datasets.LabelledImages, config: ml_collections.ConfigDict,
@@ -93,7 +121,7 @@ def train_batches(data: datasets.LabelledImages, config: ml_collections.ConfigDi
   """Endless shuffled batches (dict image uint8 (B, S, S, 3), label int64 (B,))."""
   ds = grain.MapDataset.source(data.items).seed(config.seed).shuffle().repeat()
   ds = ds.random_map(TrainCrop(image_size, config.input.crop_scale)).to_iter_dataset()
-  ds = ds.filter(_not_none)
+  ds = ds.filter(SkipGuard())
   if config.input.num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.num_workers))
   return iter(ds.batch(config.batch_size, drop_remainder=True))
@@ -114,15 +142,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   """Fine-tunes and evaluates; returns the final test metrics (`test/top1`, `test/top5`).
 
   Raises:
-    ValueError: for a bad config, a workdir with fine-tuned parameters, or datasets whose
-      classes differ.
+    ValueError: for a bad config, a workdir that is not empty, datasets whose classes differ,
+      or a dataset none of whose images can be read.
     FileNotFoundError: for a missing checkpoint or dataset.
+    RuntimeError: when 1000 training images in a row cannot be read.
   """
   if not config.init_from:
     raise ValueError('config.init_from must name a pre-training workdir or checkpoint')
-  if os.path.exists(os.path.join(workdir, 'params')):
-    raise ValueError(f'{workdir} already holds fine-tuned parameters (params/); use a new '
-                     'workdir')
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise ValueError(f'the workdir {workdir} is not empty (fine-tuned parameters, or another '
+                     "run's files, would be mixed up or overwritten); use a new workdir")
   if config.batch_size < 1 or config.total_steps < 1 or not 0 < config.optim.layer_decay <= 1:
     raise ValueError('batch_size and total_steps must be >= 1 and optim.layer_decay in (0, 1]')
   train_data = datasets.load(config.data.train)
@@ -130,6 +159,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   if train_data.classes != test_data.classes:
     raise ValueError(f'train classes {train_data.classes} differ from test classes '
                      f'{test_data.classes}')
+  for name, data in (('train', train_data), ('test', test_data)):
+    first_readable(data, name)  # Fails now rather than loop or divide by zero later.
   restored = restore_lib.restore(config.init_from)
   pre = restored.config
   width, depth, heads, patch = rils_lib.vision_dims(pre.model)
@@ -176,6 +207,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
       hits1 += int(np.sum(top[:, 0] == batch['label']))
       hits5 += int(np.sum(np.any(top == batch['label'][:, None], axis=1)))
       count += n
+    if not count:
+      raise ValueError('no test image could be decoded')
     return {'test/top1': hits1 / count, 'test/top5': hits5 / count,
             'test/images': count, 'test/skipped_images': len(test_data) - count}
 
@@ -201,8 +234,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
       print(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True), flush=True)
   if hasattr(batches, 'close'):  # Stops grain's workers.
     batches.close()
-  ocp.StandardCheckpointer().save(os.path.join(os.path.abspath(workdir), 'params'),
-                                  jax.device_get(params))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(os.path.abspath(workdir), 'params'), jax.device_get(params))
+  checkpointer.wait_until_finished()  # The save is asynchronous.
+  checkpointer.close()
   writer.close()
   return results
 
@@ -218,7 +253,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     finetune(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise SystemExit(f'error: {e}') from e
 
 

@@ -4,8 +4,10 @@ r"""Pre-trains a RILS model.
   python -m rils_jax.main --config=configs/vit_b16.py --workdir=DIR --config.input.batch_size=8
 
 Writes to DIR: config.json, tokenizer.model (the tokenizer used), metrics.jsonl (one JSON
-object per logged step and one for the final evaluation), TensorBoard events under
-tensorboard/, and orbax checkpoints under checkpoints/ (rils_jax/checkpoints.py).
+object per logged step, per periodic evaluation and for the final evaluation), TensorBoard
+events under tensorboard/, and orbax checkpoints under checkpoints/ (rils_jax/checkpoints.py).
+The evaluators of `config.evals` (rils_jax/evals/runner.py) run every `every` steps when set,
+and all of them at the end.
 
 Fault tolerance:
 - Re-running with the same DIR resumes from the latest complete checkpoint exactly: parameters,
@@ -327,6 +329,24 @@ class ExampleIds:
       self._file.close()
 
 
+def periodic_evaluation(evaluations, params, embedder, names, step: int, writer,
+                        is_main: bool) -> None:
+  """Runs the evaluators due at `step` and logs their metrics. A failing evaluator is logged
+  with its error and training goes on: the final evaluation runs it again and raises."""
+  cache = {}
+  for name in names:
+    try:
+      results = evals_lib.flatten(evaluations.run(params, embedder, [name], cache))
+    except evals_lib.EvaluationError as e:
+      logging.exception('Evaluation at step %d failed; training continues', step)
+      if is_main:
+        print(f'Evaluation at step {step} failed (training continues): {e}', flush=True)
+      continue
+    writer.write(step, results)
+    if is_main:
+      print(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True), flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, checkpoints and evaluates; returns the final evaluation metrics, or {} when a
   preemption notice stopped the run (after saving a checkpoint).
@@ -455,15 +475,14 @@ def _train(config, workdir, watcher: preemption.Watcher,
                             first_step_time, start_step + 1), flush=True)
     if step == start_step + 1:
       first_step_time = time.time()
-    due = evaluations.due(step) if step < config.total_steps else []
-    if due:
-      results = evals_lib.flatten(evaluations.run(state.params, embedder, due))
-      writer.write(step, results)
-      if is_main:
-        print(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True), flush=True)
     preempted = watcher.reached(step)
     if preempted or step == config.total_steps or checkpoints.should_save(step):
       checkpoints.save(step, state, batches, config, tokenizer.model_path)
+    due = evaluations.due(step) if step < config.total_steps and not preempted else []
+    if due:
+      eval_start = time.time()
+      periodic_evaluation(evaluations, state.params, embedder, due, step, writer, is_main)
+      window_time += time.time() - eval_start  # Keeps images_per_sec a training rate.
     if preempted:
       checkpoints.wait()
       batches.close()

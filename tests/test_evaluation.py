@@ -205,6 +205,49 @@ def test_evaluator_specs_reject_bad_configs():
     specs(z=dict(kind='zeroshot', data=folder, templates='imagenet'))
   with pytest.raises(ValueError, match='must be a dict with a kind'):
     specs(zeroshot=3)
+  bad = {'fewshot': [('shots', (0,)), ('shots', 5), ('seeds', 0), ('l2', -1.0)],
+         'knn': [('k', 0), ('temperature', 0.0), ('temperature', float('nan'))],
+         'lowshot': [('fractions', (-0.5,)), ('fractions', (2.0,)), ('l2', 0.01),
+                     ('val_fraction', 1.5)],
+         'linear_probe': [('max_steps', 0), ('l2', ())]}
+  for kind, cases in bad.items():
+    for key, value in cases:
+      with pytest.raises(ValueError, match=f'config.evals.e.{key} must be'):
+        specs(e={'kind': kind, 'train': folder, 'test': folder, key: value})
+  with pytest.raises(ValueError, match='every must be an integer'):
+    specs(z=dict(kind='zeroshot', data=folder, every=True))
+  with pytest.raises(ValueError, match='class_names must be a list'):
+    specs(z=dict(kind='zeroshot', data=folder, class_names='xyz'))
+  with pytest.raises(ValueError, match='batch_size must be an integer >= 1'):
+    runner.evaluator_specs(ml_collections.ConfigDict(dict(batch_size=0)))
+
+
+def test_evaluations_check_datasets_before_running(tmp_path):
+  for name, count in (('cat', 3), ('dog', 2), ('ship', 3)):
+    os.makedirs(tmp_path / 'a' / name)
+    os.makedirs(tmp_path / 'b' / name.replace('ship', 'truck'))
+    for i in range(count):
+      for root in ('a', 'b'):
+        Image.new('RGB', (8, 8)).save(tmp_path / root / name.replace(
+            'ship', 'truck' if root == 'b' else 'ship') / f'{i}.png')
+
+  def build(**evaluator):
+    return runner.Evaluations(ml_collections.ConfigDict(
+        dict(evals=dict(batch_size=8, e=evaluator))))
+
+  a = dict(kind='folder', root=str(tmp_path / 'a'))
+  b = dict(kind='folder', root=str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match='config.evals.e: the train and test sets have '
+                     'different classes'):
+    build(kind='knn', train=a, test=b)
+  with pytest.raises(ValueError, match="3-shot needs that many .* 'dog' has 2"):
+    build(kind='fewshot', train=a, test=a, shots=(1, 3))
+  assert build(kind='fewshot', train=a, test=a, shots=(1, 2)).specs['e']['seeds'] == 3
+  with pytest.raises(ValueError, match='2 class_names for a dataset of 3 classes'):
+    build(kind='zeroshot', data=a, class_names=['x', 'y'])
+  os.makedirs(tmp_path / 'a' / 'empty')
+  with pytest.raises(ValueError, match=r"class folders without images .*\['empty'\]"):
+    build(kind='zeroshot', data=a)
 
 
 def test_folder_and_tfds_classification_datasets(tmp_path):

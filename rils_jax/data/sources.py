@@ -458,7 +458,7 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class:
 
   Raises:
     FileNotFoundError: if `root` does not exist.
-    ValueError: if it holds no class folder with images.
+    ValueError: if it holds no class folder with images, or a class folder without any.
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f'image folder dataset not found: {root}')
@@ -474,4 +474,10 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class:
   if not paths:
     raise ValueError(f'{root} holds no <class>/<image> files'
                      + (f' in the per-class slice {per_class!r}' if per_class else ''))
+  present = set(labels)
+  empty = [name for label, name in enumerate(classes) if label not in present]
+  if empty:  # It would still count as a class (chance level, zero-shot candidates).
+    raise ValueError(f'class folders without images in {root}'
+                     + (f' (per-class slice {per_class!r})' if per_class else '')
+                     + f': {empty[:10]}; remove them or choose another slice')
   return paths, labels, classes

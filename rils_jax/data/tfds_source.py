@@ -33,6 +33,35 @@ def _captions(value) -> tuple:
   return tuple(out)
 
 
+def open_data_source(name: str, split: str, data_dir: Optional[str] = None):
+  """`tfds.data_source(name, split=split, data_dir=data_dir, download=False)`.
+
+  Raises:
+    FileNotFoundError: when the dataset is unknown or not prepared as ArrayRecord there, with
+      the `tfds build` command that prepares it (tfds's own message lists every registered
+      dataset; only its first and last lines are kept).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises DatasetNotFoundError, AssertionError, ValueError.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = ' ... '.join(dict.fromkeys(lines[:1] + lines[-2:]))
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord under '
+        f'data_dir={data_dir or "the TFDS default"} (`tfds build {name} '
+        f'--file_format=array_record`): {type(e).__name__}: {reason[:500]}') from e
+
+
+def lookup(example, key: str):
+  """`example[key]`, where '/' in `key` separates nested features.
+
+  Raises:
+    KeyError: naming the key and the example's keys.
+  """
+  return _lookup(example, key)
+
+
 def _lookup(example, key: str):
   if key in example:  # A flat key, which may contain '/' (e.g. 'image/id').
     return example[key]
@@ -75,18 +104,7 @@ class TfdsSource(sources.RecordSource):
 
   def _open(self):
     if self._source is None:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
-      try:
-        self._source = tfds.data_source(**self._args)
-      except Exception as e:  # tfds raises DatasetNotFoundError, AssertionError, ValueError.
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        # tfds's message lists every registered dataset: keep its first and last lines.
-        reason = ' ... '.join(dict.fromkeys(lines[:1] + lines[-2:]))
-        raise FileNotFoundError(
-            f'TFDS dataset {self._args["name"]!r} split {self._args["split"]!r} is not prepared '
-            f'as ArrayRecord under data_dir={self._args["data_dir"] or "the TFDS default"} '
-            f'(`tfds build {self._args["name"]} --file_format=array_record`): '
-            f'{type(e).__name__}: {reason}') from e
+      self._source = open_data_source(**self._args)
     return self._source
 
   def __getstate__(self):

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from rils_jax.data import sources
+from rils_jax.data import tfds_source
 
 FOLDER_KEYS = {'kind', 'root', 'per_class', 'max_per_class'}
 TFDS_KEYS = {'kind', 'name', 'split', 'data_dir', 'image_key', 'label_key', 'class_names'}
@@ -40,18 +41,26 @@ class LabelledImages:
 
 class TfdsLabelled:
   """Random-access `(image uint8 (H, W, 3), label)` over a `tfds.data_source`; picklable (grain
-  workers reopen the source)."""
+  workers reopen the source).
+
+  Raises (constructor):
+    FileNotFoundError: when the dataset is not prepared (see `tfds_source.open_data_source`).
+    KeyError: when the first example lacks `image_key` or `label_key`.
+  """
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str, label_key: str):
     self._args = dict(name=name, split=split, data_dir=data_dir or None)
     self.image_key, self.label_key = image_key, label_key
     self._source = None
     self._length = len(self._open())
+    if self._length:
+      first = self._open()[0]
+      tfds_source.lookup(first, image_key)  # Errors now, not mid-evaluation.
+      int(tfds_source.lookup(first, label_key))
 
   def _open(self):
     if self._source is None:
-      import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
-      self._source = tfds.data_source(**self._args)
+      self._source = tfds_source.open_data_source(**self._args)
     return self._source
 
   def __getstate__(self):
@@ -62,7 +71,8 @@ class TfdsLabelled:
 
   def __getitem__(self, index: int):
     example = self._open()[int(index)]
-    return np.asarray(example[self.image_key]), int(example[self.label_key])
+    return (np.asarray(tfds_source.lookup(example, self.image_key)),
+            int(tfds_source.lookup(example, self.label_key)))
 
 
 def _check_keys(spec: Dict[str, Any], allowed) -> None:
@@ -76,7 +86,8 @@ def load(spec: Dict[str, Any]) -> LabelledImages:
   """Opens a dataset spec (see the module docstring).
 
   Raises:
-    ValueError: for an unknown kind or key, or a dataset without images.
+    ValueError: for an unknown kind or key, a dataset without images, a class folder without
+      images, or a TFDS example without the image or label key.
     FileNotFoundError: for a missing folder, or a TFDS dataset that is not prepared.
   """
   spec = dict(spec)
@@ -95,28 +106,25 @@ def load(spec: Dict[str, Any]) -> LabelledImages:
     _check_keys(spec, TFDS_KEYS)
     if not spec.get('name'):
       raise ValueError(f'a tfds dataset needs a name, got {spec}')
-    import tensorflow_datasets as tfds
     split = spec.get('split', 'test')
-    try:
-      builder = tfds.builder(spec['name'], data_dir=spec.get('data_dir') or None)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError for unknown names.
-      raise FileNotFoundError(f'TFDS dataset {spec["name"]!r}: {e}') from e
     label_key, image_key = spec.get('label_key', 'label'), spec.get('image_key', 'image')
     try:
       items = TfdsLabelled(spec['name'], split, spec.get('data_dir', ''), image_key, label_key)
-    except Exception as e:
-      raise FileNotFoundError(
-          f'cannot read TFDS {spec["name"]}/{split} from {builder.data_dir}: {e}. Prepare it '
-          f'once with `tfds build {spec["name"]} --file_format=array_record`') from e
+    except KeyError as e:
+      raise ValueError(f'TFDS {spec["name"]}/{split}: {e.args[0]}') from e
+    if not len(items):
+      raise ValueError(f'TFDS {spec["name"]}/{split} is empty')
     classes = list(spec.get('class_names') or [])
     if not classes:
-      feature = builder.info.features[label_key]
+      import tensorflow_datasets as tfds
+      builder = tfds.builder(spec['name'], data_dir=spec.get('data_dir') or None)
+      feature = builder.info.features
+      for part in label_key.split('/'):
+        feature = feature[part]
       classes = list(getattr(feature, 'names', None) or [])
       if not classes:
         raise ValueError(f'the label feature {label_key!r} of {spec["name"]} has no class '
                          'names: give class_names in the dataset spec')
-    if not len(items):
-      raise ValueError(f'TFDS {spec["name"]}/{split} is empty')
     return LabelledImages(items, [c.replace('_', ' ') for c in classes],
                           f'{spec["name"]}/{split}')
   raise ValueError(f"a dataset spec's kind must be 'folder' or 'tfds', got {spec}")

@@ -15,6 +15,8 @@ patch (colours as in the legend), then one heat map per phrase (probability 0 da
 the same scale for every panel), each titled with its phrase and its largest patch probability.
 """
 
+import math
+import os
 from typing import List, Sequence
 
 import jax
@@ -35,6 +37,7 @@ TITLE = 30   # Title band under each panel, pixels.
 # Anchor colours of the heat map, from probability 0 to 1 (dark violet -> red -> pale yellow).
 HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]],
                 np.float32)
+MAX_PHRASES = 10  # One distinct colour of PALETTE each.
 PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
                     [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
                     [188, 189, 34], [23, 190, 207]], np.uint8)
@@ -100,7 +103,7 @@ def render(images: np.ndarray, probs: np.ndarray, phrases: Sequence[str]) -> Ima
   draw = ImageDraw.Draw(sheet)
   for p, phrase in enumerate(phrases):  # Legend of the arg-max colours.
     x = 2 * PANEL + p * PANEL
-    draw.rectangle([x + 4, 8, x + 18, 22], fill=tuple(int(v) for v in PALETTE[p % 10]))
+    draw.rectangle([x + 4, 8, x + 18, 22], fill=tuple(int(v) for v in PALETTE[p]))
     draw.text((x + 24, 8), phrase[:26], fill='black', font=font)
   draw.text((4, 8), 'image', fill='black', font=font)
   draw.text((PANEL + 4, 8), 'arg-max phrase per patch', fill='black', font=font)
@@ -111,7 +114,7 @@ def render(images: np.ndarray, probs: np.ndarray, phrases: Sequence[str]) -> Ima
     sheet.paste(Image.fromarray(photo.astype(np.uint8)), (0, top))
     best = np.argmax(probs[b], axis=-1)
     labels = _upsample(best, PANEL, Image.NEAREST).astype(np.int64)
-    blend = 0.45 * photo + 0.55 * PALETTE[labels % 10]
+    blend = 0.45 * photo + 0.55 * PALETTE[labels]
     sheet.paste(Image.fromarray(blend.round().astype(np.uint8)), (PANEL, top))
     for p, phrase in enumerate(phrases):
       heat = heat_colours(_upsample(probs[b, :, :, p], PANEL, Image.BILINEAR))
@@ -134,7 +137,8 @@ def patch_text_map(checkpoint: str, images: Sequence[str], phrases: Sequence[str
     the probabilities, float32 (len(images), rows, cols, len(phrases)).
 
   Raises:
-    ValueError: for no image or no phrase, an empty phrase, or a bad temperature.
+    ValueError: for no image or no phrase, an empty phrase, more than `MAX_PHRASES`, a bad
+      temperature, or an `out` that is not a .png in an existing folder or is an input.
     transforms.BadImageError: for an image that cannot be read.
     FileNotFoundError: for a missing checkpoint.
   """
@@ -142,9 +146,18 @@ def patch_text_map(checkpoint: str, images: Sequence[str], phrases: Sequence[str
   if not images or not phrases or not all(phrases):
     raise ValueError(f'need at least one image and one non-empty phrase, got {len(images)} '
                      f'images and phrases {phrases}')
-  if temperature < 0:
-    raise ValueError(f'temperature must be > 0 (0: the run\'s teacher temperature), got '
-                     f'{temperature}')
+  if len(phrases) > MAX_PHRASES:
+    raise ValueError(f'at most {MAX_PHRASES} phrases (one colour each in the arg-max panel), '
+                     f'got {len(phrases)}')
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f'temperature must be a finite number > 0 (0: the run\'s teacher '
+                     f'temperature), got {temperature}')
+  if not out.lower().endswith('.png'):
+    raise ValueError(f'--out must name a .png file, got {out!r}')
+  if any(os.path.abspath(out) == os.path.abspath(p) for p in images):
+    raise ValueError(f'--out={out} is one of the input images; choose another file')
+  if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    raise ValueError(f'the folder of --out={out} does not exist')
   restored = restore_lib.restore(checkpoint, step)
   config = restored.config
   pixels = np.stack([transforms.decode_crop(path, config.model.image_size, name=path)
@@ -173,7 +186,10 @@ def main(argv: List[str]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)
+  try:
+    probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)
+  except (ValueError, FileNotFoundError, transforms.BadImageError) as e:
+    raise SystemExit(f'error: {e}') from e
   share = np.bincount(probs.argmax(-1).reshape(-1), minlength=len(f.phrases)) / probs[..., 0].size
   print(f'Wrote {f.out}: {probs.shape[0]} images x {len(f.phrases)} phrases on a '
         f'{probs.shape[1]}x{probs.shape[2]} patch grid; share of patches whose most probable '

@@ -14,9 +14,10 @@ only at the end of training and by `rils_jax.evaluate`) and the kind's own keys:
   knn           train, test, k, temperature
 
 Metrics are `NAME/metric` (e.g. `zeroshot/top1`, `fewshot/5shot_top1`), plus
-`NAME/skipped_images` for images that could not be decoded. Datasets are opened when the
-evaluators are built (a missing folder fails before training starts); each run embeds a dataset
-that several evaluators share once.
+`NAME/skipped_images` for images that could not be decoded. Evaluators run in name order.
+Settings are checked and datasets opened when the evaluators are built (a missing folder, a
+mistyped setting, train and test sets with different classes, or too few images for the shots
+fail before training starts); each run embeds a dataset that several evaluators share once.
 """
 
 import json
@@ -56,15 +57,90 @@ def _plain(value):
   return value
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return (_is_int(v) or isinstance(v, (float, np.floating))) and np.isfinite(v)
+
+
+def _check(ok: bool, name: str, key: str, want: str, value) -> None:
+  if not ok:
+    raise ValueError(f'config.evals.{name}.{key} must be {want}, got {value!r}')
+
+
+def _check_settings(name: str, spec: Dict[str, Any]) -> None:
+  """Type and range checks of one evaluator's settings (ValueError naming the key)."""
+  kind = spec['kind']
+
+  def ints(key, low=1):
+    v = spec[key]
+    _check(isinstance(v, (list, tuple)) and len(v) > 0
+           and all(_is_int(x) and x >= low for x in v),
+           name, key, f'a non-empty list of integers >= {low}', v)
+
+  def numbers(key, low=0.0, high=np.inf, open_low=False):
+    v = spec[key]
+    _check(isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        _is_number(x) and (x > low if open_low else x >= low) and x <= high for x in v),
+        name, key, f'a non-empty list of numbers in {"(" if open_low else "["}{low}, {high}]',
+        v)
+
+  def integer(key, low=1):
+    _check(_is_int(spec[key]) and spec[key] >= low, name, key, f'an integer >= {low}',
+           spec[key])
+
+  def positive(key):
+    _check(_is_number(spec[key]) and spec[key] > 0, name, key, 'a finite number > 0',
+           spec[key])
+
+  def fraction(key):
+    _check(_is_number(spec[key]) and 0 <= spec[key] < 1, name, key, 'a number in [0, 1)',
+           spec[key])
+
+  integer('every', low=0)
+  if kind == 'zeroshot':
+    templates_lib.get_templates(spec['templates'])
+    names = spec['class_names']
+    _check(isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names),
+           name, 'class_names', 'a list of non-empty strings (or empty: the dataset\'s)', names)
+  elif kind == 'retrieval':
+    _check(isinstance(spec['sources'], (list, tuple)) and len(spec['sources']) > 0, name,
+           'sources', 'a non-empty list of caption sources', spec['sources'])
+  elif kind == 'linear_probe':
+    numbers('l2')
+    fraction('val_fraction')
+    integer('max_steps')
+    integer('seed', low=0)
+  elif kind == 'fewshot':
+    ints('shots')
+    integer('seeds')
+    positive('l2')
+  elif kind == 'lowshot':
+    numbers('fractions', 0.0, 1.0, open_low=True)
+    integer('seeds')
+    numbers('l2')
+    fraction('val_fraction')
+    integer('max_steps')
+  elif kind == 'knn':
+    integer('k')
+    positive('temperature')
+
+
 def evaluator_specs(evals: ml_collections.ConfigDict) -> Dict[str, Dict[str, Any]]:
-  """name -> the evaluator's settings with the kind's defaults filled in.
+  """name -> the evaluator's settings with the kind's defaults filled in, in name order.
 
   Raises:
-    ValueError: for an entry that is not a dict, an unknown kind or key, a missing dataset, or
-      a negative `every`.
+    ValueError: for a bad `batch_size`, an entry that is not a dict, an unknown kind or key, a
+      missing dataset, or a setting of the wrong type or range (naming the key).
   """
   out = {}
-  for name, value in _plain(evals).items():
+  evals = _plain(evals)
+  batch = evals.get('batch_size')
+  if not _is_int(batch) or batch < 1:
+    raise ValueError(f'config.evals.batch_size must be an integer >= 1, got {batch!r}')
+  for name, value in evals.items():
     if name == 'batch_size':
       continue
     if not isinstance(value, dict):
@@ -85,14 +161,9 @@ def evaluator_specs(evals: ml_collections.ConfigDict) -> Dict[str, Dict[str, Any
         raise ValueError(f'config.evals.{name} ({kind}) needs `{key}`: a dataset spec such as '
                          "dict(kind='folder', root=PATH) or dict(kind='tfds', name='cifar10', "
                          "split='test')")
-    if kind == 'retrieval' and not spec['sources']:
-      raise ValueError(f'config.evals.{name} (retrieval) needs `sources`')
-    if not isinstance(spec['every'], int) or spec['every'] < 0:
-      raise ValueError(f'config.evals.{name}.every must be an integer >= 0, got {spec["every"]}')
-    if kind == 'zeroshot':
-      templates_lib.get_templates(spec['templates'])
+    _check_settings(name, spec)
     out[name] = spec
-  return out
+  return dict(sorted(out.items()))
 
 
 class Evaluations:
@@ -100,7 +171,8 @@ class Evaluations:
 
   def __init__(self, config: ml_collections.ConfigDict):
     """Raises ValueError / FileNotFoundError for a bad evaluator or dataset (see
-    `evaluator_specs`, `datasets.load`, `sources.read_sources`)."""
+    `evaluator_specs`, `datasets.load`, `sources.read_sources`), train and test sets with
+    different classes, or too few training images of a class for the shots asked."""
     self.specs = evaluator_specs(config.evals)
     self._data: Dict[str, Any] = {}  # Dataset key -> LabelledImages or caption records.
     for name, spec in self.specs.items():
@@ -117,8 +189,28 @@ class Evaluations:
             key = self._key(spec[field])
             if key not in self._data:
               self._data[key] = datasets.load(_plain(spec[field]))
+        self._check_data(spec)
       except (ValueError, FileNotFoundError) as e:
         raise type(e)(f'config.evals.{name}: {e}') from e
+
+  def _check_data(self, spec) -> None:
+    if spec['kind'] == 'zeroshot' and spec['class_names']:
+      classes = self._data[self._key(spec['data'])].classes
+      if len(spec['class_names']) != len(classes):
+        raise ValueError(f'{len(spec["class_names"])} class_names for a dataset of '
+                         f'{len(classes)} classes')
+    if 'train' not in spec:
+      return
+    train = self._data[self._key(spec['train'])]
+    test = self._data[self._key(spec['test'])]
+    if train.classes != test.classes:
+      raise ValueError(f'the train and test sets have different classes: {train.classes[:10]} '
+                       f'and {test.classes[:10]} (first 10)')
+    if spec['kind'] == 'fewshot' and isinstance(train.items, list):  # Folder: labels known.
+      counts = np.bincount([label for _, label in train.items], minlength=len(train.classes))
+      if max(spec['shots']) > counts.min():
+        raise ValueError(f'{max(spec["shots"])}-shot needs that many training images of every '
+                         f'class; {train.classes[int(counts.argmin())]!r} has {counts.min()}')
 
   @staticmethod
   def _key(spec) -> str:
@@ -131,24 +223,34 @@ class Evaluations:
     """Names of the evaluators that run every N steps and are due at `step`."""
     return [n for n, s in self.specs.items() if s['every'] and step % s['every'] == 0]
 
-  def run(self, params, embedder, names=None) -> Dict[str, Dict[str, float]]:
-    """Runs the evaluators `names` (default: all), in config order.
+  def run(self, params, embedder, names=None, cache=None) -> Dict[str, Dict[str, float]]:
+    """Runs the evaluators `names` (default: all), in name order.
+
+    `cache` (a dict, default a new one) keeps the embedded datasets between calls with the
+    same parameters.
 
     Returns:
       name -> {metric: value} (see the module docstring for the names).
+
+    Raises:
+      EvaluationError: naming the evaluator whose evaluation failed, from its error.
     """
-    cache = {}
+    cache = {} if cache is None else cache
     results = {}
     for name in self.specs if names is None else names:
       spec = self.specs[name]
       start = time.time()
-      results[name] = _KINDS[spec['kind']](self, spec, params, embedder, cache)
+      try:
+        results[name] = _KINDS[spec['kind']](self, spec, params, embedder, cache)
+      except Exception as e:
+        raise EvaluationError(f'evaluator {name!r} ({spec["kind"]}) failed: '
+                              f'{type(e).__name__}: {e}') from e
       logging.info('Evaluation %s (%s) in %.1f s: %s', name, spec['kind'], time.time() - start,
                    results[name])
     return results
 
   def images(self, field_spec, params, embedder, cache) -> Dict[str, np.ndarray]:
-    """Embeddings, features and labels of a dataset spec (embedded once per `run`)."""
+    """Embeddings, features and labels of a dataset spec (embedded once per `cache`)."""
     key = self._key(field_spec)
     if key not in cache:
       data = self._data[key]
@@ -162,6 +264,10 @@ class Evaluations:
     return self._data[self._key(spec)]
 
 
+class EvaluationError(RuntimeError):
+  """An evaluator failed while it ran (its cause is chained)."""
+
+
 def flatten(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
   """{name: {metric: v}} -> {'name/metric': v}."""
   return {f'{name}/{k}': v for name, metrics in results.items() for k, v in metrics.items()}
@@ -170,9 +276,6 @@ def flatten(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
 def _zeroshot(ev: Evaluations, spec, params, embedder, cache):
   data = ev.images(spec['data'], params, embedder, cache)
   classes = list(spec['class_names'] or data['classes'])
-  if len(classes) != len(data['classes']):
-    raise ValueError(f'{len(classes)} class_names for a dataset of {len(data["classes"])} '
-                     'classes')
   class_embeds = zeroshot.class_embeddings(embedder, params, classes,
                                            templates_lib.get_templates(spec['templates']))
   out = zeroshot.zeroshot_accuracy(data['embed'], data['label'], class_embeds)
@@ -194,9 +297,6 @@ def _retrieval(ev: Evaluations, spec, params, embedder, cache):
 def _train_test(ev, spec, params, embedder, cache):
   train = ev.images(spec['train'], params, embedder, cache)
   test = ev.images(spec['test'], params, embedder, cache)
-  if len(train['classes']) != len(test['classes']):
-    raise ValueError(f'train has {len(train["classes"])} classes, test '
-                     f'{len(test["classes"])}')
   return train, test, len(train['classes']), dict(
       skipped_images=train['skipped'] + test['skipped'])
 
