@@ -93,8 +93,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
                             zeroshot_per_class=2, root=arg.root)
   if not arg.evals:
-    c.evals.zeroshot.root = ''
-    c.evals.retrieval.sources = []
+    config_lib.remove_evals(c)
   return c
 
 
