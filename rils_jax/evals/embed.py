@@ -33,7 +33,6 @@ class Embedder:
 
   def __init__(self, model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh,
                tokenizer: tokenizer_lib.Tokenizer, param_shardings=None):
-    self.model = model
     self.config = config
     self.mesh = mesh
     self.tokenizer = tokenizer
