@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from rils_jax import main as main_lib
 from rils_jax import metric_writer
 from rils_jax import optim
 from rils_jax import sharding
@@ -224,7 +225,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   for step in range(1, config.total_steps + 1):
     batch = next(batches)
     params, opt_state, loss = train_step(params, opt_state, batch['image'], batch['label'])
-    if step % config.log_every == 0 or step == 1:
+    if step % config.log_every == 0 or step in (1, config.total_steps):
       writer.write(step, {'loss': float(loss),
                           'images_per_sec': step * config.batch_size / (time.time() - start)})
       print(f'step {step}/{config.total_steps}  loss {float(loss):.4f}', flush=True)
@@ -239,6 +240,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   checkpointer.wait_until_finished()  # The save is asynchronous.
   checkpointer.close()
   writer.close()
+  print(f'Fine-tuning done: {config.total_steps} steps in {time.time() - start:.1f} s; '
+        f'parameters in {os.path.join(workdir, "params")}', flush=True)
   return results
 
 
@@ -251,6 +254,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
   try:
     finetune(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, FileNotFoundError, RuntimeError) as e:

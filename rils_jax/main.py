@@ -452,7 +452,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
   writer.write(start_step, data_counts)
   if start_step >= config.total_steps and is_main:
     print(f'The checkpoint at step {start_step} has reached config.total_steps='
-          f'{config.total_steps}: nothing to train.', flush=True)
+          f'{config.total_steps}: nothing to train (this workdir holds a finished run; '
+          'give a new --workdir to train from scratch).', flush=True)
   health = Health(config, checkpoints)
   example_ids = ExampleIds(workdir, config.input.log_example_ids)
   start_time = window_time = first_step_time = time.time()
@@ -515,10 +516,14 @@ def _train(config, workdir, watcher: preemption.Watcher,
   return results
 
 
-class _QuietLibraries:
-  """Drops INFO lines from orbax and grain internals (dozens per checkpoint) from the log."""
+class QuietLibraries:
+  """Drops INFO lines from orbax and grain internals (dozens per checkpoint) from the log, and
+  orbax's warning that a checkpoint item has no metadata file of its own (reading the `state`
+  item of a multi-item checkpoint, whose metadata sits one folder up: expected)."""
 
   def filter(self, record) -> bool:
+    if record.getMessage().startswith('Metadata file does not exist'):
+      return False
     return record.levelno > logging.converter.STANDARD_INFO or not any(
         f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
 
@@ -526,7 +531,7 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(QuietLibraries())
   f = flags.FLAGS
   distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   train(f.config, f.workdir)

@@ -71,6 +71,10 @@ def test_evaluation_and_finetuning_configs():
   assert specs['fewshot']['test']['per_class'] == '500:'
   assert specs['zeroshot']['data'] == dict(kind='folder', root='/data/cifar10_test',
                                            per_class='')
+  c = _load('evals_default')
+  specs = runner.evaluator_specs(c.evals)
+  assert specs['knn']['train']['root'] == specs['zeroshot']['data']['root'] == os.path.join(
+      _load('default').synthetic.root, 'zeroshot')  # The default run's generated folder.
   c = _load('finetune_cifar10', 'init_from=/run')
   assert (c.init_from, c.optim.layer_decay, c.label_smoothing) == ('/run', 0.65, 0.1)
 

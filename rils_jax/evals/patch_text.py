@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from rils_jax import main as main_lib
 from rils_jax.data import transforms
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
@@ -85,13 +87,15 @@ def _upsample(grid: np.ndarray, size: int, resample) -> np.ndarray:
       (size, size), resample))
 
 
-def render(images: np.ndarray, probs: np.ndarray, phrases: Sequence[str]) -> Image.Image:
+def render(images: np.ndarray, probs: np.ndarray, phrases: Sequence[str],
+           names: Sequence[str] = ()) -> Image.Image:
   """The PNG layout of the module docstring.
 
   Args:
     images: uint8 (B, S, S, 3) what the model saw.
     probs: float (B, rows, cols, P) from `patch_text_probabilities`.
     phrases: the P phrases.
+    names: a label per image (default 'image b').
 
   Returns:
     An RGB image of B rows x (2 + P) panels.
@@ -123,7 +127,8 @@ def render(images: np.ndarray, probs: np.ndarray, phrases: Sequence[str]) -> Ima
       sheet.paste(Image.fromarray(panel.round().astype(np.uint8)), (x, top))
       draw.text((x + 4, top + PANEL + 6), f'{phrase[:20]}  max {probs[b, :, :, p].max():.2f}',
                 fill='black', font=font)
-    draw.text((4, top + PANEL + 6), f'image {b}', fill='black', font=font)
+    label = names[b] if b < len(names) else f'image {b}'
+    draw.text((4, top + PANEL + 6), label[-30:], fill='black', font=font)
   return sheet
 
 
@@ -167,7 +172,9 @@ def patch_text_map(checkpoint: str, images: Sequence[str], phrases: Sequence[str
                                 method=rils_lib.RILS.encode_text)
   probs = patch_text_probabilities(restored.model, restored.params, pixels, np.asarray(embeds),
                                    temperature or config.loss.teacher_temperature, config.input)
-  render(pixels, probs, phrases).save(out)
+  names = [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p))
+           for p in images]
+  render(pixels, probs, phrases, names).save(out)
   return probs
 
 
@@ -185,6 +192,7 @@ def _define_flags():
 def main(argv: List[str]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
   f = flags.FLAGS
   try:
     probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)

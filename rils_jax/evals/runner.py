@@ -279,7 +279,7 @@ def _zeroshot(ev: Evaluations, spec, params, embedder, cache):
   class_embeds = zeroshot.class_embeddings(embedder, params, classes,
                                            templates_lib.get_templates(spec['templates']))
   out = zeroshot.zeroshot_accuracy(data['embed'], data['label'], class_embeds)
-  return dict(out, skipped_images=data['skipped'])
+  return dict(out, images=len(data['label']), skipped_images=data['skipped'])
 
 
 def _retrieval(ev: Evaluations, spec, params, embedder, cache):
