@@ -59,10 +59,6 @@ def lookup(example, key: str):
   Raises:
     KeyError: naming the key and the example's keys.
   """
-  return _lookup(example, key)
-
-
-def _lookup(example, key: str):
   if key in example:  # A flat key, which may contain '/' (e.g. 'image/id').
     return example[key]
   value = example
@@ -97,8 +93,8 @@ class TfdsSource(sources.RecordSource):
     self._length = len(self._open())
     if self._length:
       first = self._open()[0]
-      _lookup(first, image_key)  # Errors now, not mid-run.
-      _captions(_lookup(first, caption_key))
+      lookup(first, image_key)  # Errors now, not mid-run.
+      _captions(lookup(first, caption_key))
     self.stats = sources.SourceStats(images=self._length)
     self.counts_captions = False
 
@@ -118,9 +114,9 @@ class TfdsSource(sources.RecordSource):
   def __getitem__(self, index: int):
     try:
       example = self._open()[index]
-      image = _lookup(example, self.image_key)
+      image = lookup(example, self.image_key)
       return sources.ImageCaptions(image if isinstance(image, bytes) else np.asarray(image),
-                                   _captions(_lookup(example, self.caption_key)),
+                                   _captions(lookup(example, self.caption_key)),
                                    f'{self.name}:{index}')
     except Exception as e:  # A damaged example must cost itself, not the run.
       return sources.BadRecord(f'{self.name} example {index}: {type(e).__name__}: {e}')
