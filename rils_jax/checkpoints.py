@@ -163,6 +163,9 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
   if os.path.basename(path) == 'state' and os.path.isdir(path):
     path = os.path.dirname(path)  # The state item's own folder was given.
   if os.path.isdir(os.path.join(path, 'state')):
+    if step is not None and os.path.basename(path) != str(step):
+      raise FileNotFoundError(f'no checkpoint {step} at {path}, which is one checkpoint (step '
+                              f'{os.path.basename(path)}); give the run\'s workdir with a step')
     return os.path.join(path, 'state')
   root = os.path.join(path, 'checkpoints') if os.path.isdir(
       os.path.join(path, 'checkpoints')) else path
@@ -245,6 +248,9 @@ def load_params(path: str, like) -> Any:
         restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
         partial_restore=True))
   except Exception as e:  # tensorstore / orbax errors on damaged files.
+    cause = e  # The innermost error names the damaged array and why (e.g. a truncated file).
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
     raise ValueError(f'the parameters in {path} cannot be read (damaged checkpoint?): '
-                     f'{type(e).__name__}: {str(e)[:500]}') from e
+                     f'{type(cause).__name__}: {str(cause)[:500]}') from e
   return restored['params']

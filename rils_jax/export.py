@@ -55,6 +55,8 @@ fixed one when fine-tuning.
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -64,6 +66,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from rils_jax.models import rils as rils_lib
@@ -344,10 +347,33 @@ def left_out(params: Dict[str, Any], fmt: str) -> List[str]:
   return lines
 
 
-def _refuse_existing(path: str) -> None:
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} exists; remove it or choose another --out (an export never '
-                          'overwrites)')
+def check_out(fmt: str, out: str) -> str:
+  """Checks an output path before anything is read or written; returns its absolute path.
+
+  Raises:
+    ValueError: for an empty path, a timm path not ending in .safetensors, a parent that is not
+      a folder, or a path among a run's checkpoints (orbax would take it for one).
+    FileExistsError: if the output (or, for timm, its .json) exists.
+  """
+  if not out or not out.strip():
+    raise ValueError('--out is empty')
+  if fmt == 'timm' and not out.endswith('.safetensors'):
+    raise ValueError(f'--out must end in .safetensors for --format=timm, got {out!r}')
+  out = os.path.abspath(out)
+  targets = [out, out[:-len('.safetensors')] + '.json'] if fmt == 'timm' else [out]
+  for path in targets:
+    if os.path.lexists(path):
+      raise FileExistsError(f'{path} exists; remove it or choose another --out (an export never '
+                            'overwrites)')
+  parent = os.path.dirname(out)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'--out {out!r} lies under {parent}, which is a file, not a folder')
+  if os.path.basename(os.path.dirname(out)) == 'checkpoints':
+    raise ValueError(f'--out {out!r} is inside a checkpoints folder, where a run would take it for '
+                     'a training checkpoint; choose another place')
+  return out
 
 
 def _write_json(path: str, data: Dict[str, Any]) -> None:
@@ -356,59 +382,91 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
     f.write('\n')
 
 
+def _staging_folder(parent: str) -> str:
+  """A new folder beside the output, readable like any other (mkdtemp makes it private)."""
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix='.export-')
+  except OSError as e:
+    raise OSError(f'cannot write in {parent}: {e.strerror or e}') from e
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
+  return tmp
+
+
+def _save_safetensors(tensors: Dict[str, np.ndarray], path: str) -> None:
+  try:
+    safetensors_numpy.save_file(tensors, path, metadata={'format': 'pt'})
+  except safetensors.SafetensorError as e:  # e.g. "No space left on device".
+    raise OSError(f'cannot write {path}: {e}') from e
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)  # safetensors creates it owner-only; others may load it too.
+
+
 def export_timm(params: Dict[str, Any], config: ml_collections.ConfigDict, out: str,
                 head: str = 'none') -> Dict[str, Any]:
   """Writes `out` (.safetensors) and its spec beside it (same name, .json).
+
+  Both files are written in a staging folder beside them and then hard-linked into place, which
+  fails if a file of that name appeared meanwhile: nothing is ever overwritten, and a crash
+  leaves no half-written file.
 
   Returns:
     The spec (`timm_model_spec`).
 
   Raises:
-    ValueError: if `out` does not end in .safetensors, or for an unknown `head`.
-    FileExistsError: if `out` or its .json exists (nothing is overwritten).
+    ValueError, FileExistsError: see `check_out`; ValueError for an unknown `head`.
+    OSError: when the files cannot be written (read-only or full disk, ...).
   """
-  if not out.endswith('.safetensors'):
-    raise ValueError(f'--out must end in .safetensors for --format=timm, got {out!r}')
+  out = check_out('timm', out)
   spec_path = out[:-len('.safetensors')] + '.json'
-  for path in (out, spec_path):
-    _refuse_existing(path)
   spec = timm_model_spec(config, head)
   tensors = timm_state_dict(params, config, head)
-  folder = os.path.dirname(os.path.abspath(out))
-  os.makedirs(folder, exist_ok=True)
-  # Written next to the target, then renamed: a crash never leaves a half-written file.
-  with tempfile.TemporaryDirectory(dir=folder, prefix='.export-') as tmp:
-    safetensors_numpy.save_file(tensors, os.path.join(tmp, 'w'), metadata={'format': 'pt'})
-    _write_json(os.path.join(tmp, 'j'), spec)
-    os.replace(os.path.join(tmp, 'w'), out)
-    os.replace(os.path.join(tmp, 'j'), spec_path)
+  tmp = _staging_folder(os.path.dirname(out))
+  placed = []
+  try:
+    _save_safetensors(tensors, os.path.join(tmp, 'weights'))
+    _write_json(os.path.join(tmp, 'spec'), spec)
+    for name, target in (('weights', out), ('spec', spec_path)):
+      try:
+        os.link(os.path.join(tmp, name), target)
+      except FileExistsError as e:
+        raise FileExistsError(f'{target} appeared while exporting; it was left as it is') from e
+      placed.append(target)
+  except BaseException:
+    for target in placed:  # Both files or neither.
+      os.remove(target)
+    raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return spec
 
 
 def export_open_clip(params: Dict[str, Any], config: ml_collections.ConfigDict, out: str,
                      tokenizer_path: str, eot_id: int, pad_id: int) -> Dict[str, Any]:
-  """Writes the open_clip folder `out` (see the module docstring).
+  """Writes the open_clip folder `out` (see the module docstring): staged beside it, then
+  renamed into place, so that it appears whole or not at all.
 
   Returns:
     The open_clip_config.json content.
 
   Raises:
-    FileExistsError: if `out` exists (nothing is overwritten).
+    ValueError, FileExistsError: see `check_out` (FileExistsError also when `out` appears
+      while exporting: it is left as it is).
     FileNotFoundError: if `tokenizer_path` does not exist.
+    OSError: when the folder cannot be written (read-only or full disk, ...).
   """
-  _refuse_existing(out)
+  out = check_out('open_clip', out)
   if not os.path.isfile(tokenizer_path):
     raise FileNotFoundError(f'sentencepiece model not found: {tokenizer_path}')
-  out = os.path.abspath(out)
   trunk = timm_model_name(config) or 'local-dir:' + out
   oc_config = open_clip_model_config(config, eot_id, pad_id, trunk)
   tensors = open_clip_state_dict(params, config)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix='.export-')
+  tmp = _staging_folder(os.path.dirname(out))
   try:
-    safetensors_numpy.save_file(tensors, os.path.join(tmp, OPEN_CLIP_WEIGHTS),
-                                metadata={'format': 'pt'})
+    _save_safetensors(tensors, os.path.join(tmp, OPEN_CLIP_WEIGHTS))
     _write_json(os.path.join(tmp, OPEN_CLIP_CONFIG), oc_config)
     shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
     if trunk.startswith('local-dir:'):
@@ -417,7 +475,10 @@ def export_open_clip(params: Dict[str, Any], config: ml_collections.ConfigDict, 
           architecture=spec['model_name'], num_classes=0, num_features=_vision(config)[0],
           global_pool='avg', model_args=spec['model_kwargs'],
           pretrained_cfg=spec['pretrained_cfg_overlay']))
-    os.rename(tmp, out)  # The folder appears whole or not at all.
+    # rename() would replace an empty folder that appeared meanwhile; refuse it instead.
+    if os.path.lexists(out):
+      raise FileExistsError(f'{out} appeared while exporting; it was left as it is')
+    os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -442,13 +503,18 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
     raise ValueError('--head applies to --format=timm (open_clip keeps image_projection in '
                      'visual.head.proj)')
   # Refused before the checkpoint is read: nothing is overwritten, and no time is lost.
-  if fmt == 'timm':
-    if not out.endswith('.safetensors'):
-      raise ValueError(f'--out must end in .safetensors for --format=timm, got {out!r}')
-    for path in (out, out[:-len('.safetensors')] + '.json'):
-      _refuse_existing(path)
-  else:
-    _refuse_existing(out)
+  existing = os.path.dirname(check_out(fmt, out))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):  # Read-only file systems too (EROFS).
+    raise PermissionError(f'cannot write under {existing}')
+  folder = os.path.abspath(checkpoint)
+  if os.path.basename(folder) == 'params' or (
+      os.path.isdir(os.path.join(folder, 'params')) and
+      not os.path.isdir(os.path.join(folder, 'checkpoints'))):
+    raise ValueError(f'{checkpoint} looks like a rils_jax.finetune output (params/ with the '
+                     'encoder and a classification head): only pre-training checkpoints '
+                     '(WORKDIR or WORKDIR/checkpoints/<step>) are exported')
   restored = restore_lib.restore(checkpoint, step)
   params = jax.device_get(restored.params)
   source = f'step {restored.step} of {restored.path}'
@@ -467,9 +533,9 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
     out = os.path.abspath(out)
     context = restored.config.model.text.context_length
     lines = [f'Wrote {out}/ ({source}). Load with:',
-             f"  model = open_clip.create_model('local-dir:{out}')",
-             f"  tokens = torch.from_numpy(rils_jax.export.tokenize(texts, '{out}/{TOKENIZER}', "
-             f'{context}))',
+             f"  model = open_clip.create_model({'local-dir:' + out!r})",
+             '  tokens = torch.from_numpy(rils_jax.export.tokenize('
+             f'texts, {os.path.join(out, TOKENIZER)!r}, {context}))',
              '(the run\'s sentencepiece model; open_clip.get_tokenizer would give CLIP\'s BPE)']
     trunk = oc['model_cfg']['vision_cfg']['timm_model_name']
     if trunk.startswith('local-dir:'):
@@ -487,10 +553,14 @@ def main(argv):
 
   logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
   f = flags.FLAGS
+  # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging folder is removed.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   try:
     print(_export(f.format, f.checkpoint, f.step, f.out, f.head))
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # OSError: not found, exists, read-only, disk full, ...
     raise SystemExit(f'error: {e}') from e
+  except KeyboardInterrupt as e:
+    raise SystemExit('error: interrupted; nothing was written') from e
 
 
 if __name__ == '__main__':

@@ -517,7 +517,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
 
 
 class QuietLibraries:
-  """Drops INFO lines from orbax and grain internals (dozens per checkpoint) from the log, and
+  """Drops INFO lines from orbax, grain and jax internals (dozens per checkpoint, and jax's
+  "Unable to initialize backend 'tpu'" on every start) from the log, and
   orbax's warning that a checkpoint item has no metadata file of its own (reading the `state`
   item of a multi-item checkpoint, whose metadata sits one folder up: expected)."""
 
@@ -525,7 +526,7 @@ class QuietLibraries:
     if record.getMessage().startswith('Metadata file does not exist'):
       return False
     return record.levelno > logging.converter.STANDARD_INFO or not any(
-        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
+        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain', 'jax'))
 
 
 def main(argv):

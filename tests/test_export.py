@@ -79,7 +79,7 @@ def _check_open_clip(folder, pixels, tokens, image_embed, text_embed, logit_scal
   return model
 
 
-def test_vit_ti_and_small_text_tower_with_random_weights(tmp_path):
+def test_vit_ti_and_small_text_tower_with_random_weights(tmp_path, monkeypatch):
   config = tiny.tiny_config(**{
       'model.variant': 'Ti/16', 'model.vision': dict(width=0, depth=0, num_heads=0),
       'model.image_size': 224, 'model.embed_dim': 48,
@@ -137,6 +137,21 @@ def test_vit_ti_and_small_text_tower_with_random_weights(tmp_path):
   with pytest.raises(ValueError, match='must end in .safetensors'):
     export.export_timm(params, config, str(tmp_path / 'vit.pt'))
   assert os.path.getmtime(str(tmp_path / 'vit_none.safetensors')) == before
+  with pytest.raises(ValueError, match='inside a checkpoints folder'):
+    export.export_timm(params, config, str(tmp_path / 'checkpoints' / '9.safetensors'))
+  # A file that appears while the export runs (another export, say) is kept, and no half of
+  # the export is left behind.
+  raced = tmp_path / 'raced.safetensors'
+  real_state_dict = export.timm_state_dict
+
+  def state_dict_then_race(*args, **kwargs):
+    raced.write_bytes(b'theirs')
+    return real_state_dict(*args, **kwargs)
+
+  monkeypatch.setattr(export, 'timm_state_dict', state_dict_then_race)
+  with pytest.raises(FileExistsError, match='appeared while exporting'):
+    export.export_timm(params, config, str(raced))
+  assert raced.read_bytes() == b'theirs' and not (tmp_path / 'raced.json').exists()
   assert not any(name.startswith('.export-') for name in os.listdir(tmp_path))
 
 

@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 
 from rils_jax import checkpoints
 from rils_jax import config_lib
+from rils_jax import export
 from rils_jax import main as main_lib
+from rils_jax.evals import restore as restore_lib
 from tests import tiny
 
 STEPS = 8
@@ -76,6 +78,14 @@ def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path)
   for (path, a), b in zip(flat, jax.tree.leaves(params_multi)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+  # The export reads the 2-process checkpoint whole in this one process, as it reads the
+  # single-process one.
+  restored = restore_lib.restore(multi)
+  exported = export.timm_state_dict(jax.device_get(restored.params), restored.config)
+  reference = export.timm_state_dict(jax.device_get(params_single), restored.config)
+  assert sorted(exported) == sorted(reference)
+  for name, value in reference.items():
+    np.testing.assert_allclose(exported[name], value, atol=1e-5, err_msg=name)
   ids = [tiny.example_ids(multi, i) for i in range(2)]
   expected = tiny.example_ids(single, 0)
   assert sorted(expected) == list(range(1, STEPS + 1))
