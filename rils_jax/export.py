@@ -354,6 +354,7 @@ def check_out(fmt: str, out: str) -> str:
     ValueError: for an empty path, a timm path not ending in .safetensors, a parent that is not
       a folder, or a path among a run's checkpoints (orbax would take it for one).
     FileExistsError: if the output (or, for timm, its .json) exists.
+    PermissionError: if the output cannot be written there.
   """
   if not out or not out.strip():
     raise ValueError('--out is empty')
@@ -370,6 +371,8 @@ def check_out(fmt: str, out: str) -> str:
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise ValueError(f'--out {out!r} lies under {parent}, which is a file, not a folder')
+  if not os.access(parent, os.W_OK):  # Read-only file systems too (EROFS).
+    raise PermissionError(f'cannot write under {parent}')
   if os.path.basename(os.path.dirname(out)) == 'checkpoints':
     raise ValueError(f'--out {out!r} is inside a checkpoints folder, where a run would take it for '
                      'a training checkpoint; choose another place')
@@ -382,6 +385,12 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
     f.write('\n')
 
 
+def _umask() -> int:
+  umask = os.umask(0)  # Reading the umask means setting it; put it back at once.
+  os.umask(umask)
+  return umask
+
+
 def _staging_folder(parent: str) -> str:
   """A new folder beside the output, readable like any other (mkdtemp makes it private)."""
   try:
@@ -389,9 +398,7 @@ def _staging_folder(parent: str) -> str:
     tmp = tempfile.mkdtemp(dir=parent, prefix='.export-')
   except OSError as e:
     raise OSError(f'cannot write in {parent}: {e.strerror or e}') from e
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)
+  os.chmod(tmp, 0o777 & ~_umask())
   return tmp
 
 
@@ -400,9 +407,7 @@ def _save_safetensors(tensors: Dict[str, np.ndarray], path: str) -> None:
     safetensors_numpy.save_file(tensors, path, metadata={'format': 'pt'})
   except safetensors.SafetensorError as e:  # e.g. "No space left on device".
     raise OSError(f'cannot write {path}: {e}') from e
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, 0o666 & ~umask)  # safetensors creates it owner-only; others may load it too.
+  os.chmod(path, 0o666 & ~_umask())  # safetensors creates it owner-only; others may load it.
 
 
 def export_timm(params: Dict[str, Any], config: ml_collections.ConfigDict, out: str,
@@ -503,11 +508,7 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
     raise ValueError('--head applies to --format=timm (open_clip keeps image_projection in '
                      'visual.head.proj)')
   # Refused before the checkpoint is read: nothing is overwritten, and no time is lost.
-  existing = os.path.dirname(check_out(fmt, out))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.access(existing, os.W_OK):  # Read-only file systems too (EROFS).
-    raise PermissionError(f'cannot write under {existing}')
+  check_out(fmt, out)
   folder = os.path.abspath(checkpoint)
   if os.path.basename(folder) == 'params' or (
       os.path.isdir(os.path.join(folder, 'params')) and
