@@ -523,6 +523,7 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
     spec = export_timm(params, restored.config, out, head)
     spec_path = out[:-len('.safetensors')] + '.json'
     lines = [f'Wrote {out} and {spec_path} ({source}). Load with:',
+             '  import json, timm',
              f'  spec = json.load(open({spec_path!r}))',
              f"  model = timm.create_model(spec['model_name'], checkpoint_path={out!r},",
              "                            pretrained_cfg_overlay=spec['pretrained_cfg_overlay'],"
@@ -533,11 +534,16 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
                           restored.tokenizer.eot_id, restored.tokenizer.pad_id)
     out = os.path.abspath(out)
     context = restored.config.model.text.context_length
-    lines = [f'Wrote {out}/ ({source}). Load with:',
-             f"  model = open_clip.create_model({'local-dir:' + out!r})",
-             '  tokens = torch.from_numpy(rils_jax.export.tokenize('
-             f'texts, {os.path.join(out, TOKENIZER)!r}, {context}))',
-             '(the run\'s sentencepiece model; open_clip.get_tokenizer would give CLIP\'s BPE)']
+    lines = [f'Wrote {out}/ ({source}). Load with (from the rils_jax folder, or with it on '
+             'PYTHONPATH):',
+             '  import open_clip, torch',
+             '  from rils_jax.export import tokenize',
+             '  model, _, preprocess = open_clip.create_model_and_transforms('
+             f"{'local-dir:' + out!r})",
+             f"  tokens = torch.from_numpy(tokenize(['a photo of a dog'], "
+             f'{os.path.join(out, TOKENIZER)!r}, {context}))',
+             '(tokenize uses the run\'s sentencepiece model; open_clip.get_tokenizer would give '
+             'CLIP\'s BPE tokenizer and wrong ids)']
     trunk = oc['model_cfg']['vision_cfg']['timm_model_name']
     if trunk.startswith('local-dir:'):
       lines.append(f'The vision trunk is named by this folder\'s path ({trunk}): after moving '

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -188,9 +189,18 @@ def test_short_real_run_fsdp_checkpoint_exported_on_one_device(real_run, tmp_pat
                     '--head=projection')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'decoder (' in out.stdout and 'text tower' in out.stdout, out.stdout
+  namespace = {}  # The printed loading lines run as printed.
+  exec(textwrap.dedent(out.stdout.split('Load with:\n')[1].split('\nmodel_kwargs:')[0]),
+       namespace)  # pylint: disable=exec-used
+  assert namespace['model'].head.out_features == 128  # flickr8k_coco's embed_dim.
   out = _run_export(f'--checkpoint={real_run}', '--format=open_clip', f'--out={folder}')
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "create_model('local-dir:" in out.stdout, out.stdout
+  # The lines the command prints to load its output run as printed.
+  printed = out.stdout.split('\n(tokenize uses')[0].split('PYTHONPATH):\n')[1]
+  namespace = {}
+  exec(textwrap.dedent(printed), namespace)  # pylint: disable=exec-used
+  assert isinstance(namespace['model'], open_clip.CLIP)
+  assert namespace['tokens'].shape == (1, 32) and namespace['tokens'][0, 0] != 0
 
   # Real photos (held-out Flickr8k images) and their captions.
   restored = restore_lib.restore(real_run)
