@@ -69,6 +69,7 @@ from absl import logging
 import safetensors
 from safetensors import numpy as safetensors_numpy
 
+from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
@@ -97,15 +98,10 @@ def _image_size(config: ml_collections.ConfigDict) -> Tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _vision(config: ml_collections.ConfigDict) -> Tuple[int, int, int, int]:
-  """(width, depth, heads, patch) of the run's vision encoder."""
-  return rils_lib.vision_dims(config.model)
-
-
 def timm_model_name(config: ml_collections.ConfigDict) -> Optional[str]:
   """timm's registered name for the run's encoder shape (e.g. 'vit_base_patch16_224' for B/16 at
   224 px), or None when timm registers no ViT of that shape."""
-  width, depth, heads, patch = _vision(config)
+  width, depth, heads, patch = rils_lib.vision_dims(config.model)
   h, w = _image_size(config)
   size = _TIMM_SIZES.get((width, depth, heads))
   name = f'vit_{size}_patch{patch}_{h}'
@@ -139,7 +135,7 @@ def timm_model_spec(config: ml_collections.ConfigDict, head: str = 'none') -> Di
   """
   if head not in HEADS:
     raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-  width, depth, heads, patch = _vision(config)
+  width, depth, heads, patch = rils_lib.vision_dims(config.model)
   h, w = _image_size(config)
   num_classes = config.model.embed_dim if head == 'projection' else 0
   kwargs = dict(
@@ -179,7 +175,7 @@ def timm_state_dict(params: Dict[str, Any], config: ml_collections.ConfigDict,
   if 'visual' not in params:
     raise ValueError(f'no vision encoder (`visual`) among the parameters {sorted(params)}')
   v = params['visual']
-  width, depth, heads, patch = _vision(config)
+  width, depth, heads, patch = rils_lib.vision_dims(config.model)
   grid = vit.grid_size(_image_size(config), patch)
   out = {
       'cls_token': _np(v['cls_token']),
@@ -303,29 +299,20 @@ def open_clip_model_config(config: ml_collections.ConfigDict, eot_id: int, pad_i
           'how_to_tokenize': (
               'Not open_clip.get_tokenizer (CLIP BPE). Each row: sentencepiece ids of the text '
               'from tokenizer.model, cut to context_length - 1, then eot_id, then pad_id up to '
-              'context_length (rils_jax.tokenizer.Tokenizer.encode, rils_jax.export.tokenize).'),
+              'context_length (rils_jax.export.tokenize).'),
       },
   }
 
 
 def tokenize(texts: Sequence[str], tokenizer_path: str, context_length: int) -> np.ndarray:
-  """Token rows for the exported text tower, with the sentencepiece model alone (what
-  `rils_jax.tokenizer.Tokenizer.encode` computes): int64 (len(texts), context_length); wrap in
-  `torch.from_numpy` for open_clip.
+  """Token rows for the exported text tower: `rils_jax.tokenizer.Tokenizer.encode` with the
+  exported sentencepiece model, as int64 (len(texts), context_length) for `torch.from_numpy`.
 
   Raises:
     FileNotFoundError: if `tokenizer_path` does not exist.
   """
-  import sentencepiece  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f'sentencepiece model not found: {tokenizer_path}')
-  sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
-  rows = np.full((len(texts), context_length), max(sp.pad_id(), 0), np.int64)
-  for i, ids in enumerate(sp.encode(list(texts))):
-    ids = ids[:context_length - 1] + [sp.eos_id()]
-    rows[i, :len(ids)] = ids
-  return rows
+  return tokenizer_lib.Tokenizer(tokenizer_path).encode(list(texts), context_length).astype(
+      np.int64)
 
 
 def left_out(params: Dict[str, Any], fmt: str) -> List[str]:
@@ -477,8 +464,9 @@ def export_open_clip(params: Dict[str, Any], config: ml_collections.ConfigDict, 
     if trunk.startswith('local-dir:'):
       spec = timm_model_spec(config)
       _write_json(os.path.join(tmp, TIMM_CONFIG), dict(
-          architecture=spec['model_name'], num_classes=0, num_features=_vision(config)[0],
-          global_pool='avg', model_args=spec['model_kwargs'],
+          architecture=spec['model_name'], num_classes=0,
+          num_features=spec['model_kwargs']['embed_dim'], global_pool='avg',
+          model_args=spec['model_kwargs'],
           pretrained_cfg=spec['pretrained_cfg_overlay']))
     # rename() would replace an empty folder that appeared meanwhile; refuse it instead.
     if os.path.lexists(out):
