@@ -14,6 +14,7 @@ held-out image->text R@5 about 58% against 2.5% chance. README.md has the measur
 Argument (optional): `configs/default.py:num_train=4000`.
 """
 
+from configs import common
 from rils_jax import config_lib
 
 
@@ -38,6 +39,6 @@ def get_config(arg=None):
   c.input.batch_size = 128
   c.input.crop_scale = (0.8, 1.0)  # Milder than 0.5: a 32 px shape must stay in the crop.
   c.tokenizer.vocab_size = 128
-  config_lib.synthetic_data(c, image_size=32, num_train=arg.num_train)
+  common.synthetic_data(c, image_size=32, num_train=arg.num_train)
   c.evals.batch_size = 200
   return c

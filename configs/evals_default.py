@@ -14,6 +14,7 @@ Argument (optional): `configs/evals_default.py:num_train=4000` (as given to defa
 
 import os
 
+from configs import common
 from rils_jax import config_lib
 
 
@@ -21,7 +22,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, num_train=4000)
   c = config_lib.base_config()
   c.evals.batch_size = 200
-  config_lib.synthetic_data(c, image_size=32, num_train=arg.num_train)
+  common.synthetic_data(c, image_size=32, num_train=arg.num_train)
   folder = os.path.join(c.synthetic.root, 'zeroshot')
   pool = dict(kind='folder', root=folder, per_class=':10')
   test = dict(kind='folder', root=folder, per_class='10:')

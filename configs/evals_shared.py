@@ -18,14 +18,15 @@ Argument: `configs/evals_shared.py:data_dir=PATH` (default ../shared/data beside
 
 import os
 
+from configs import common
 from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data_dir=config_lib.SHARED_DATA)
+  arg = config_lib.parse_arg(arg, data_dir=common.SHARED_DATA)
   c = config_lib.base_config()
   c.evals.batch_size = 500
-  config_lib.shared_data(c, arg.data_dir)
+  common.shared_data(c, arg.data_dir)
   cifar = os.path.join(arg.data_dir, 'cifar10_test')
   pool = dict(kind='folder', root=cifar, per_class=':500')
   test = dict(kind='folder', root=cifar, per_class='500:')

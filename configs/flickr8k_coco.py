@@ -12,11 +12,12 @@ not CLIP-level transfer. See README.md for measured figures.
 Arguments: `configs/flickr8k_coco.py:data_dir=PATH` (default ../shared/data beside the repo).
 """
 
+from configs import common
 from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data_dir=config_lib.SHARED_DATA)
+  arg = config_lib.parse_arg(arg, data_dir=common.SHARED_DATA)
   c = config_lib.base_config()
   c.total_steps = 600
   c.log_every = 50
@@ -36,6 +37,6 @@ def get_config(arg=None):
   c.input.batch_size = 64
   c.input.num_workers = 1
   c.tokenizer.vocab_size = 2000
-  config_lib.shared_data(c, arg.data_dir, zeroshot_per_class=':100')
+  common.shared_data(c, arg.data_dir, zeroshot_per_class=':100')
   c.evals.batch_size = 250
   return c

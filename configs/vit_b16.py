@@ -38,9 +38,9 @@ gpu_2x8xh100): mesh, bfloat16, remat and the micro-batch per device. Check that 
   python -m rils_jax.dry_run --config=configs/vit_b16.py:platform=tpu_v5e_256
 """
 
-from rils_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.paper_recipe(arg, 'B/16', dict(width=512, num_layers=12, num_heads=8),
+  return common.paper_recipe(arg, 'B/16', dict(width=512, num_layers=12, num_heads=8),
                                  embed_dim=512)

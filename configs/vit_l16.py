@@ -10,9 +10,9 @@ Model (RILS release, ../shared/docs/RILS_METHOD.md "Architectures"): ViT-L/16 at
 (`:data=synthetic|shared|KIND:PATTERN,dtype=...,platform=NAME`).
 """
 
-from rils_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.paper_recipe(arg, 'L/16', dict(width=768, num_layers=12, num_heads=12),
+  return common.paper_recipe(arg, 'L/16', dict(width=768, num_layers=12, num_heads=12),
                                  embed_dim=768)

@@ -27,10 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from rils_jax import flops as flops_lib
-from rils_jax import optim
 from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
-from rils_jax.models import rils as rils_lib
 
 
 def _define_flags():
@@ -81,13 +79,12 @@ def random_batch(config, rng: np.random.Generator, eot_id: int):
 
 def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   """Runs the benchmark and returns its figures (see the module docstring)."""
-  eot_id = 2
-  model = rils_lib.build_model(config, eot_id)
-  mesh = sharding.make_mesh(config)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  batch = train_step_lib.put_batch(random_batch(config, np.random.default_rng(0), eot_id), mesh)
+  setup = train_step_lib.setup(config, match_platform=False)
+  model = setup.model
+  state = train_step_lib.create_train_state(setup, config.seed)
+  step = train_step_lib.make_train_step(setup, config)
+  batch = sharding.put_batch(random_batch(config, np.random.default_rng(0), model.eot_id),
+                             setup.mesh)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()

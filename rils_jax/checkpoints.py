@@ -52,6 +52,24 @@ _STATE_TYPES = ocp.type_handlers.create_type_handler_registry(
     (np.number, ocp.type_handlers.ScalarHandler()))
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the checkpoint settings of `config` (intervals, keep policies, `init_from`).
+
+  Raises:
+    ValueError: for a non-positive `checkpoint_every` or `keep_checkpoints`, or a negative
+      `keep_every` or `checkpoint_minutes`.
+    FileNotFoundError: for an `init_from` that holds no checkpoint.
+  """
+  for key in ('checkpoint_every', 'keep_checkpoints'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key}={config[key]} must be >= 1')
+  for key in ('keep_every', 'checkpoint_minutes'):
+    if config[key] < 0:
+      raise ValueError(f'config.{key}={config[key]} must be >= 0 (0 turns it off)')
+  if config.init_from:
+    checkpoint_path(config.init_from)
+
+
 class Checkpoints:
   """The orbax `CheckpointManager` of WORKDIR/checkpoints with the policies of `config`."""
 

@@ -1,24 +1,22 @@
-"""Shared configuration defaults and helpers for the files in configs/.
+"""The configuration fields rils_jax reads, with their defaults, and the checks of config keys.
 
-Every field that `rils_jax.main` reads is defined here, so a config file only states what it
-changes, and an override such as `--config.loss.kind=clip` works for every config.
+Every field that `rils_jax.main` reads is defined by `base_config` (and every field that
+`rils_jax.finetune` reads by `finetune_base_config`), so a config file only states what it
+changes, an override such as `--config.loss.kind=clip` works for every config, and a key that
+is not defined here is a typo (`check_keys`). The recipes and data presets that config files
+share live beside them, in configs/common.py.
 """
 
 import difflib
-import os
-from typing import Any, Dict
+from typing import Optional, Sequence
 
 import ml_collections
 
-from rils_jax import platforms
 from rils_jax import sharding
 
 # ImageNet mean / std (RGB, [0, 1] scale), used by SLIP and the RILS release.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data')
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -50,34 +48,6 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return ml_collections.ConfigDict(out)
-
-
-def cache_dir() -> str:
-  """Where generated data lives: $RILS_JAX_CACHE, else $XDG_CACHE_HOME/rils_jax, else
-  ~/.cache/rils_jax."""
-  if os.environ.get('RILS_JAX_CACHE'):
-    return os.environ['RILS_JAX_CACHE']
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'rils_jax')
-
-
-def synthetic_data(config: ml_collections.ConfigDict, image_size: int, num_train: int = 4000,
-                   seed: int = 0, num_heldout: int = 200, zeroshot_per_class: int = 20,
-                   root: str = '') -> None:
-  """Points the config at the generated shapes dataset (see rils_jax/data/synthetic.py).
-
-  `rils_jax.main` generates it on first use under `cache_dir()`.
-  """
-  root = root or os.path.join(cache_dir(), f'shapes_v2_{image_size}px_{num_train}_seed{seed}')
-  config.synthetic = dict(root=root, image_size=image_size, num_train=num_train, seed=seed,
-                          num_heldout=num_heldout, zeroshot_per_class=zeroshot_per_class)
-  config.input.sources = [dict(kind='csv', captions=os.path.join(root, 'train', 'captions.csv'),
-                               images=os.path.join(root, 'train', 'images'), select='')]
-  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='short',
-                               data=dict(kind='folder', root=os.path.join(root, 'zeroshot')))
-  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
-      dict(kind='csv', captions=os.path.join(root, 'heldout', 'captions.csv'),
-           images=os.path.join(root, 'heldout', 'images'), select='')])
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -162,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Evaluations (rils_jax/evals/runner.py): `batch_size`, plus named evaluators, each a dict
   # with `kind` (zeroshot, retrieval, linear_probe, fewshot, lowshot, knn), `every` (steps; 0:
-  # at the end only) and the kind's settings. The data helpers below add some.
+  # at the end only) and the kind's settings. The data presets of configs/common.py add some.
   c.evals = ml_collections.ConfigDict()
   c.evals.batch_size = 256
 
@@ -171,17 +141,44 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Keys that helpers add to some configs only (synthetic_data, platforms.apply_platform), and
-# values that are free-form (lists of sources and rules, the mesh's axes are checked by
-# sharding.make_mesh).
+# Keys that presets add to some configs only (configs/common.py: synthetic_data,
+# platforms.apply_platform), and values that are free-form (lists of sources and rules; the mesh's
+# axes are checked by sharding.make_mesh, evals by rils_jax.evals.runner.evaluator_specs).
 OPTIONAL_KEYS = ('synthetic', 'platform')
-FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals')  # evals: checked by
-# rils_jax.evals.runner.evaluator_specs.
+FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals')
 
 
-def check_keys(config: ml_collections.ConfigDict) -> None:
-  """Rejects keys that `base_config` does not define (a typo in a config file would otherwise
-  be ignored silently; command-line overrides are already checked by ml_collections).
+def finetune_base_config() -> ml_collections.ConfigDict:
+  """Defaults of `rils_jax.finetune` (MAE / BEiT fine-tuning recipe, CPU-sized steps), no
+  checkpoint and no data: a config sets `init_from` and `data.train` / `data.test` (dataset
+  specs of rils_jax/evals/datasets.py)."""
+  c = ml_collections.ConfigDict()
+  c.init_from = ''            # The pre-training run's workdir or one checkpoint folder.
+  c.seed = 0
+  c.total_steps = 300
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.log_every = 25
+  c.eval_every = 0            # Test-set evaluation every N steps (0: at the end only).
+  c.label_smoothing = 0.1
+  c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.05, grad_clip=0.0, layer_decay=0.65)
+  c.input = dict(crop_scale=(0.08, 1.0), num_workers=0)
+  c.data = dict(train=None, test=None)
+  return c
+
+
+
+
+def check_keys(config: ml_collections.ConfigDict,
+               reference: Optional[ml_collections.ConfigDict] = None,
+               free_form: Sequence[str] = FREE_FORM_KEYS,
+               optional: Sequence[str] = OPTIONAL_KEYS,
+               where: str = 'rils_jax/config_lib.py:base_config') -> None:
+  """Rejects keys that the reference config (default: `base_config()`) does not define: a typo
+  in a config file would otherwise be ignored silently (command-line overrides are already
+  checked by ml_collections). `free_form` keys hold values of any shape; `optional` top-level
+  keys may appear although the reference lacks them; `where` names the reference in the error.
 
   Raises:
     ValueError: naming each unknown key and the closest known ones.
@@ -189,13 +186,13 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   unknown = []
 
   def walk(value, reference, prefix):
-    if prefix.rstrip('.') in FREE_FORM_KEYS:
+    if prefix.rstrip('.') in free_form:
       return
     if not isinstance(value, (dict, ml_collections.ConfigDict)):
       return
     for key in value.keys():
       name = prefix + key
-      if prefix == '' and key in OPTIONAL_KEYS:
+      if prefix == '' and key in optional:
         continue
       if key not in reference:
         close = difflib.get_close_matches(key, list(reference.keys()), n=2)
@@ -204,105 +201,18 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
       else:
         walk(value[key], reference[key], name + '.')
 
-  walk(config, base_config(), '')
+  walk(config, base_config() if reference is None else reference, '')
   if unknown:
     raise ValueError(f'unknown config keys: {"; ".join(unknown)}. The known keys and their '
-                     'meaning are in rils_jax/config_lib.py:base_config')
+                     f'meaning are in {where}')
 
 
-def to_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """Plain nested dict, for JSON."""
-  return config.to_dict()
-
-
-def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
-                 ) -> ml_collections.ConfigDict:
-  """The RILS paper's pre-training set-up for a ViT variant (see configs/vit_b16.py).
-
-  `arg`: 'data=DATA,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset of
-  rils_jax/platforms.py, which also sets the dtype); DATA is synthetic, shared, or shards
-  (see `shard_data`).
+def check_finetune_keys(config: ml_collections.ConfigDict) -> None:
+  """`check_keys` against `finetune_base_config` (the dataset specs are free-form: checked by
+  rils_jax/evals/datasets.py when opened).
 
   Raises:
-    ValueError: for an unknown argument, data or platform name.
+    ValueError: naming each unknown key and the closest known ones.
   """
-  arg = parse_arg(arg, data='synthetic', dtype='auto', platform='')
-  c = base_config()
-  c.total_steps = 122_070
-  c.log_every = 50
-  c.checkpoint_every = 2000
-  c.checkpoint_minutes = 30.0
-  c.keep_every = 20_000
-  c.model.variant = variant
-  c.model.image_size = 224
-  c.model.dtype = arg.dtype
-  c.model.text = dict(width=text['width'], num_layers=text['num_layers'],
-                      num_heads=text['num_heads'], context_length=77, vocab_size=49_408)
-  c.model.embed_dim = embed_dim
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 4_883
-  c.optim.weight_decay = 0.5
-  c.input.batch_size = 4096
-  c.input.num_workers = 8
-  c.tokenizer.vocab_size = 49_408
-  if arg.data == 'synthetic':
-    synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
-  elif arg.data == 'shared':
-    shared_data(c)
-  elif arg.data.split(':', 1)[0] in SHARD_KINDS:
-    shard_data(c, arg.data)
-  else:
-    raise ValueError("data must be 'synthetic', 'shared', 'webdataset:PATTERN', "
-                     f"'arrayrecord:PATTERN' or 'tfds:NAME', got {arg.data!r}")
-  if arg.platform:
-    if arg.dtype != 'auto':
-      raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
-                       '(or override --config.model.dtype after it)')
-    platforms.apply_platform(c, arg.platform)
-  return c
-
-
-SHARD_KINDS = ('webdataset', 'arrayrecord', 'tfds')
-
-
-def shard_data(config: ml_collections.ConfigDict, spec: str) -> None:
-  """Trains on one shard source, `KIND:WHAT`: `webdataset:/data/laion/{00000..01999}.tar`,
-  `arrayrecord:/data/laion_ar/train-*.array_record` or `tfds:coco_captions` (split train,
-  $TFDS_DATA_DIR). No evaluation data is set: add `config.evals` in a copy of the config.
-
-  Raises:
-    ValueError: for another kind or an empty pattern.
-  """
-  kind, _, what = spec.partition(':')
-  if kind not in SHARD_KINDS or not what:
-    raise ValueError(f'shard data must look like KIND:PATTERN with KIND in {SHARD_KINDS}, '
-                     f'got {spec!r}')
-  source = (dict(kind='tfds', name=what, split='train') if kind == 'tfds'
-            else dict(kind=kind, files=what))
-  config.input.sources = [source]
-  remove_evals(config)
-
-
-def remove_evals(config: ml_collections.ConfigDict) -> None:
-  """Drops every evaluator of `config.evals` (keeps `evals.batch_size`)."""
-  for name in [k for k in config.evals.keys() if k != 'batch_size']:
-    del config.evals[name]
-
-
-def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
-                heldout: int = 100, zeroshot_per_class: str = '') -> None:
-  """Points the config at ../shared/data: Flickr8k 1k (all but the last `heldout` images) + COCO
-  mini for training, the last `heldout` Flickr8k images for retrieval, CIFAR-10 test photos for
-  zero-shot (`zeroshot_per_class`: a slice of each class, '' for all 1,000)."""
-  flickr, coco = os.path.join(data_dir, 'flickr8k_1k'), os.path.join(data_dir, 'coco_mini_train')
-  config.input.sources = [
-      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
-           images=os.path.join(flickr, 'images'), select=f':-{heldout}'),
-      dict(kind='coco', captions=os.path.join(coco, 'captions_train2017.json'),
-           images=os.path.join(coco, 'images'), select=''),
-  ]
-  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='clip_cifar_18', data=dict(
-      kind='folder', root=os.path.join(data_dir, 'cifar10_test'), per_class=zeroshot_per_class))
-  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
-      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
-           images=os.path.join(flickr, 'images'), select=f'-{heldout}:')])
+  check_keys(config, finetune_base_config(), free_form=('data.train', 'data.test'), optional=(),
+             where='rils_jax/config_lib.py:finetune_base_config')

@@ -41,7 +41,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from rils_jax import losses
-from rils_jax import optim
 from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
@@ -83,8 +82,7 @@ def activation_bytes(model, config, mesh) -> dict:
   shards = sharding.data_parallel_size(mesh)
   batch, accum = config.input.batch_size, config.optim.accum_steps
   micro = batch // accum
-  params = jax.eval_shape(
-      lambda: train_step_lib.init_params(model, config, jax.random.PRNGKey(0)))
+  params = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
 
   def features(p, size):
     dummy = train_step_lib.dummy_batch(config, size)
@@ -113,14 +111,12 @@ def dry_run(config, compile_step: bool = True) -> dict:
   Raises:
     ValueError: for a config that does not fit the devices (mesh, batch, accumulation).
   """
-  model = rils_lib.build_model(config, eot_id=2)
-  mesh = sharding.make_mesh(config)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.abstract_train_state(model, optimizer, config, mesh)
+  setup = train_step_lib.setup(config, match_platform=False)
+  model, mesh, state = setup.model, setup.mesh, setup.abstract_state
   batch_sharding = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in
            train_step_lib.dummy_batch(config, config.input.batch_size).items()}
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  step = train_step_lib.make_train_step(setup, config)
   activations = activation_bytes(model, config, mesh)
   out = dict(
       config=dict(variant=config.model.variant, batch_size=config.input.batch_size,

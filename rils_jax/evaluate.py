@@ -22,7 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rils_jax import main as main_lib
+from rils_jax import console
 from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import restore as restore_lib
 from rils_jax.evals import runner
@@ -88,7 +88,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+  console.quiet_libraries()
   f = flags.FLAGS
   try:
     out = open(f.output, 'a', encoding='utf-8') if f.output else None  # Fails now, not after.

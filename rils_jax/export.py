@@ -65,11 +65,12 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 import safetensors
 from safetensors import numpy as safetensors_numpy
 
+from rils_jax import console
 from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
@@ -490,8 +491,6 @@ def _define_flags():
 
 def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str) -> str:
   """Runs one export; returns what to print."""
-  from rils_jax.evals import restore as restore_lib  # pylint: disable=g-import-not-at-top
-
   if fmt == 'open_clip' and head != 'none':
     raise ValueError('--head applies to --format=timm (open_clip keeps image_projection in '
                      'visual.head.proj)')
@@ -544,9 +543,7 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from rils_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-
-  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+  console.quiet_libraries()
   f = flags.FLAGS
   # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging folder is removed.
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -35,7 +35,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rils_jax import main as main_lib
+from rils_jax import config_lib
+from rils_jax import console
 from rils_jax import metric_writer
 from rils_jax import optim
 from rils_jax import sharding
@@ -143,11 +144,13 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   """Fine-tunes and evaluates; returns the final test metrics (`test/top1`, `test/top5`).
 
   Raises:
-    ValueError: for a bad config, a workdir that is not empty, datasets whose classes differ,
+    ValueError: for a bad config (an unknown key, see `config_lib.finetune_base_config`), a
+      workdir that is not empty, datasets whose classes differ,
       or a dataset none of whose images can be read.
     FileNotFoundError: for a missing checkpoint or dataset.
     RuntimeError: when 1000 training images in a row cannot be read.
   """
+  config_lib.check_finetune_keys(config)
   if not config.init_from:
     raise ValueError('config.init_from must name a pre-training workdir or checkpoint')
   if os.path.isdir(workdir) and os.listdir(workdir):
@@ -254,7 +257,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+  console.quiet_libraries()
   try:
     finetune(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -6,6 +6,7 @@
 - `rils_reconstruction_loss`: KL(teacher || student) between patch-to-caption distributions,
   averaged over the weighted (masked and gated) patches (RILS paper Sec. 3, official release).
 - `rils_loss`: L_clip + lambda * L_rec with the switches of `config.loss`.
+- `check_config`: the rules of `config.loss`, checked before a run reads or compiles anything.
 
 All inputs are expected L2-normalised; all arithmetic is float32.
 """
@@ -17,6 +18,24 @@ import jax.numpy as jnp
 import ml_collections
 
 Metrics = Dict[str, jax.Array]
+
+KINDS = ('rils', 'clip')  # 'clip': the baseline, L_clip only (no masked branch).
+
+
+def check_config(loss_config: ml_collections.ConfigDict) -> None:
+  """Checks `config.loss`: `kind` is one of `KINDS` and `chunk_size` >= 0.
+
+  Raises:
+    ValueError: naming the setting.
+  """
+  if loss_config.kind not in KINDS:
+    raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {loss_config.kind!r}")
+  _check_chunk_size(loss_config.get('chunk_size', 0))
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+  if chunk_size < 0:
+    raise ValueError(f'config.loss.chunk_size={chunk_size} must be >= 0 (0: no chunks)')
 
 
 def clip_loss(image_embed, text_embed, logit_scale,
@@ -88,8 +107,7 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
   Raises:
     ValueError: for a negative `chunk_size`.
   """
-  if chunk_size < 0:
-    raise ValueError(f'config.loss.chunk_size={chunk_size} must be >= 0 (0: no chunks)')
+  _check_chunk_size(chunk_size)
   prototypes = prototypes.astype(jnp.float32)
   teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   student = student.astype(jnp.float32)
@@ -137,8 +155,9 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     weight is non-zero) and `logit_scale` (s).
 
   Raises:
-    ValueError: for an unknown `kind`.
+    ValueError: for a `loss_config` that `check_config` refuses.
   """
+  check_config(loss_config)
   scale = jnp.minimum(jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32)), max_logit_scale)
   l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale,
                              loss_config.get('local_gradients', False))
@@ -147,8 +166,6 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
   if loss_config.kind == 'clip':
     metrics.update(loss=l_clip, recon_loss=jnp.zeros(()), gate_fraction=jnp.zeros(()))
     return l_clip, metrics
-  if loss_config.kind != 'rils':
-    raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {loss_config.kind!r}")
   gate = correct if loss_config.gate else jnp.ones_like(correct)
   prototypes = outputs['text_embed']
   if loss_config.stop_gradient_prototypes:

@@ -27,15 +27,12 @@ DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 wri
 metrics; all processes write their shards of each checkpoint together through orbax.
 """
 
-import functools
 import json
-import math
 import os
 import shutil
 import time
 from typing import Optional
 
-import grain
 import jax
 import ml_collections
 from absl import app
@@ -46,20 +43,18 @@ from ml_collections import config_flags
 
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import config_lib
+from rils_jax import console
 from rils_jax import distributed
+from rils_jax import health as health_lib
+from rils_jax import losses
 from rils_jax import metric_writer
-from rils_jax import optim
 from rils_jax import preemption
-from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
 from rils_jax.data import pipeline
-from rils_jax.data import sources
-from rils_jax.data import synthetic
+from rils_jax.data import records
 from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import runner as evals_lib
-from rils_jax.models import rils as rils_lib
-from rils_jax.models import vit
 
 
 def _define_flags():
@@ -78,52 +73,27 @@ def _define_flags():
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what would otherwise fail late or silently, before any data is read or compiled.
+def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
+  """Checks what would otherwise fail late or silently, before any data is read or compiled,
+  and returns the run's `train_step.Setup` (mesh, model, optimizer, shardings), which training
+  then uses. Each rule lives with the code it protects; this calls them in turn.
 
   Raises:
-    ValueError: for an unknown config key, a batch not divisible by the devices, processes and
-      micro-batches, a mesh that does not fit the devices, non-positive step counts or
-      intervals, an image size not divisible by the patch size, a bad model size, dtype, remat
-      policy, mask ratio, loss kind or optimizer setting, no training source, or a tokenizer or
-      tokenizer path that cannot be read.
+    ValueError: for an unknown config key (config_lib), a mesh, batch, accumulation, model,
+      masking or optimizer setting that cannot work (train_step.setup), a bad loss setting
+      (losses), checkpoint setting (checkpoints), evaluator (evals.runner), input setting or
+      source entry (data.pipeline), a non-positive `log_every` or
+      `max_consecutive_nonfinite`, a negative seed, bad `debug.nan_loss_steps`, or a tokenizer
+      path that cannot be read.
     FileNotFoundError: for an `init_from` path that holds no checkpoint.
   """
   config_lib.check_keys(config)
-  batch, devices, processes = config.input.batch_size, jax.device_count(), jax.process_count()
-  if batch < 1 or batch % devices or batch % processes:
-    raise ValueError(f'config.input.batch_size={batch} must be a positive multiple of the '
-                     f'{devices} devices and {processes} processes')
-  platform = config.get('platform')
-  if platform and platform.num_devices != devices:
-    raise ValueError(f'platform preset {platform.name} is for {platform.num_devices} devices '
-                     f'({platform.accelerator}); this job has {devices}. Use the preset of this '
-                     'machine, or none (then set config.mesh and config.optim.accum_steps)')
-  mesh = sharding.make_mesh(config)  # Raises for a mesh that does not fit the devices.
-  sharding.rules_of(config)  # Raises for a malformed rule or an unknown mesh axis.
-  accum = train_step_lib.check_accumulation(config, mesh)
-  if platform and batch // accum // devices != platform.per_device_batch:
-    logging.warning('config.input.batch_size=%d with accum_steps=%d puts %d images on each '
-                    'device; preset %s is sized for %d', batch, accum, batch // accum // devices,
-                    platform.name, platform.per_device_batch)
-  if config.loss.chunk_size < 0:
-    raise ValueError(f'config.loss.chunk_size={config.loss.chunk_size} must be >= 0')
-  positive = {'total_steps': config.total_steps, 'log_every': config.log_every,
-              'checkpoint_every': config.checkpoint_every,
-              'keep_checkpoints': config.keep_checkpoints,
-              'max_consecutive_nonfinite': config.max_consecutive_nonfinite,
-              'evals.batch_size': config.evals.batch_size,
-              'input.max_consecutive_skips': config.input.max_consecutive_skips}
-  for key, value in positive.items():
-    if value < 1:
-      raise ValueError(f'config.{key}={value} must be >= 1')
-  for key, value in {'keep_every': config.keep_every,
-                     'checkpoint_minutes': config.checkpoint_minutes}.items():
-    if value < 0:
-      raise ValueError(f'config.{key}={value} must be >= 0 (0 turns it off)')
-  if not 0 <= config.input.max_skip_fraction <= 1:
-    raise ValueError(f'config.input.max_skip_fraction={config.input.max_skip_fraction} must be '
-                     'in [0, 1]')
+  setup = train_step_lib.setup(config)
+  losses.check_config(config.loss)
+  checkpoints_lib.check_config(config)
+  for key in ('log_every', 'max_consecutive_nonfinite'):
+    if config[key] < 1:
+      raise ValueError(f'config.{key}={config[key]} must be >= 1')
   try:
     bad_steps = [int(s) for s in config.debug.nan_loss_steps]
   except (TypeError, ValueError) as e:
@@ -131,35 +101,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.debug.nan_loss_steps!r}') from e
   if any(s < 1 for s in bad_steps):
     raise ValueError(f'config.debug.nan_loss_steps={bad_steps} must hold steps >= 1')
+  if config.seed < 0:
+    raise ValueError(f'config.seed={config.seed} must be >= 0')
   evals_lib.evaluator_specs(config.evals)
   if config.tokenizer.model and not (os.path.isfile(config.tokenizer.model) and
                                      os.access(config.tokenizer.model, os.R_OK)):
     raise ValueError(f'config.tokenizer.model={config.tokenizer.model!r} is not a readable file')
-  if config.init_from:
-    checkpoints_lib.checkpoint_path(config.init_from)  # Raises when it holds no checkpoint.
-  if config.seed < 0:
-    raise ValueError(f'config.seed={config.seed} must be >= 0')
-  if config.loss.kind not in ('rils', 'clip'):
-    raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {config.loss.kind!r}")
-  if not config.input.sources:
-    raise ValueError('config.input.sources is empty: name at least one source (kinds: '
-                     f'{", ".join(sources.SOURCE_KINDS)})')
-  if config.input.sharding not in ('global_batch', 'records'):
-    raise ValueError("config.input.sharding must be 'global_batch' or 'records', got "
-                     f'{config.input.sharding!r}')
-  if config.input.prefetch_to_device < 0 or config.input.num_workers < 0:
-    raise ValueError('config.input.prefetch_to_device and config.input.num_workers must be >= 0')
-  model = rils_lib.build_model(config, eot_id=0)  # Raises for a bad variant, size or dtype.
-  num_patches = math.prod(model.grid_shape())  # Raises for an image size the patches miss.
-  if config.loss.kind == 'rils':
-    vit.random_masking(jax.random.PRNGKey(0), 1, num_patches, config.model.mask_ratio)
-  optim.make_optimizer(config)  # Raises for a bad schedule or moment dtype.
-  for spec in config.input.sources:
-    sources.check_spec(spec)  # Files are opened later; a malformed entry fails now.
-  sources.mixture_weights(config.input.sources)
+  pipeline.check_config(config)
+  return setup
 
 
-def prepare_tokenizer(config, data: sources.RecordSource, workdir: str,
+def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
                       saved_model: Optional[bytes]) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, kept as workdir/tokenizer.model.
 
@@ -189,7 +141,7 @@ def prepare_tokenizer(config, data: sources.RecordSource, workdir: str,
   elif config.tokenizer.model:
     shutil.copyfile(config.tokenizer.model, tmp)
   else:
-    captions = sources.sample_captions(data)
+    captions = records.sample_captions(data)
     logging.info('Training a sentencepiece tokenizer (<= %d pieces) on %d captions',
                  config.tokenizer.vocab_size, len(captions))
     tokenizer_lib.train_tokenizer(captions, config.tokenizer.vocab_size, tmp)
@@ -239,98 +191,30 @@ def progress_line(step, total, metrics, images_per_s, first_step_time, first_ste
           f'{images_per_s:.1f} img/s  {eta}')
 
 
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps had a NaN or Inf loss or gradient."""
-
-
-class Health:
-  """Checks the counters of each step (non-finite updates, unreadable images) one step late,
-  so that reading them never makes the devices wait for the host.
-
-  Raises (from `observe` and `finish`):
-    NonFiniteError: after `config.max_consecutive_nonfinite` skipped updates in a row.
-    RuntimeError: when the unreadable images pass `config.input.max_skip_fraction`.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, checkpoints: checkpoints_lib.Checkpoints):
-    self._max_nonfinite = config.max_consecutive_nonfinite
-    self._max_skip_fraction = config.input.max_skip_fraction
-    self._batch_size = config.input.batch_size
-    self._checkpoints = checkpoints
-    self._pending = None
-
-  def observe(self, step: int, metrics) -> None:
-    """Takes step `step`'s device metrics and checks the previous step's."""
-    keys = ('loss', 'grad_norm', 'nonfinite', 'consecutive_nonfinite', 'skipped_examples')
-    previous, self._pending = self._pending, (step, {k: metrics[k] for k in keys})
-    if previous:
-      self._check(*previous)
-
-  def finish(self) -> None:
-    if self._pending:
-      self._check(*self._pending)
-      self._pending = None
-
-  def _check(self, step: int, values) -> None:
-    values = jax.device_get(values)
-    if values['nonfinite']:
-      in_a_row = int(values['consecutive_nonfinite'])
-      logging.warning('step %d: loss %s, gradient norm %s: update skipped (%d in a row)', step,
-                      values['loss'], values['grad_norm'], in_a_row)
-      if in_a_row >= self._max_nonfinite:
-        first = step - in_a_row + 1
-        self._checkpoints.wait()
-        good = [s for s in self._checkpoints.all_steps() if s < first]
-        where = (f'the last good checkpoint is step {max(good)} in {self._checkpoints.directory}'
-                 if good else 'no checkpoint was saved before them')
-        raise NonFiniteError(
-            f'stopping at step {step}: steps {first}-{step} ({in_a_row} in a row, '
-            f'config.max_consecutive_nonfinite={self._max_nonfinite}) had a NaN or Inf loss or '
-            f'gradient, so their updates were skipped and the parameters are those after step '
-            f'{first - 1}; {where}. Re-running the same command resumes from the latest '
-            'checkpoint; lower optim.lr or raise optim.warmup_steps first, or check the data')
-    check_skips(int(values['skipped_examples']), step * self._batch_size,
-                self._max_skip_fraction)
-
-
-def check_skips(skipped: int, delivered: int, max_fraction: float) -> None:
-  """Stops a run that would silently train on a small part of its data.
+def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_lib.Checkpoints,
+                resume_step: Optional[int], batches) -> train_step_lib.TrainState:
+  """The train state to start from: the checkpoint at `resume_step` (restoring the position of
+  the data iterator `batches` with it, unless `config.input.resume_position` is off), else a
+  fresh state from `config.seed`, with the parameters of `config.init_from` when given.
 
   Raises:
-    RuntimeError: when more than `max_fraction` of the examples read so far were skipped (after
-      at least 100 skips, so that a few bad files early on do not stop a run).
+    ValueError: when the checkpoint or `init_from` does not fit the config's model.
   """
-  if skipped >= 100 and skipped > max_fraction * (skipped + delivered):
-    raise RuntimeError(
-        f'{skipped} of {skipped + delivered} examples were skipped as unreadable images, more '
-        f'than config.input.max_skip_fraction={max_fraction}; check the image folders of '
-        'config.input.sources (the log names each skipped file)')
+  if resume_step is not None:
+    restore_position = config.input.resume_position
+    state = checkpoints.restore(resume_step, setup.abstract_state,
+                                batches if restore_position else None)
+    logging.info('Resumed from the checkpoint at step %d%s', resume_step,
+                 '' if restore_position else ' (data stream restarted with a new seed)')
+    return state
+  state = train_step_lib.create_train_state(setup, config.seed)
+  if config.init_from:
+    state = state.replace(params=checkpoints_lib.load_params(config.init_from, state.params))
+    logging.info('Parameters initialised from %s', config.init_from)
+  return state
 
 
-class ExampleIds:
-  """With `config.input.log_example_ids`, appends `{"step": s, "example_ids": [...]}` per step
-  to WORKDIR/example_ids/process_<i>.jsonl (this process's rows; after a resume the steps since
-  the checkpoint appear again, and the last line of a step is the one that counts)."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self._file = None
-    if enabled:
-      os.makedirs(os.path.join(workdir, 'example_ids'), exist_ok=True)
-      self._file = open(os.path.join(workdir, 'example_ids',
-                                     f'process_{jax.process_index()}.jsonl'), 'a')
-
-  def write(self, step: int, example_ids) -> None:
-    if self._file:
-      self._file.write(json.dumps({'step': step, 'example_ids': example_ids.tolist()}) + '\n')
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file:
-      self._file.close()
-
-
-def periodic_evaluation(evaluations, params, embedder, names, step: int, writer,
-                        is_main: bool) -> None:
+def periodic_evaluation(evaluations, params, embedder, names, step: int, writer) -> None:
   """Runs the evaluators due at `step` and logs their metrics. A failing evaluator is logged
   with its error and training goes on: the final evaluation runs it again and raises."""
   cache = {}
@@ -339,12 +223,10 @@ def periodic_evaluation(evaluations, params, embedder, names, step: int, writer,
       results = evals_lib.flatten(evaluations.run(params, embedder, [name], cache))
     except evals_lib.EvaluationError as e:
       logging.exception('Evaluation at step %d failed; training continues', step)
-      if is_main:
-        print(f'Evaluation at step {step} failed (training continues): {e}', flush=True)
+      console.say(f'Evaluation at step {step} failed (training continues): {e}')
       continue
     writer.write(step, results)
-    if is_main:
-      print(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True), flush=True)
+    console.say(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -356,10 +238,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     ValueError: for a bad config or unreadable input, before anything is compiled.
-    NonFiniteError: after `config.max_consecutive_nonfinite` non-finite steps in a row.
+    health.NonFiniteError: after `config.max_consecutive_nonfinite` non-finite steps in a row.
     RuntimeError: when too many images cannot be read.
   """
-  validate_config(config)
+  setup = validate_config(config)
   if '://' in workdir:
     raise ValueError(f'--workdir={workdir} is a URL; rils_jax writes its workdir (logs, '
                      'tokenizer, checkpoints) as a filesystem path. Use a path that every host '
@@ -374,88 +256,42 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   watcher = preemption.Watcher()
   checkpoints = checkpoints_lib.Checkpoints(workdir, config)
   try:
-    return _train(config, workdir, watcher, checkpoints)
+    return _train(config, workdir, setup, watcher, checkpoints)
   finally:
     checkpoints.close()  # Waits for a save in flight: an error never loses it.
     watcher.close()
 
 
-def _train(config, workdir, watcher: preemption.Watcher,
+def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Watcher,
            checkpoints: checkpoints_lib.Checkpoints) -> dict:
   is_main = jax.process_index() == 0
   resume_step = checkpoints.latest_step()
   if is_main:
     write_config(config, workdir, resume_step)
-
-  if config.get('synthetic'):
-    s = config.synthetic
-    synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
-                       num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
-  parts = [sources.open_source(spec) for spec in config.input.sources]
-  data = sources.ConcatSource(parts)
-  stats = data.stats
-  logging.info('Training data: %s: %s%s', ' + '.join(repr(p) for p in parts), stats,
-               '' if data.counts_captions else ' (captions not counted in shard formats)')
-  if not len(data):
-    raise ValueError(f'config.input.sources hold no image with a non-empty caption ({stats})')
+  data = pipeline.training_data(config)
   evaluations = evals_lib.Evaluations(config)  # Opens the datasets: fails now, not after.
   saved_tokenizer = None if resume_step is None else checkpoints.tokenizer_model(resume_step)
   tokenizer = prepare_tokenizer(config, data, workdir, saved_tokenizer)
-  start_step = resume_step or 0
-  restore_position = resume_step is not None and config.input.resume_position
-  mesh = sharding.make_mesh(config)
-  by_records = config.input.sharding == 'records'
-  dataset = pipeline.make_train_dataset(
-      parts, tokenizer, image_size=config.model.image_size,
-      context_length=config.model.text.context_length, batch_size=config.input.batch_size,
-      # Without the saved position, a resumed run draws a new stream rather than repeat the
-      # examples of the first steps.
-      seed=config.seed if restore_position or not start_step else config.seed + start_step,
-      crop_scale=config.input.crop_scale, num_workers=config.input.num_workers,
-      rows=None if by_records else train_step_lib.process_rows(mesh, config.input.batch_size),
-      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True) if by_records else None,
-      weights=sources.mixture_weights(config.input.sources),
-      max_consecutive_skips=config.input.max_consecutive_skips,
-      draft=config.input.draft_decoding)
-  put = functools.partial(train_step_lib.put_batch, mesh=mesh)
-  batches = iter(pipeline.prefetch_to_device(dataset, put, config.input.prefetch_to_device))
+  setup = setup.with_eot_id(tokenizer.eot_id)
+  batches = pipeline.training(config, data, tokenizer, setup.mesh, resume_step)
 
-  model = rils_lib.build_model(config, tokenizer.eot_id)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  if resume_step is not None:
-    state = checkpoints.restore(resume_step, state, batches if restore_position else None)
-    logging.info('Resumed from the checkpoint at step %d%s', resume_step,
-                 '' if restore_position else ' (data stream restarted with a new seed)')
-  elif config.init_from:
-    state = state.replace(params=checkpoints_lib.load_params(config.init_from, state.params))
-    logging.info('Parameters initialised from %s', config.init_from)
+  start_step = resume_step or 0
+  state = start_state(config, setup, checkpoints, resume_step, batches)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
-               dict(mesh.shape))
-  train_step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  embedder = embed_lib.Embedder(model, config, mesh, tokenizer,
-                                jax.tree.map(lambda x: x.sharding, state.params))
+               dict(setup.mesh.shape))
+  train_step = train_step_lib.make_train_step(setup, config)
+  embedder = embed_lib.Embedder(setup.model, config, setup.mesh, tokenizer,
+                                setup.shardings.params)
 
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
-  data_counts = {'data/images': stats.images, 'data/captions': stats.captions,
-                'data/empty_captions_skipped': stats.empty_captions,
-                'data/duplicate_captions_skipped': stats.duplicate_captions,
-                'data/images_without_caption': stats.images_without_caption,
-                'data/captions_without_image': stats.captions_without_image,
-                'data/duplicate_image_ids_skipped': stats.duplicate_image_ids,
-                'data/non_utf8_lines': stats.non_utf8_lines,
-                'data/damaged_shards': stats.damaged_shards,
-                'num_params': num_params}
-  if not data.counts_captions:  # Shard formats: counting would read every record.
-    del data_counts['data/captions']
-  writer.write(start_step, data_counts)
-  if start_step >= config.total_steps and is_main:
-    print(f'The checkpoint at step {start_step} has reached config.total_steps='
-          f'{config.total_steps}: nothing to train (this workdir holds a finished run; '
-          'give a new --workdir to train from scratch).', flush=True)
-  health = Health(config, checkpoints)
-  example_ids = ExampleIds(workdir, config.input.log_example_ids)
+  writer.write(start_step, {**data.stats.metrics(data.counts_captions), 'num_params': num_params})
+  if start_step >= config.total_steps:
+    console.say(f'The checkpoint at step {start_step} has reached config.total_steps='
+                f'{config.total_steps}: nothing to train (this workdir holds a finished run; '
+                'give a new --workdir to train from scratch).')
+  health = health_lib.Health(config, checkpoints)
+  example_ids = health_lib.ExampleIds(workdir, config.input.log_example_ids)
   start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
@@ -471,9 +307,8 @@ def _train(config, workdir, watcher: preemption.Watcher,
       metrics['data/skipped_examples'] = metrics.pop('skipped_examples')
       window_time, window_images = now, 0
       writer.write(step, metrics)
-      if is_main:
-        print(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
-                            first_step_time, start_step + 1), flush=True)
+      console.say(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
+                                first_step_time, start_step + 1))
     if step == start_step + 1:
       first_step_time = time.time()
     preempted = watcher.reached(step)
@@ -482,15 +317,14 @@ def _train(config, workdir, watcher: preemption.Watcher,
     due = evaluations.due(step) if step < config.total_steps and not preempted else []
     if due:
       eval_start = time.time()
-      periodic_evaluation(evaluations, state.params, embedder, due, step, writer, is_main)
+      periodic_evaluation(evaluations, state.params, embedder, due, step, writer)
       window_time += time.time() - eval_start  # Keeps images_per_sec a training rate.
     if preempted:
       checkpoints.wait()
       batches.close()
-      if is_main:
-        print(f'Preempted ({watcher.signal_name}) at step {step}: saved the checkpoint '
-              f'{os.path.join(checkpoints.directory, str(step))}; run the same command again '
-              'to resume from it.', flush=True)
+      console.say(f'Preempted ({watcher.signal_name}) at step {step}: saved the checkpoint '
+                  f'{os.path.join(checkpoints.directory, str(step))}; run the same command '
+                  'again to resume from it.')
       example_ids.close()
       writer.close()
       return {}
@@ -500,39 +334,25 @@ def _train(config, workdir, watcher: preemption.Watcher,
   # Stops the prefetch thread and the grain workers now (after the last save read the stream's
   # position), rather than at interpreter exit while the evaluation runs.
   batches.close()
-  if is_main and start_step < config.total_steps:
-    print(f'Training done: {config.total_steps - start_step} steps in '
-          f'{time.time() - start_time:.1f} s', flush=True)
+  if start_step < config.total_steps:
+    console.say(f'Training done: {config.total_steps - start_step} steps in '
+                f'{time.time() - start_time:.1f} s')
 
   results = evals_lib.flatten(evaluations.run(state.params, embedder))
   if results:
     writer.write(int(state.step), results)
-    if is_main:
-      print('Final evaluation:', json.dumps(results, sort_keys=True), flush=True)
-  elif is_main:
-    print('No final evaluation: config.evals names no evaluator (see '
-          'rils_jax/evals/runner.py).', flush=True)
+    console.say('Final evaluation:', json.dumps(results, sort_keys=True))
+  else:
+    console.say('No final evaluation: config.evals names no evaluator (see '
+                'rils_jax/evals/runner.py).')
   writer.close()
   return results
-
-
-class QuietLibraries:
-  """Drops INFO lines from orbax, grain and jax internals (dozens per checkpoint, and jax's
-  "Unable to initialize backend 'tpu'" on every start) from the log, and
-  orbax's warning that a checkpoint item has no metadata file of its own (reading the `state`
-  item of a multi-item checkpoint, whose metadata sits one folder up: expected)."""
-
-  def filter(self, record) -> bool:
-    if record.getMessage().startswith('Metadata file does not exist'):
-      return False
-    return record.levelno > logging.converter.STANDARD_INFO or not any(
-        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain', 'jax'))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(QuietLibraries())
+  console.quiet_libraries()
   f = flags.FLAGS
   distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   train(f.config, f.workdir)

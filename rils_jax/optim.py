@@ -29,9 +29,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     ValueError: if `total_steps` is not positive or `warmup_steps` is negative.
   """
   o = config.optim
-  if config.total_steps < 1 or o.warmup_steps < 0:
-    raise ValueError(f'total_steps={config.total_steps} must be >= 1 and '
-                     f'warmup_steps={o.warmup_steps} >= 0')
+  if config.total_steps < 1:
+    raise ValueError(f'config.total_steps={config.total_steps} must be >= 1')
+  if o.warmup_steps < 0:
+    raise ValueError(f'config.optim.warmup_steps={o.warmup_steps} must be >= 0')
   warmup = min(o.warmup_steps, config.total_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=warmup,

@@ -1,4 +1,5 @@
-"""Device mesh, logical axis names and the shardings of parameters, optimizer state and batches.
+"""Device mesh, logical axis names, the shardings of parameters, optimizer state and batches,
+and the global batch assembled from each process's rows.
 
 Parallelism (GSPMD, as in big_vision / MaxText): every parameter and the main activations carry
 logical axis names (`nn.with_logical_partitioning` in the modules, `constrain` below), and
@@ -166,6 +167,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
   """Number of batch shards: the product of the slice, data and fsdp axes."""
   return _axis_size(mesh, BATCH_AXES)
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
+  """Rows [start, stop) of the global batch that live on this process's devices.
+
+  Raises:
+    ValueError: if they are not one contiguous block (an unusual device order).
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = sorted({(i[0].start or 0, i[0].stop or global_batch) for i in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f'this process holds non-contiguous batch rows {rows}')
+  return start, stop
+
+
+def put_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """Assembles the global batch from this process's rows (`make_array_from_process_local_data`).
+
+  `image` and `text` go to the devices, and `skipped` as int32 (zeros when the batch has none,
+  e.g. a hand-made one); `example_id` stays on the host.
+  """
+  sharding = batch_sharding(mesh)
+  local = {'image': batch['image'], 'text': batch['text'],
+           'skipped': np.asarray(batch.get('skipped', np.zeros(len(batch['image']))), np.int32)}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 # Activation constraints. The rules are passed explicitly (not through flax's global

@@ -21,7 +21,7 @@ import sentencepiece as spm
 from absl import app
 from absl import flags
 
-from rils_jax.data import sources
+from rils_jax.data import records
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
@@ -101,7 +101,7 @@ def read_captions(path: str) -> List[str]:
     if 'annotations' not in data:
       raise ValueError(f'{path} is not a COCO captions file (no "annotations")')
     return [str(a.get('caption', '')) for a in data['annotations']]
-  text, _ = sources.read_text(path)
+  text, _ = records.read_text(path)
   if path.endswith('.csv'):
     reader = csv.DictReader(io.StringIO(text, newline=''))
     if 'caption' not in (reader.fieldnames or []):

@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from orbax.checkpoint import path as ocp_path
 
+from rils_jax import health
 from rils_jax import main as main_lib
 
 _SLOW = flags.DEFINE_float('slow_steps', 0.0, 'Extra seconds per step.')
@@ -27,13 +28,13 @@ _KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'Step whose checkpoint c
 
 def _inject_faults():
   if _SLOW.value:
-    write = main_lib.ExampleIds.write
+    write = health.ExampleIds.write
 
     def slow_write(self, step, example_ids):
       time.sleep(_SLOW.value)
       write(self, step, example_ids)
 
-    main_lib.ExampleIds.write = slow_write
+    health.ExampleIds.write = slow_write
   if _KILL_IN_SAVE.value:
     temporary_path = ocp_path.atomicity.AtomicRenameTemporaryPath
     finalize = temporary_path.finalize

@@ -5,10 +5,8 @@ import pytest
 
 from rils_jax import benchmark
 from rils_jax import flops
-from rils_jax import optim
 from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
-from rils_jax.models import rils as rils_lib
 from tests import tiny
 
 
@@ -23,12 +21,10 @@ def _config(kind):
 @pytest.mark.parametrize('kind', ['rils', 'clip'])
 def test_analytic_flops_match_xla_cost_analysis(kind):
   config = _config(kind)
-  model = rils_lib.build_model(config, eot_id=2)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
-  batch = train_step_lib.put_batch(train_step_lib.dummy_batch(config, 32), mesh)
+  setup = train_step_lib.setup(config, jax.devices()[:1])
+  state = train_step_lib.create_train_state(setup, config.seed)
+  step = train_step_lib.make_train_step(setup, config)
+  batch = sharding.put_batch(train_step_lib.dummy_batch(config, 32), setup.mesh)
   cost = step.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   analytic = flops.train_step_flops(config)

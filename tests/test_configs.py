@@ -6,9 +6,9 @@ import os
 import jax
 import pytest
 
+from configs import common
 from rils_jax import config_lib
 from rils_jax import flops
-from rils_jax import train_step as train_step_lib
 from rils_jax.evals import runner
 from rils_jax.models import rils as rils_lib
 
@@ -32,7 +32,7 @@ def test_vit_b16_is_the_paper_setup():
       0.5, 0.1, 0.04)
   assert (c.input.batch_size, c.optim.b2, c.input.crop_scale) == (4096, 0.98, (0.5, 1.0))
   model = rils_lib.build_model(c, eot_id=2)
-  params = jax.eval_shape(lambda: train_step_lib.init_params(model, c, jax.random.PRNGKey(0)))
+  params = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
   vision = sum(x.size for x in jax.tree.leaves(params['visual']))
   assert 85e6 < vision < 87e6  # ViT-B/16 encoder: 85.8M parameters.
   # A ViT-B/16 forward pass at 224 px is 17.6 G multiply-adds (timm / DeiT tables), i.e.
@@ -47,7 +47,7 @@ def test_vit_l16_is_the_release_large_model():
   assert (c.model.text.width, c.model.text.num_layers, c.model.text.num_heads,
           c.model.embed_dim) == (768, 12, 12, 768)
   model = rils_lib.build_model(c, eot_id=2)
-  params = jax.eval_shape(lambda: train_step_lib.init_params(model, c, jax.random.PRNGKey(0)))
+  params = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
   vision = sum(x.size for x in jax.tree.leaves(params['visual']))
   assert 302e6 < vision < 305e6  # ViT-L/16 encoder: 303.3M parameters (timm: 304.3M with head).
 
@@ -77,6 +77,9 @@ def test_evaluation_and_finetuning_configs():
       _load('default').synthetic.root, 'zeroshot')  # The default run's generated folder.
   c = _load('finetune_cifar10', 'init_from=/run')
   assert (c.init_from, c.optim.layer_decay, c.label_smoothing) == ('/run', 0.65, 0.1)
+  config_lib.check_finetune_keys(c)
+  assert c.data.train.to_dict() == dict(kind='folder', root=os.path.join(
+      common.SHARED_DATA, 'cifar10_test'), per_class=':500')
 
 
 def test_bad_config_argument():

@@ -4,6 +4,8 @@ corrupt JPEG, a missing file and empty captions."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import pipeline
+from rils_jax.data import records as records_lib
 from rils_jax.data import sources
 from rils_jax.data import transforms
 
@@ -86,7 +89,7 @@ def test_reader_errors_are_clear(tmp_path, csv_dataset):
   with pytest.raises(ValueError, match='kind'):
     sources.read_image_captions(dict(kind='parquet', captions=path, images=images))
   with pytest.raises(ValueError, match='start:stop'):
-    sources.select([1, 2], '1')
+    records_lib.select([1, 2], '1')
 
 
 def test_image_folder_reader(tmp_path):
@@ -162,8 +165,6 @@ def test_tokenizer_rows_end_with_eot_and_pad(tokenizer):
 
 
 def test_tokenizer_cli(tmp_path, csv_dataset):
-  import subprocess
-  import sys
   path, _ = csv_dataset
   out = tmp_path / 'cli.model'
   result = subprocess.run(
@@ -226,7 +227,7 @@ def test_processes_read_their_rows_of_the_same_global_batches(tmp_path, tokenize
   for i in range(12):
     name = str(folder / f'{i}.png')
     Image.new('RGB', (8, 8), (20 * i, 0, 0)).save(name)
-    records.append(sources.ImageCaptions(name, (f'caption {i}',)))
+    records.append(records_lib.ImageCaptions(name, (f'caption {i}',)))
   whole = _consume(records, tokenizer, 6, batch_size=4)
   parts = [_consume(records, tokenizer, 6, batch_size=4, rows=rows)
            for rows in ((0, 2), (2, 4))]
@@ -315,7 +316,7 @@ def test_float_images_and_decompression_bombs(tmp_path, monkeypatch):
 
 
 def test_pipeline_stops_when_no_image_can_be_read(tmp_path, tokenizer):
-  records = [sources.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
+  records = [records_lib.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
              for i in range(8)]
   ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
                                    batch_size=4, seed=0, max_consecutive_skips=20)

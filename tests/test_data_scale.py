@@ -20,11 +20,11 @@ from PIL import Image
 from rils_jax import config_lib
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
-from rils_jax import train_step as train_step_lib
 from rils_jax.data import arrayrecord
 from rils_jax.data import benchmark
 from rils_jax.data import convert
 from rils_jax.data import pipeline
+from rils_jax.data import records
 from rils_jax.data import shards
 from rils_jax.data import sources
 from rils_jax.data import transforms
@@ -251,7 +251,7 @@ def test_tfds_source(tmp_path):
 
 
 def _numbered(n, offset=0):
-  return sources.ListSource([sources.ImageCaptions(_jpeg(offset + i),
+  return records.ListSource([records.ImageCaptions(_jpeg(offset + i),
                                                    (f'caption number {offset + i}',))
                              for i in range(n)])
 
@@ -312,7 +312,7 @@ def test_mixed_shard_stream_resumes_exactly_through_device_prefetch(wds, tmp_pat
                                      batch_size=4, seed=9, weights=[1.0, 1.0],
                                      num_workers=num_workers)
     return iter(pipeline.prefetch_to_device(
-        ds, lambda b: train_step_lib.put_batch(b, mesh), size=2))
+        ds, lambda b: sharding.put_batch(b, mesh), size=2))
 
   for num_workers in (0, 2):  # Workers interleave their slices: each count is its own stream.
     whole = make(num_workers)

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rils_jax import config_lib
+from configs import common
 from rils_jax import export
 from rils_jax import main as main_lib
 from rils_jax import tokenizer as tokenizer_lib
-from rils_jax import train_step as train_step_lib
 from rils_jax.data import transforms
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
@@ -34,15 +33,14 @@ timm = pytest.importorskip('timm')
 open_clip = pytest.importorskip('open_clip')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = config_lib.SHARED_DATA
+SHARED = common.SHARED_DATA
 ATOL = 1e-4
 
 
 def _random_params(model, config, seed=1):
   """Initial parameters plus noise on every leaf, so that zero-initialised biases, unit
   LayerNorm scales and the like are mapped (and checked) as distinct values."""
-  params = jax.jit(lambda rng: train_step_lib.init_params(model, config, rng))(
-      jax.random.PRNGKey(0))
+  params = jax.jit(lambda rng: rils_lib.init_params(model, rng))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
   return jax.tree.map(
       lambda x: (np.asarray(x) + 0.05 * rng.standard_normal(x.shape)).astype(np.float32),
@@ -171,7 +169,7 @@ def real_run(tmp_path_factory):
       'total_steps': 4, 'checkpoint_every': 4, 'log_every': 2, 'input.batch_size': 16,
       'input.num_workers': 0, 'mesh.data': 2, 'mesh.fsdp': 4, 'tokenizer.vocab_size': 500,
       'model.vision.depth': 2, 'model.text.num_layers': 2})
-  config_lib.remove_evals(config)
+  common.remove_evals(config)
   workdir = str(tmp_path_factory.mktemp('real') / 'run')
   main_lib.train(config, workdir)
   return workdir

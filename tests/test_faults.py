@@ -23,6 +23,7 @@ import pytest
 
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import config_lib
+from rils_jax import health
 from rils_jax import main as main_lib
 from rils_jax import tokenizer as tokenizer_lib
 from tests import tiny
@@ -55,7 +56,7 @@ def _launch(setup, workdir, *fault_flags, every=4) -> tiny.Output:
              '--config.input.log_example_ids=true', f'--workdir={workdir}']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu'}
-  return tiny.Output(subprocess.Popen(command, cwd=config_lib.REPO_ROOT, env=env, text=True,
+  return tiny.Output(subprocess.Popen(command, cwd=tiny.REPO_ROOT, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
 
 
@@ -131,7 +132,7 @@ def test_warm_start_then_nonfinite_steps(setup, tmp_path):
   config = _config(setup['root'], setup['tokenizer'], every=1, keep_checkpoints=10,
                    max_consecutive_nonfinite=3, init_from=setup['reference'],
                    **{'debug.nan_loss_steps': (1, 4, 5, 6)})
-  with pytest.raises(main_lib.NonFiniteError,
+  with pytest.raises(health.NonFiniteError,
                      match=r'stopping at step 6: steps 4-6 \(3 in a row.*parameters are those '
                            r'after step 3; the last good checkpoint is step 3 in '):
     main_lib.train(config, workdir)

@@ -1,5 +1,5 @@
-"""Losses against NumPy references on hand-built cases, and the gradient switches."""
-
+"""Losses against NumPy references on hand-built cases, the gradient switches, the release's
+local CLIP gradient and chunked reconstruction logits."""
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +158,62 @@ def test_stop_gradient_switch_on_prototypes():
   # to the logit scale.
   assert norm(on['decoder']) > 0.0 and norm(on['visual']) > 0.0
   assert norm(on['logit_scale']) == 0.0
+
+
+def _embeddings(batch, dim, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(2, batch, dim))
+  return [jnp.asarray(v / np.linalg.norm(v, axis=1, keepdims=True), jnp.float32) for v in x]
+
+
+def test_local_gradients_reproduce_the_release_per_device_loss():
+  images, texts = _embeddings(8, 6, 0)
+  scale, world = 10.0, 4
+
+  def release(images, texts):
+    # SLIP's CLIPLoss on `world` GPUs: local rows against all_gather'ed (gradient-free)
+    # columns, labels offset by the rank; DDP averages the ranks' gradients.
+    all_i, all_t = jax.lax.stop_gradient(images), jax.lax.stop_gradient(texts)
+    total = 0.0
+    for rank, rows in enumerate(np.split(np.arange(8), world)):
+      labels = rows
+      li = jax.nn.log_softmax(scale * images[rows] @ all_t.T, axis=1)
+      lt = jax.nn.log_softmax(scale * texts[rows] @ all_i.T, axis=1)
+      total += 0.5 * (-li[np.arange(len(rows)), labels].mean()
+                      - lt[np.arange(len(rows)), labels].mean())
+    return total / world
+
+  def ours(local):
+    return lambda i, t: losses.clip_loss(i, t, scale, local_gradients=local)[0]
+
+  np.testing.assert_allclose(ours(True)(images, texts), release(images, texts), rtol=1e-6)
+  np.testing.assert_allclose(ours(False)(images, texts), release(images, texts), rtol=1e-6)
+  want = jax.grad(release, argnums=(0, 1))(images, texts)
+  got = jax.grad(ours(True), argnums=(0, 1))(images, texts)
+  exact = jax.grad(ours(False), argnums=(0, 1))(images, texts)
+  for g, w, e in zip(got, want, exact):
+    np.testing.assert_allclose(g, w, atol=1e-6)
+    assert np.abs(np.asarray(e) - np.asarray(w)).max() > 1e-3  # The switch matters.
+
+
+def test_chunked_reconstruction_loss_equals_unchunked():
+  rng = np.random.default_rng(1)
+
+  def unit(*shape):
+    x = rng.normal(size=shape)
+    return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), jnp.float32)
+
+  student, teacher, protos = unit(4, 12, 8), unit(4, 12, 8), unit(4, 8)
+  weights = jnp.asarray(rng.integers(0, 2, size=(4, 12)), jnp.float32)
+
+  def loss(s, p, chunk):
+    return losses.rils_reconstruction_loss(s, teacher, p, weights, student_temperature=0.1,
+                                           teacher_temperature=0.04, chunk_size=chunk)
+
+  base, base_grads = jax.value_and_grad(loss, argnums=(0, 1))(student, protos, 0)
+  for chunk in (5, 4, 1):  # 5 pads 12 patches to 15.
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(student, protos, chunk)
+    np.testing.assert_allclose(value, base, rtol=1e-6)
+    for g, b in zip(grads, base_grads):
+      # Chunks sum the KL terms in another order: float32 rounding, relative to the size.
+      np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from rils_jax import config_lib
+from configs import common
 from rils_jax import evaluate as evaluate_lib
 from rils_jax import finetune as finetune_lib
 from rils_jax import main as main_lib
@@ -38,8 +38,8 @@ def data_root(tmp_path_factory):
 def _config(data_root, **overrides):
   c = tiny.tiny_config(**{'tokenizer.vocab_size': 64, 'log_every': 2, 'checkpoint_every': 3,
                           'evals.batch_size': 16})
-  config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
-                            zeroshot_per_class=2, root=data_root)
+  common.synthetic_data(c, image_size=32, num_train=64, num_heldout=16, zeroshot_per_class=2,
+                        root=data_root)
   return tiny.apply_overrides(c, **overrides)
 
 
@@ -216,6 +216,27 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
     main_lib.train(_config(data_root), str(tmp_path / 'a_file' / 'run'))
 
 
+def test_validate_config_names_mesh_accumulation_optimizer_and_loss_errors():
+  # The tiny config has no sources: each error below is found before the input is checked.
+  config = lambda **o: tiny.tiny_config(**{'optim.eps': 1e-3, **o})
+  with pytest.raises(ValueError, match='needs 3 devices, 8 are available'):
+    main_lib.validate_config(config(**{'mesh.data': 3}))
+  with pytest.raises(ValueError, match='accum_steps=2 micro-batches'):
+    main_lib.validate_config(config(**{'optim.accum_steps': 2}))  # 8 / 2 over 8 devices.
+  with pytest.raises(ValueError, match='mu_dtype'):
+    main_lib.validate_config(config(**{'optim.mu_dtype': 'float16', 'input.sources': [{}]}))
+  with pytest.raises(ValueError, match='chunk_size=-5 must be >= 0'):
+    main_lib.validate_config(tiny.tiny_config(**{'loss.chunk_size': -5}))
+  with pytest.raises(ValueError, match='config.input.sources is empty'):
+    main_lib.validate_config(tiny.tiny_config())
+  # What validate_config returns is what training uses.
+  c = tiny.get_config('root=/nonexistent')
+  setup = main_lib.validate_config(c)
+  assert setup.accum_steps == 1 and dict(setup.mesh.shape)['data'] == 8
+  assert jax.tree.structure(setup.abstract_state) == jax.tree.structure(setup.shardings)
+  assert setup.abstract_state.params['visual']['patch_embed']['kernel'].shape == (8, 8, 3, 32)
+
+
 def test_train_on_a_mixture_of_shard_sources(tmp_path, data_root):
   config = _config(data_root, total_steps=6)
   s = config.synthetic
@@ -265,13 +286,6 @@ def test_command_line_overrides(tmp_path):
           saved['loss']['kind']) == (7, 1, 3, 'clip')
 
 
-def test_skip_fraction_stops_the_run():
-  main_lib.check_skips(99, 0, 0.5)  # Fewer than 100 skips never stop a run.
-  main_lib.check_skips(100, 100, 0.5)
-  with pytest.raises(RuntimeError, match='101 of 201 examples were skipped'):
-    main_lib.check_skips(101, 100, 0.5)
-
-
 def test_resume_keeps_config_and_tokenizer_of_the_checkpoint(tmp_path, data_root):
   workdir = str(tmp_path / 'run')
   main_lib.train(_config(data_root, total_steps=3), workdir)
@@ -298,7 +312,7 @@ def test_a_workdir_without_checkpoint_takes_the_new_tokenizer(tmp_path, data_roo
     main_lib.train(config, workdir)
   config = _config(data_root, total_steps=1)
   config.tokenizer.model = second
-  config_lib.remove_evals(config)
+  common.remove_evals(config)
   main_lib.train(config, workdir)
   with open(second, 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
     assert a.read() == b.read()

@@ -111,3 +111,8 @@ def test_text_tower_is_causal_and_pools_end_of_text():
   # Tokens before it do.
   before = model.apply(params, np.array([[7, 6, 2, 0, 0, 0]], np.int32))
   assert np.abs(before - base).max() > 1e-4
+
+
+def test_remat_policy_name_is_checked():
+  with pytest.raises(ValueError, match='remat'):
+    rils_lib.build_model(tiny.tiny_config(**{'model.remat': 'sometimes'}), eot_id=2)

@@ -19,7 +19,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rils_jax import checkpoints
-from rils_jax import config_lib
 from rils_jax import export
 from rils_jax import main as main_lib
 from rils_jax.evals import restore as restore_lib
@@ -66,7 +65,12 @@ def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path)
   assert not re.search(r'^step \d+/', outputs[1], re.M)  # Only process 0 prints progress.
   final = json.loads(outputs[0].split('Final evaluation: ')[1].splitlines()[0])
   for key, value in single_results.items():
-    np.testing.assert_allclose(final[key], value, atol=1e-6, err_msg=key)
+    # The two runs' parameters differ by float rounding (their all-reduces sum over 2 x 4 and 8
+    # devices in other orders), so a rank on a near-tie may flip: a rate may differ by one item.
+    evaluator, metric = key.split('/')
+    exact = metric.startswith('chance') or metric in ('images', 'captions', 'skipped_images')
+    tolerance = 1e-6 if exact else 1 / single_results[f'{evaluator}/images'] + 1e-6
+    np.testing.assert_allclose(final[key], value, atol=tolerance, err_msg=key)
   logged, reference = tiny.logged_metrics(multi), tiny.logged_metrics(single)
   assert sorted(logged) == sorted(reference) == list(range(1, STEPS + 1))
   for k in reference:
@@ -102,7 +106,7 @@ def _start_two_processes(root, tok, workdir, module, *extra):
        f'--config.tokenizer.model={tok}', '--config.input.log_example_ids=true',
        f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
        '--num_processes=2', f'--process_id={i}'],
-      cwd=config_lib.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      cwd=tiny.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)) for i in range(2)]
 
 

@@ -1,14 +1,18 @@
-"""The jitted train step: learning on a fixed batch, sharded == single-device, optimizer rules."""
+"""The jitted train step: learning on a fixed batch, sharded == single-device, the logit scale's
+clamp, rematerialisation and bfloat16 against float32."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from rils_jax import optim
-from rils_jax import sharding
-from rils_jax import train_step as train_step_lib
-from rils_jax.models import rils as rils_lib
 from tests import tiny
+
+
+def _config(**overrides):
+  # eps = 1e-3: see test_eight_devices_match_one_device.
+  return tiny.tiny_config(**{'optim.eps': 1e-3, **overrides})
 
 
 @pytest.mark.parametrize('kind', ['rils', 'clip'])
@@ -41,49 +45,29 @@ def test_eight_devices_match_one_device():
   assert len(state8.params['logit_scale'].sharding.device_set) == 8
 
 
-def test_weight_decay_mask_excludes_biases_norms_embeddings_tokens_and_scale():
-  config = tiny.tiny_config()
-  model = rils_lib.build_model(config, eot_id=2)
-  params = jax.eval_shape(lambda: train_step_lib.init_params(model, config,
-                                                             jax.random.PRNGKey(0)))
-  mask = optim.weight_decay_mask(params)
-  assert mask['visual']['blocks_0']['attn']['qkv']['kernel']
-  assert mask['visual']['patch_embed']['kernel']
-  assert mask['image_projection'] and mask['text_projection']
-  for path in [('visual', 'cls_token'), ('decoder', 'mask_token'), ('logit_scale',),
-               ('visual', 'blocks_0', 'attn', 'q_bias'), ('visual', 'norm', 'scale'),
-               ('text', 'token_embedding', 'embedding'), ('text', 'positional_embedding'),
-               ('visual', 'blocks_0', 'mlp', 'fc1', 'bias')]:
-    node = mask
-    for p in path:
-      node = node[p]
-    assert node is False, path
-
-
-def test_schedule_warms_up_then_decays():
-  config = tiny.tiny_config(**{'total_steps': 100, 'optim.warmup_steps': 10, 'optim.lr': 1.0})
-  schedule = optim.learning_rate_schedule(config)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(5)) == pytest.approx(0.5)
-  assert float(schedule(10)) == pytest.approx(1.0)
-  assert float(schedule(55)) == pytest.approx(0.5, abs=1e-6)
-  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
-
-
 def test_logit_scale_is_clamped_after_the_update():
   config = tiny.tiny_config(**{'loss.max_logit_scale': 14.0, 'optim.lr': 0.5})
   state, _ = tiny.train(config, jax.devices()[:1], 2, [tiny.random_batch()])
   assert float(state.params['logit_scale']) <= np.log(14.0) + 1e-6
 
 
-def test_mesh_errors_are_clear():
-  config = tiny.tiny_config()
-  config.mesh = {'data': 3}
-  with pytest.raises(ValueError, match='needs 3 devices'):
-    sharding.make_mesh(config)
-  config.mesh = {'model': -1}
-  with pytest.raises(ValueError, match="unknown axes \\['model'\\]"):
-    sharding.make_mesh(config)
-  config.mesh = {'data': -1, 'fsdp': -1}
-  with pytest.raises(ValueError, match='at most one'):
-    sharding.make_mesh(config)
+def test_remat_gives_the_same_training():
+  batches = [tiny.random_batch(8)]
+  # 'full' recomputes every block; the dry-run test shows what each policy keeps.
+  base = tiny.train(_config(), jax.devices()[:1], 2, batches)
+  tiny.assert_same_run(base, tiny.train(_config(**{'model.remat': 'full'}), jax.devices()[:1], 2,
+                                batches), atol=1e-6)
+
+
+def test_bfloat16_moments_and_compute_track_float32():
+  batches = [tiny.random_batch(8)]
+  f32 = tiny.train(_config(), jax.devices()[:1], 4, batches)
+  bf16 = tiny.train(_config(**{'optim.mu_dtype': 'bfloat16', 'model.dtype': 'bfloat16'}),
+                jax.devices()[:1], 4, batches)
+  moment = lambda name: optax.tree_utils.tree_get(bf16[0].opt_state, name)['visual'][
+      'patch_embed']['kernel']
+  assert moment('mu').dtype == jnp.bfloat16 and moment('nu').dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16[0].params))
+  # Stated tolerance: losses within 2% over 4 steps (bfloat16 keeps 8 mantissa bits).
+  for h32, h16 in zip(f32[1], bf16[1]):
+    np.testing.assert_allclose(h16['loss'], h32['loss'], rtol=0.02)

@@ -13,14 +13,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import common
 from rils_jax import config_lib
-from rils_jax import optim
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
 from rils_jax.data import sources
 from rils_jax.data import synthetic
-from rils_jax.models import rils as rils_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -54,16 +55,25 @@ def train(config, devices, steps, batches):
   Returns:
     (final TrainState, list of per-step metric dicts).
   """
-  mesh = sharding.make_mesh(config, devices)
-  model = rils_lib.build_model(config, eot_id=2)
-  optimizer = optim.make_optimizer(config)
-  state = train_step_lib.create_train_state(model, optimizer, config, mesh)
-  step = train_step_lib.make_train_step(model, optimizer, config, mesh)
+  setup = train_step_lib.setup(config, devices)
+  state = train_step_lib.create_train_state(setup, config.seed)
+  step = train_step_lib.make_train_step(setup, config)
   history = []
   for i in range(steps):
-    state, metrics = step(state, train_step_lib.put_batch(batches[i % len(batches)], mesh))
+    state, metrics = step(state, sharding.put_batch(batches[i % len(batches)], setup.mesh))
     history.append(jax.device_get(metrics))
   return state, history
+
+
+def assert_same_run(run_a, run_b, atol=1e-5):
+  """Two `train` results have the same losses (1e-5) and final parameters (`atol`)."""
+  (state_a, hist_a), (state_b, hist_b) = run_a, run_b
+  for ha, hb in zip(hist_a, hist_b):
+    np.testing.assert_allclose(hb['loss'], ha['loss'], rtol=1e-5, atol=1e-5)
+  flat_a = jax.tree_util.tree_leaves_with_path(state_a.params)
+  for (path, a), b in zip(flat_a, jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def apply_overrides(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
@@ -90,10 +100,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.checkpoint_every = arg.every or arg.steps
   c.log_every = 1
   c.tokenizer.vocab_size = 64
-  config_lib.synthetic_data(c, image_size=32, num_train=64, num_heldout=16,
-                            zeroshot_per_class=2, root=arg.root)
+  common.synthetic_data(c, image_size=32, num_train=64, num_heldout=16, zeroshot_per_class=2,
+                        root=arg.root)
   if not arg.evals:
-    config_lib.remove_evals(c)
+    common.remove_evals(c)
   return c
 
 

@@ -17,7 +17,7 @@ import msgpack
 from array_record.python import array_record_module
 
 from rils_jax.data import shards
-from rils_jax.data import sources
+from rils_jax.data import records
 
 WRITER_OPTIONS = 'group_size:1'
 SUFFIX = '.array_record'
@@ -29,7 +29,7 @@ def encode(key: str, image: bytes, captions: Sequence[str]) -> bytes:
                        use_bin_type=True)
 
 
-def decode(data: bytes) -> sources.ImageCaptions:
+def decode(data: bytes) -> records.ImageCaptions:
   """The `ImageCaptions` (image as bytes) of a record.
 
   Raises:
@@ -43,7 +43,7 @@ def decode(data: bytes) -> sources.ImageCaptions:
     captions = [captions] if isinstance(captions, str) else captions
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
       raise TypeError(f'captions must be a list of strings, got {captions!r:.100}')
-    return sources.ImageCaptions(image, tuple(captions), str(record.get('key', '')))
+    return records.ImageCaptions(image, tuple(captions), str(record.get('key', '')))
   except Exception as e:  # msgpack raises several types (ExtraData, UnpackValueError, ...).
     raise ValueError(f'not an image-caption record: {type(e).__name__}: {e}') from e
 
@@ -61,7 +61,7 @@ def _unreadable(paths: Sequence[str], error: Exception) -> str:
   return f'cannot read the ArrayRecord shards {paths[:3]}...: {type(error).__name__}: {error}'
 
 
-class ArrayRecordSource(sources.RecordSource):
+class ArrayRecordSource(records.RecordSource):
   """Random access to the records of ArrayRecord shards (grain's ArrayRecordDataSource), in
   shard-pattern order.
 
@@ -83,7 +83,7 @@ class ArrayRecordSource(sources.RecordSource):
     self.paths = paths
     self.name = name or (files if isinstance(files, str) else paths[0])
     # Caption counts would need a pass over every record; the converter printed them.
-    self.stats = sources.SourceStats(images=len(self._source))
+    self.stats = records.SourceStats(images=len(self._source))
     self.counts_captions = False
 
   def __len__(self) -> int:
@@ -93,7 +93,7 @@ class ArrayRecordSource(sources.RecordSource):
     try:
       return decode(self._source[index])
     except Exception as e:  # A damaged shard must cost its record, not the run.
-      return sources.BadRecord(f'{self.name}[{index}]: {e}')
+      return records.BadRecord(f'{self.name}[{index}]: {e}')
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({len(self.paths)} shards, {len(self)} records)'

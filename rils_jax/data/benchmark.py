@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import pipeline
+from rils_jax.data import records
 from rils_jax.data import sources
 from rils_jax.data import transforms
 
@@ -80,7 +81,7 @@ def _tokenizer(config, data, tmp: str) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(config.tokenizer.model)
   path = os.path.join(tmp, 'tokenizer.model')
   return tokenizer_lib.Tokenizer(tokenizer_lib.train_tokenizer(
-      sources.sample_captions(data), config.tokenizer.vocab_size, path))
+      records.sample_captions(data), config.tokenizer.vocab_size, path))
 
 
 def time_pipeline(parts, tokenizer, config, *, workers: int, images: int, batch_size: int,
@@ -113,7 +114,7 @@ def _figures(setting, workers, draft, images, seconds, cpu, startup, skipped) ->
               startup_s=round(startup, 2), skipped=skipped)
 
 
-def time_plain_loop(data: sources.RecordSource, tokenizer, config, *, images: int,
+def time_plain_loop(data: records.RecordSource, tokenizer, config, *, images: int,
                     batch_size: int) -> dict:
   """The same work without grain or draft decoding: a single-process loop over shuffled
   records that opens each image with Pillow, crops, resizes and tokenises."""
@@ -146,8 +147,8 @@ def time_plain_loop(data: sources.RecordSource, tokenizer, config, *, images: in
 def run(config, workers=(0, 1, 2), images: int = 1024, batch_size: int = 64,
         draft=None, baseline: bool = True) -> list:
   """All settings' figures (see the module docstring), in order: the plain loop, then grain."""
-  parts = [sources.open_source(spec) for spec in config.input.sources]
-  data = sources.ConcatSource(parts)
+  data = sources.open_sources(config.input.sources)
+  parts = data.parts
   draft = config.input.draft_decoding if draft is None else draft
   results = []
   with tempfile.TemporaryDirectory() as tmp:

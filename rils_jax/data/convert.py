@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 
 from rils_jax.data import arrayrecord
+from rils_jax.data import records as records_lib
 from rils_jax.data import sources
 from rils_jax.data import transforms
 from rils_jax.data import webdataset
@@ -56,7 +57,7 @@ def _define_flags():
   flags.mark_flags_as_required(['kind', 'output'])
 
 
-def read_caption_folder(root: str) -> Tuple[sources.ListSource, int]:
+def read_caption_folder(root: str) -> Tuple[records_lib.ListSource, int]:
   """Images under `root` (recursive, sorted) with a same-stem `.txt` caption file beside them.
 
   Returns:
@@ -80,15 +81,15 @@ def read_caption_folder(root: str) -> Tuple[sources.ListSource, int]:
       if not os.path.isfile(caption_file):
         without += 1
         continue
-      text, _ = sources.read_text(caption_file)
-      captions = tuple(dict.fromkeys(sources.clean_captions(text.splitlines())))
+      text, _ = records_lib.read_text(caption_file)
+      captions = tuple(dict.fromkeys(records_lib.clean_captions(text.splitlines())))
       if captions:
-        records.append(sources.ImageCaptions(path, captions))
+        records.append(records_lib.ImageCaptions(path, captions))
       else:
         without += 1
   if not records:
     raise ValueError(f'{root} holds no image with a .txt caption file beside it')
-  return sources.ListSource(records, root), without
+  return records_lib.ListSource(records, root), without
 
 
 def convert_record(record, resize: int, quality: int, key_root: str = ''
@@ -98,9 +99,9 @@ def convert_record(record, resize: int, quality: int, key_root: str = ''
   The record's key is the image's path relative to `key_root` when given (its name in the
   dataset), else the source's name for it (WebDataset: SHARD:KEY).
   """
-  if isinstance(record, sources.BadRecord):
+  if isinstance(record, records_lib.BadRecord):
     return None, 'unreadable record'
-  captions = sources.clean_captions(record.captions)
+  captions = records_lib.clean_captions(record.captions)
   if not captions:
     return None, 'no caption'
   try:
@@ -137,7 +138,7 @@ def _convert_range(start: int, stop: int):
 
 
 def open_input(kind: str, captions: Optional[str], images: Optional[str], files: Optional[str]
-               ) -> Tuple[sources.RecordSource, int]:
+               ) -> Tuple[records_lib.RecordSource, int]:
   """The records to convert and how many inputs the reader already left out.
 
   Raises:
@@ -158,7 +159,7 @@ def open_input(kind: str, captions: Optional[str], images: Optional[str], files:
   return read_caption_folder(images)
 
 
-def convert(source: sources.RecordSource, output: str, num_shards: int = 0, resize: int = 0,
+def convert(source: records_lib.RecordSource, output: str, num_shards: int = 0, resize: int = 0,
             quality: int = 95, num_workers: int = 1, chunk: int = 64,
             overwrite: bool = False, key_root: str = '') -> dict:
   """Writes the records of `source` to ArrayRecord shards `output-*-of-*.array_record`.

@@ -1,5 +1,10 @@
 """grain input pipelines: the training stream of (image, caption) batches, and evaluation batches.
 
+From a config (big_vision's `input_pipeline.training` and `start_global` in one call):
+`check_config` checks `config.input` before anything is read, `training_data` opens its
+sources (generating the default data first when the config asks for it), and `training` turns
+them into an iterator of global device batches for the train step.
+
 Training (`make_train_dataset`):
   random-access sources (rils_jax/data/sources.py) -> id -> shuffle, reshuffled every epoch ->
   repeat (a weighted mixture: each source on its own, then `MapDataset.mix`) -> decode +
@@ -19,16 +24,111 @@ per-process batch.
 All map functions are module-level classes so that grain's spawned workers can import them.
 """
 
+import functools
 import signal
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grain
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
+from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.data import records
 from rils_jax.data import sources
+from rils_jax.data import synthetic
 from rils_jax.data import transforms
+
+SHARDINGS = ('global_batch', 'records')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.input` and the keys of every source (files are opened later).
+
+  Raises:
+    ValueError: for no source, a malformed source entry or mixture weights, an unknown
+      `input.sharding`, negative worker or prefetch counts, or skip limits out of range.
+  """
+  i = config.input
+  if not i.sources:
+    raise ValueError('config.input.sources is empty: name at least one source (kinds: '
+                     f'{", ".join(sources.SOURCE_KINDS)})')
+  if i.sharding not in SHARDINGS:
+    raise ValueError(f"config.input.sharding must be 'global_batch' or 'records', got "
+                     f'{i.sharding!r}')
+  if i.prefetch_to_device < 0 or i.num_workers < 0:
+    raise ValueError('config.input.prefetch_to_device and config.input.num_workers must be >= 0')
+  if i.max_consecutive_skips < 1:
+    raise ValueError(f'config.input.max_consecutive_skips={i.max_consecutive_skips} must be '
+                     '>= 1')
+  if not 0 <= i.max_skip_fraction <= 1:
+    raise ValueError(f'config.input.max_skip_fraction={i.max_skip_fraction} must be in [0, 1]')
+  for spec in i.sources:
+    sources.check_spec(spec)
+  sources.mixture_weights(i.sources)
+
+
+def training_data(config: ml_collections.ConfigDict) -> records.ConcatSource:
+  """The training sources of `config.input.sources`, opened (their `parts` in order); the
+  generated default data is written first when `config.synthetic` asks for it.
+
+  Raises:
+    ValueError: when the sources hold no image with a non-empty caption; each reader's errors
+      otherwise (FileNotFoundError for missing files).
+  """
+  if config.get('synthetic'):
+    s = config.synthetic
+    synthetic.generate(s.root, image_size=s.image_size, num_train=s.num_train, seed=s.seed,
+                       num_heldout=s.num_heldout, zeroshot_per_class=s.zeroshot_per_class)
+  data = sources.open_sources(config.input.sources)
+  logging.info('Training data: %s: %s%s', ' + '.join(repr(p) for p in data.parts), data.stats,
+               '' if data.counts_captions else ' (captions not counted in shard formats)')
+  if not len(data):
+    raise ValueError(f'config.input.sources hold no image with a non-empty caption '
+                     f'({data.stats})')
+  return data
+
+
+def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
+             tokenizer: tokenizer_lib.Tokenizer, mesh: Mesh,
+             resume_step: Optional[int] = None) -> grain.DatasetIterator:
+  """Global device batches for the train step, from `config.input` and the model's input size.
+
+  Each element is a dict of `image` uint8 (B, S, S, 3), `text` int32 (B, L) and `skipped`
+  int32 (B,) as global arrays sharded over the data-parallel axes of `mesh`, and `example_id`
+  int64 (b,), this process's rows, on the host. The iterator is grain's: its position is what
+  a checkpoint saves (`get_state` / `set_state`).
+
+  Args:
+    config: reads `seed`, `model.image_size`, `model.text.context_length` and `config.input`
+      (batch_size, sharding, crop_scale, num_workers, sources' weights,
+      max_consecutive_skips, draft_decoding, prefetch_to_device, resume_position).
+    data: `training_data(config)`.
+    tokenizer: the run's tokenizer.
+    mesh: the device mesh (this process's rows of each global batch follow from it).
+    resume_step: the checkpoint's step when resuming. With `input.resume_position` the
+      checkpoint then restores the position into this iterator; without it the stream is drawn
+      from seed + resume_step, so that the resumed run does not repeat the first examples.
+
+  Raises:
+    ValueError: see `make_train_dataset`.
+  """
+  i = config.input
+  by_records = i.sharding == 'records'
+  reseed = resume_step is not None and not i.resume_position
+  dataset = make_train_dataset(
+      data.parts, tokenizer, image_size=config.model.image_size,
+      context_length=config.model.text.context_length, batch_size=i.batch_size,
+      seed=config.seed + resume_step if reseed else config.seed,
+      crop_scale=i.crop_scale, num_workers=i.num_workers,
+      rows=None if by_records else sharding.process_rows(mesh, i.batch_size),
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True) if by_records else None,
+      weights=sources.mixture_weights(i.sources),
+      max_consecutive_skips=i.max_consecutive_skips, draft=i.draft_decoding)
+  put = functools.partial(sharding.put_batch, mesh=mesh)
+  return iter(prefetch_to_device(dataset, put, i.prefetch_to_device))
 
 
 class Skipped:
@@ -52,10 +152,10 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     example_id, record = element
-    if isinstance(record, sources.BadRecord):
+    if isinstance(record, records.BadRecord):
       logging.warning('Skipping example %d: %s', example_id, record.reason)
       return Skipped(record.reason)
-    captions = sources.clean_captions(record.captions)
+    captions = records.clean_captions(record.captions)
     if not captions:  # Only shard formats get here: the csv/coco readers drop such images.
       return Skipped(f'{record.name}: no non-empty caption')
     try:
@@ -141,13 +241,13 @@ class CountSkipped(grain.transforms.Filter):
     return True
 
 
-def as_sources(data) -> List[sources.RecordSource]:
+def as_sources(data) -> List[records.RecordSource]:
   """A source, a list of sources, or a list of `ImageCaptions` -> a list of sources."""
-  if isinstance(data, sources.RecordSource):
+  if isinstance(data, records.RecordSource):
     return [data]
   data = list(data)
-  if all(isinstance(d, sources.ImageCaptions) for d in data):
-    return [sources.ListSource(data)]
+  if all(isinstance(d, records.ImageCaptions) for d in data):
+    return [records.ListSource(data)]
   return data
 
 
@@ -162,17 +262,18 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
   """Infinite stream of this process's part of the training batches (see the module docstring).
 
   Args:
-    data: the training sources (`sources.RecordSource`s, or one list of `ImageCaptions`); every
+    data: the training sources (`records.RecordSource`s, or one list of `ImageCaptions`); every
       process passes the same ones. Without `weights` they are concatenated into one epoch.
     tokenizer: sentencepiece tokenizer.
     image_size: output side in pixels.
     context_length: token row length L.
-    batch_size: global batch B.
+    batch_size: global batch B, a multiple of the process count (a config's batch is checked by
+      `train_step.check_batch`).
     seed: shuffling and augmentation seed; the same seed gives the same global stream.
     crop_scale: RandomResizedCrop area range.
     num_workers: grain worker processes (0: decode in this process).
     rows: this process's rows [start, stop) of each global batch (see
-      `train_step.process_rows`); default all of them (one process).
+      `sharding.process_rows`); default all of them (one process).
     shard_options: instead of `rows`, grain's per-record sharding
       (`grain.sharding.ShardByJaxProcess()`): process p of P reads records p, p + P, ... of
       each source, shuffled with the same seed, in batches of B / P. Disjoint and complete
@@ -193,8 +294,6 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     raise ValueError('give rows or shard_options, not both')
   shard_index, shard_count = ((shard_options.shard_index, shard_options.shard_count)
                               if shard_options else (0, 1))
-  if batch_size < 1 or batch_size % shard_count:
-    raise ValueError(f'batch {batch_size} must be positive and split over {shard_count} shards')
   start, stop = rows or (0, batch_size // shard_count)
   if weights is not None:
     if len(weights) != len(parts):
@@ -207,12 +306,12 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     _check_size(len(part), shard_count, part.name, 'one per process:')
   offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
 
-  def prepare(part: sources.RecordSource, offset: int) -> grain.MapDataset:
+  def prepare(part: records.RecordSource, offset: int) -> grain.MapDataset:
     ds = grain.MapDataset.source(part).map_with_index(AttachId(offset, len(part)))
     return ds[shard_index::shard_count] if shard_count > 1 else ds
 
   if weights is None:
-    concat = sources.ConcatSource(parts)
+    concat = records.ConcatSource(parts)
     _check_size(len(concat), batch_size, 'the sources')
     ds = prepare(concat, 0).shuffle(seed=seed).repeat(None)
   else:
@@ -251,7 +350,7 @@ class PutOnDevice(grain.transforms.Map):
 def prefetch_to_device(ds: grain.IterDataset, put: Callable[[dict], dict], size: int,
                        host_buffer: int = 2) -> grain.IterDataset:
   """Batches already on the devices: a thread keeps `host_buffer` host batches ready and another
-  keeps `size` of them transferred by `put` (e.g. `train_step.put_batch`), so that decoding and
+  keeps `size` of them transferred by `put` (e.g. `sharding.put_batch`), so that decoding and
   the host-to-device copy overlap the training step (as grain.experimental.device_put, which
   cannot assemble multi-process global arrays). grain's thread prefetch checkpoints the position
   of the batches handed out, not of those in flight. `size=0`: `put` runs on demand, no thread.

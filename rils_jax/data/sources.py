@@ -1,7 +1,7 @@
-"""Image-caption data sources, and readers of caption files and labelled image folders.
+"""Training sources opened from their config dicts, the CSV / COCO caption readers, and the
+reader of labelled image folders.
 
-A training source is a random-access sequence of `ImageCaptions` (grain's RandomAccessDataSource
-protocol: `__len__`, `__getitem__`), opened from a config dict by `open_source`:
+`open_source` opens one entry of `config.input.sources` as a `records.RecordSource`:
 - `csv`: CSV `image,caption` + an image folder (the Flickr8k / Kaggle layout), one row per
   caption; `captions`, `images`.
 - `coco`: COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + an
@@ -22,13 +22,9 @@ origin of such files) and counted. Images are not opened here: missing or corrup
 found (and counted) by the input pipeline.
 """
 
-import abc
-import bisect
-import codecs
 import collections
 import csv
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -37,57 +33,19 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 from absl import logging
+
+from rils_jax.data import arrayrecord
+from rils_jax.data import records as records_lib
+from rils_jax.data import tfds_source
+from rils_jax.data import webdataset
+from rils_jax.data.records import ImageCaptions, SourceStats
 
 # Long captions are legal (the tokenizer truncates them); the csv module's default 128 KB field
 # limit would turn one into a crash.
 csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageCaptions:
-  """One image and all its captions. `image` is a file path, the encoded bytes, or a decoded
-  uint8 array (see transforms.load_image); `key` names it in messages (default: the path)."""
-  image: Any
-  captions: Tuple[str, ...]
-  key: str = ''
-
-  @property
-  def name(self) -> str:
-    return self.key or (self.image if isinstance(self.image, str) else '')
-
-
-@dataclasses.dataclass(frozen=True)
-class BadRecord:
-  """Stands for a record that could not be read (a damaged shard entry); the pipeline skips
-  and counts it like an undecodable image."""
-  reason: str
-
-
-@dataclasses.dataclass
-class SourceStats:
-  """What a reader kept and dropped."""
-  images: int = 0
-  captions: int = 0
-  empty_captions: int = 0
-  images_without_caption: int = 0
-  captions_without_image: int = 0  # COCO annotations whose image_id is not in `images`.
-  duplicate_captions: int = 0  # Repeats of a caption of the same image.
-  duplicate_image_ids: int = 0  # COCO `images` entries whose id was already listed.
-  non_utf8_lines: int = 0  # CSV lines decoded as Windows-1252.
-  damaged_shards: int = 0  # WebDataset shards read only up to a cut or damaged header.
-
-  def add(self, other: 'SourceStats') -> 'SourceStats':
-    return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
-                                                dataclasses.astuple(other))))
-
-
-def clean_captions(captions: Sequence[str]) -> List[str]:
-  """The captions with whitespace runs made single spaces, empty ones left out, in order."""
-  return [c for c in (' '.join(c.split()) for c in captions) if c]
 
 
 def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str],
@@ -115,22 +73,6 @@ def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str
   return records, stats
 
 
-def select(records: Sequence, spec: Optional[str]):
-  """Python-style slice of the image list, e.g. ':-100' (all but the last 100) or '-100:'.
-
-  Raises:
-    ValueError: for a malformed spec.
-  """
-  if not spec:
-    return list(records)
-  parts = spec.split(':')
-  if len(parts) != 2:
-    raise ValueError(f'select must look like "start:stop", got {spec!r}')
-  try:
-    start, stop = (int(p) if p.strip() else None for p in parts)
-  except ValueError as e:
-    raise ValueError(f'select must look like "start:stop", got {spec!r}') from e
-  return list(records)[start:stop]
 
 
 def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]:
@@ -145,7 +87,7 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f'image folder not found: {image_dir}')
-  lines, non_utf8 = read_text(captions_csv)
+  lines, non_utf8 = records_lib.read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
     if not {'image', 'caption'} <= set(reader.fieldnames or []):
@@ -168,28 +110,6 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   return records, stats
 
 
-def read_text(path: str) -> Tuple[str, int]:
-  """The text of a caption file that should be UTF-8, and how many of its lines were not (those
-  are decoded as Windows-1252, undefined bytes replaced). A byte-order mark (Excel) is dropped.
-  The training readers and the tokenizer trainer both read captions through it, so that they
-  see the same text."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  if data.startswith(codecs.BOM_UTF8):
-    data = data[len(codecs.BOM_UTF8):]
-  try:
-    return data.decode('utf-8'), 0
-  except UnicodeDecodeError:
-    pass
-  lines, bad = [], 0
-  for line in data.splitlines(keepends=True):
-    try:
-      lines.append(line.decode('utf-8'))
-    except UnicodeDecodeError:
-      lines.append(line.decode('cp1252', errors='replace'))
-      bad += 1
-  logging.warning('%s: %d lines are not UTF-8; read them as Windows-1252', path, bad)
-  return ''.join(lines), bad
 
 
 def read_coco_captions(annotations_json: str, image_dir: str
@@ -247,79 +167,11 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
     raise ValueError(f"unknown image-caption source kind {source['kind']!r}; one of "
                      f'{list(readers)}')
   records, stats = readers[source['kind']](source['captions'], source['images'])
-  records = select(records, source.get('select'))
+  records = records_lib.select(records, source.get('select'))
   return records, dataclasses.replace(stats, images=len(records),
                                       captions=sum(len(r.captions) for r in records))
 
 
-class RecordSource(abc.ABC):
-  """A random-access image-caption source: `len(source)` records, `source[i]` an
-  `ImageCaptions` or a `BadRecord`. Subclasses set `name` and may set `stats`;
-  `counts_captions` is False where `stats.captions` is unknown (it would take a pass over every
-  record: ArrayRecord, TFDS)."""
-  name: str = ''
-  stats: SourceStats = SourceStats()
-  counts_captions: bool = True
-
-  @abc.abstractmethod
-  def __len__(self) -> int:
-    """The number of records."""
-
-  @abc.abstractmethod
-  def __getitem__(self, index: int):
-    """Record `index`: an `ImageCaptions`, or a `BadRecord` for one that cannot be read."""
-
-
-class ListSource(RecordSource):
-  """In-memory records (the csv and coco kinds)."""
-
-  def __init__(self, records: Sequence[ImageCaptions], name: str = 'records',
-               stats: Optional[SourceStats] = None):
-    self.records, self.name = list(records), name
-    self.stats = stats or SourceStats(images=len(self.records),
-                                      captions=sum(len(r.captions) for r in self.records))
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def __getitem__(self, index: int):
-    return self.records[index]
-
-
-class SliceSource(RecordSource):
-  """The records `range(len(parent))[start:stop]` of a source (`select`)."""
-
-  def __init__(self, parent: RecordSource, spec: str):
-    self._parent, self._indices = parent, select(range(len(parent)), spec)
-    self.name = f'{parent.name}[{spec}]'
-    self.stats = dataclasses.replace(parent.stats, images=len(self._indices), captions=0)
-    self.counts_captions = False
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    return self._parent[self._indices[index]]
-
-
-class ConcatSource(RecordSource):
-  """Several sources one after the other; record ids are positions in the concatenation."""
-
-  def __init__(self, parts: Sequence[RecordSource]):
-    self.parts = list(parts)
-    self.offsets = [0]
-    for part in self.parts:
-      self.offsets.append(self.offsets[-1] + len(part))
-    self.name = ' + '.join(p.name for p in self.parts)
-    self.stats = functools.reduce(SourceStats.add, (p.stats for p in self.parts), SourceStats())
-    self.counts_captions = all(p.counts_captions for p in self.parts)
-
-  def __len__(self) -> int:
-    return self.offsets[-1]
-
-  def __getitem__(self, index: int):
-    part = bisect.bisect_right(self.offsets, index) - 1
-    return self.parts[part][index - self.offsets[part]]
 
 
 SOURCE_KINDS = ('csv', 'coco', 'arrayrecord', 'webdataset', 'tfds')
@@ -387,7 +239,7 @@ def check_weights(weights: Sequence[Any]) -> List[float]:
   return out
 
 
-def open_source(spec: Mapping[str, Any]) -> RecordSource:
+def open_source(spec: Mapping[str, Any]) -> records_lib.RecordSource:
   """Opens one source config (see the module docstring for the kinds and their keys).
 
   Raises:
@@ -399,39 +251,27 @@ def open_source(spec: Mapping[str, Any]) -> RecordSource:
   kind = spec['kind']
   if kind in ('csv', 'coco'):
     records, stats = read_image_captions(spec)
-    return ListSource(records, spec['captions'], stats)
+    return records_lib.ListSource(records, spec['captions'], stats)
   if kind == 'arrayrecord':
-    from rils_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top  (cycle)
     source = arrayrecord.ArrayRecordSource(spec['files'])
   elif kind == 'webdataset':
-    from rils_jax.data import webdataset  # pylint: disable=g-import-not-at-top
     source = webdataset.WebDatasetSource(
         spec['files'], image_ext=spec.get('image_ext', webdataset.IMAGE_EXTENSIONS),
         caption_ext=spec.get('caption_ext', 'txt'))
   else:
-    from rils_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     source = tfds_source.TfdsSource(
         spec['name'], spec['split'], data_dir=spec.get('data_dir') or None,
         image_key=spec.get('image_key', 'image'),
         caption_key=spec.get('caption_key', 'captions/text'))
-  return SliceSource(source, spec['select']) if spec.get('select') else source
+  return records_lib.SliceSource(source, spec['select']) if spec.get('select') else source
 
 
-def sample_captions(source: RecordSource, max_records: int = 50_000) -> List[str]:
-  """The captions of at most `max_records` records spread evenly over `source` (all of them for
-  in-memory sources): what the tokenizer is trained on when config.tokenizer.model is empty."""
-  if isinstance(source, ConcatSource):
-    per_part = max(1, max_records // max(1, len(source.parts)))
-    return [c for p in source.parts for c in sample_captions(p, per_part)]
-  if isinstance(source, ListSource):
-    return [c for r in source.records for c in r.captions]
-  indices = np.linspace(0, len(source) - 1, min(len(source), max_records)).round().astype(int)
-  out = []
-  for i in dict.fromkeys(indices.tolist()):
-    record = source[i]
-    if isinstance(record, ImageCaptions):
-      out.extend(record.captions)
-  return out
+
+
+def open_sources(specs: Sequence[Mapping[str, Any]]) -> records_lib.ConcatSource:
+  """Opens every entry of `config.input.sources` (see `open_source`); the concatenation's
+  `parts` are the sources in order."""
+  return records_lib.ConcatSource([open_source(spec) for spec in specs])
 
 
 def read_sources(sources: Sequence[Mapping[str, Any]]
@@ -467,7 +307,7 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class:
   for label, name in enumerate(classes):
     files = sorted(f for f in os.listdir(os.path.join(root, name))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
-    files = select(files, per_class)
+    files = records_lib.select(files, per_class)
     files = files[:max_per_class] if max_per_class else files
     paths.extend(os.path.join(root, name, f) for f in files)
     labels.extend([label] * len(files))

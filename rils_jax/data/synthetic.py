@@ -37,6 +37,15 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 
 
+def cache_dir() -> str:
+  """Where generated data lives: $RILS_JAX_CACHE, else $XDG_CACHE_HOME/rils_jax, else
+  ~/.cache/rils_jax."""
+  if os.environ.get('RILS_JAX_CACHE'):
+    return os.environ['RILS_JAX_CACHE']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'rils_jax')
+
+
 def class_names():
   """Zero-shot class names 'colour shape', in the sorted order of their folders."""
   return sorted(f'{c} {s}' for c in COLORS for s in SHAPES)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from rils_jax.data import sources
+from rils_jax.data import records
 
 
 def _captions(value) -> tuple:
@@ -69,7 +69,7 @@ def lookup(example, key: str):
   return value
 
 
-class TfdsSource(sources.RecordSource):
+class TfdsSource(records.RecordSource):
   """The examples of one split of a prepared TFDS dataset, as `ImageCaptions`.
 
   Args:
@@ -95,7 +95,7 @@ class TfdsSource(sources.RecordSource):
       first = self._open()[0]
       lookup(first, image_key)  # Errors now, not mid-run.
       _captions(lookup(first, caption_key))
-    self.stats = sources.SourceStats(images=self._length)
+    self.stats = records.SourceStats(images=self._length)
     self.counts_captions = False
 
   def _open(self):
@@ -115,8 +115,8 @@ class TfdsSource(sources.RecordSource):
     try:
       example = self._open()[index]
       image = lookup(example, self.image_key)
-      return sources.ImageCaptions(image if isinstance(image, bytes) else np.asarray(image),
+      return records.ImageCaptions(image if isinstance(image, bytes) else np.asarray(image),
                                    _captions(lookup(example, self.caption_key)),
                                    f'{self.name}:{index}')
     except Exception as e:  # A damaged example must cost itself, not the run.
-      return sources.BadRecord(f'{self.name} example {index}: {type(e).__name__}: {e}')
+      return records.BadRecord(f'{self.name} example {index}: {type(e).__name__}: {e}')

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 
 from rils_jax.data import shards
-from rils_jax.data import sources
+from rils_jax.data import records
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 
@@ -113,7 +113,7 @@ def index_shard(path: str, image_ext: Sequence[str], caption_ext: str) -> ShardI
                     damaged)
 
 
-class WebDatasetSource(sources.RecordSource):
+class WebDatasetSource(records.RecordSource):
   """The samples of WebDataset shards in shard-pattern order, then tar order.
 
   Each record is `ImageCaptions(image=bytes, captions=(text,), key='SHARD:KEY')`; the text is
@@ -136,7 +136,7 @@ class WebDatasetSource(sources.RecordSource):
       indices = list(pool.map(self._index, self.paths))
     self._indices: Dict[int, ShardIndex] = dict(enumerate(indices))
     self._offsets = np.cumsum([0] + [len(i.keys) for i in indices]).tolist()
-    self.stats = sources.SourceStats(
+    self.stats = records.SourceStats(
         images=len(self), captions=len(self),
         images_without_caption=sum(i.without_caption for i in indices),
         captions_without_image=sum(i.without_image for i in indices),
@@ -183,9 +183,9 @@ class WebDatasetSource(sources.RecordSource):
       idx = self._indices[shard]
       image = self._read(shard, *idx.image[row])
       text = self._read(shard, *idx.caption[row]).decode('utf-8', errors='replace')
-      return sources.ImageCaptions(image, (text,), f'{self.paths[shard]}:{idx.keys[row]}')
+      return records.ImageCaptions(image, (text,), f'{self.paths[shard]}:{idx.keys[row]}')
     except (OSError, ValueError, IndexError) as e:  # A shard changed or vanished under us.
-      return sources.BadRecord(f'{self.paths[shard]} sample {row}: {type(e).__name__}: {e}')
+      return records.BadRecord(f'{self.paths[shard]} sample {row}: {type(e).__name__}: {e}')
 
   def __repr__(self) -> str:
     return f'WebDatasetSource({len(self.paths)} shards, {len(self)} samples)'

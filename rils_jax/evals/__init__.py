@@ -6,8 +6,11 @@ templates.py   zero-shot prompt templates (CLIP's ImageNet 80 / 7, CIFAR 18, a s
 zeroshot.py    zero-shot classification
 retrieval.py   image<->text recall at K
 linear.py      logistic-regression linear probe with an L2 sweep; low-shot label subsets
+lowshot.py     the linear probe on fractions of the training labels
 fewshot.py     closed-form ridge-regression few-shot
 knn.py         weighted k-NN
 patch_text.py  patch-to-phrase probability maps rendered as PNG
 runner.py      the evaluators a config names, run at the end, periodically, or on a checkpoint
+settings.py    type and range checks of evaluator settings
+restore.py     a trained model back from a checkpoint, on one host
 """

@@ -116,7 +116,8 @@ def load(spec: Dict[str, Any]) -> LabelledImages:
       raise ValueError(f'TFDS {spec["name"]}/{split} is empty')
     classes = list(spec.get('class_names') or [])
     if not classes:
-      import tensorflow_datasets as tfds
+      # Imported here for start-up time: it takes seconds, and only TFDS specs need it.
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       builder = tfds.builder(spec['name'], data_dir=spec.get('data_dir') or None)
       feature = builder.info.features
       for part in label_key.split('/'):

@@ -10,11 +10,13 @@ feature width). Test images are assigned the class of largest score X_test W.
 """
 
 import functools
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rils_jax.evals import settings
 
 BIAS = 100.0
 DEFAULT_L2 = 2.0 ** 10  # big_vision's default regulariser.
@@ -107,3 +109,34 @@ def fewshot_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     out[f'{k}shot_top1'] = float(np.mean(accs))
     out[f'{k}shot_top1_std'] = float(np.std(accs))
   return out
+
+
+# The `fewshot` evaluator kind (rils_jax/evals/runner.py): settings `train` (the pool the shots
+# are drawn from), `test`, `shots`, `seeds`, `l2`.
+DEFAULTS = dict(train=None, test=None, shots=(1, 5, 10, 25), seeds=3, l2=DEFAULT_L2)
+DATASETS = {'train': 'images', 'test': 'images'}
+
+
+def check_settings(name: str, spec: settings.Spec) -> None:
+  settings.integers(name, spec, 'shots')
+  settings.integer(name, spec, 'seeds')
+  settings.positive(name, spec, 'l2')
+
+
+def check_data(spec: settings.Spec, data: Dict[str, Any]) -> None:
+  """Raises ValueError when an image folder has fewer images of a class than the most shots
+  (labels of lazy TFDS sets are only known when read: `draw_shots` raises then)."""
+  train = data['train']
+  if isinstance(train.items, list):
+    counts = np.bincount([label for _, label in train.items], minlength=len(train.classes))
+    if max(spec['shots']) > counts.min():
+      raise ValueError(f'{max(spec["shots"])}-shot needs that many training images of every '
+                       f'class; {train.classes[int(counts.argmin())]!r} has {counts.min()}')
+
+
+def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
+  """`fewshot_accuracy` on the frozen features of the train and test sets."""
+  train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
+  out = fewshot_accuracy(train['features'], train['label'], test['features'], test['label'],
+                         classes, tuple(spec['shots']), spec['seeds'], spec['l2'])
+  return dict(out, **extra)

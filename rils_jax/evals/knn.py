@@ -7,6 +7,8 @@ from typing import Dict
 
 import numpy as np
 
+from rils_jax.evals import settings
+
 TEST_BLOCK = 1024  # Test rows scored at once: memory is TEST_BLOCK x n_train floats.
 
 
@@ -45,3 +47,22 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     hits1 += int(np.sum(ranked[:, 0] == labels))
     hits5 += int(np.sum(np.any(ranked == labels[:, None], axis=1)))
   return dict(top1=hits1 / len(test), top5=hits5 / len(test), k=k)
+
+
+# The `knn` evaluator kind (rils_jax/evals/runner.py): settings `train`, `test`, `k`,
+# `temperature`.
+DEFAULTS = dict(train=None, test=None, k=20, temperature=0.07)
+DATASETS = {'train': 'images', 'test': 'images'}
+
+
+def check_settings(name: str, spec: settings.Spec) -> None:
+  settings.integer(name, spec, 'k')
+  settings.positive(name, spec, 'temperature')
+
+
+def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
+  """`knn_accuracy` of the test set's features against the training set's."""
+  train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
+  out = knn_accuracy(train['features'], train['label'], test['features'], test['label'],
+                     classes, spec['k'], spec['temperature'])
+  return dict(out, **extra)

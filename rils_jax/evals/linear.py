@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rils_jax.evals import settings
+
 DEFAULT_L2 = tuple(10.0 ** np.arange(-6, 1))
 
 
@@ -147,3 +149,25 @@ def label_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) 
     idx = np.flatnonzero(labels == c)
     out.extend(rng.choice(idx, size=max(1, round(fraction * len(idx))), replace=False))
   return np.sort(np.asarray(out, np.int64))
+
+
+# The `linear_probe` evaluator kind (rils_jax/evals/runner.py): settings `train`, `test`,
+# `l2` (the sweep), `val_fraction`, `max_steps`, `seed`.
+DEFAULTS = dict(train=None, test=None, l2=DEFAULT_L2, val_fraction=0.2, max_steps=1000, seed=0)
+DATASETS = {'train': 'images', 'test': 'images'}
+
+
+def check_settings(name: str, spec: settings.Spec) -> None:
+  settings.numbers(name, spec, 'l2')
+  settings.fraction(name, spec, 'val_fraction')
+  settings.integer(name, spec, 'max_steps')
+  settings.integer(name, spec, 'seed', low=0)
+
+
+def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
+  """`fit_probe` on the frozen features of the train and test sets."""
+  train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
+  out = fit_probe(train['features'], train['label'], test['features'], test['label'],
+                  classes, tuple(spec['l2']), spec['val_fraction'], spec['seed'],
+                  spec['max_steps'])
+  return dict(out, **extra)

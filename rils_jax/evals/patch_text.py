@@ -24,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
-from rils_jax import main as main_lib
+from rils_jax import console
 from rils_jax.data import transforms
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
@@ -192,7 +191,7 @@ def _define_flags():
 def main(argv: List[str]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+  console.quiet_libraries()
   f = flags.FLAGS
   try:
     probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)

@@ -19,7 +19,6 @@ import ml_collections
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import sharding
 from rils_jax import tokenizer as tokenizer_lib
-from rils_jax import train_step as train_step_lib
 from rils_jax.models import rils as rils_lib
 
 
@@ -62,7 +61,7 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
   model = rils_lib.build_model(config, tokenizer.eot_id)
   mesh = data_parallel_mesh()
   replicated = sharding.replicated(mesh)
-  like = jax.eval_shape(lambda: train_step_lib.init_params(model, config, jax.random.PRNGKey(0)))
+  like = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       like)
   params = checkpoints_lib.load_params(folder, like)

@@ -1,4 +1,5 @@
-"""Image<->text retrieval recall (Karpathy & Fei-Fei COCO / Flickr30k protocol).
+"""Image<->text retrieval recall (Karpathy & Fei-Fei COCO / Flickr30k protocol), and the
+`retrieval` evaluator kind (setting: `sources`, caption sources as in `config.input.sources`).
 
 Image->text R@K counts an image as correct when any of its captions ranks in the top K; text->
 image R@K counts a caption as correct when its image ranks in the top K. Every caption of the
@@ -9,6 +10,8 @@ import math
 from typing import Dict, Sequence
 
 import numpy as np
+
+from rils_jax.evals import settings
 
 
 def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
@@ -46,3 +49,27 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
     out[f'chance_i2t_r{k}'] = round(float(1.0 - np.mean(miss)), 9)
     out[f'chance_t2i_r{k}'] = min(1.0, k / n_images)
   return out
+
+
+# The `retrieval` evaluator kind (rils_jax/evals/runner.py).
+DEFAULTS = dict(sources=())
+DATASETS = {'sources': 'captions'}
+
+
+def check_settings(name: str, spec: settings.Spec) -> None:
+  """Raises ValueError unless `sources` is a non-empty list."""
+  settings.check(isinstance(spec['sources'], (list, tuple)) and len(spec['sources']) > 0, name,
+                 'sources', 'a non-empty list of caption sources', spec['sources'])
+
+
+def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
+  """Recalls both ways (see `retrieval_recall`), images, captions and skipped_images."""
+  del cache  # Caption sets are embedded once per evaluator.
+  records = ev.data(spec['sources'])
+  data = embedder.images(params, [r.image for r in records])
+  kept = data['index']
+  texts = [c for i in kept for c in records[i].captions]
+  text_to_image = np.repeat(np.arange(len(kept)), [len(records[i].captions) for i in kept])
+  out = retrieval_recall(data['embed'], embedder.texts(params, texts), text_to_image)
+  return dict(out, skipped_images=len(records) - len(kept), images=len(kept),
+              captions=len(texts))

@@ -11,6 +11,7 @@ Forward pass (../shared/docs/RILS_METHOD.md "Forward pass", RILS official releas
 `logit_scale` is a learnable log-temperature initialised to ln(1/0.07) (CLIP).
 """
 
+import math
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
@@ -139,6 +140,24 @@ class RILS(nn.Module):
       out['student'] = l2_normalize(self._project_image(predicted))
       out['teacher'] = l2_normalize(self._project_image(teacher))
     return out
+
+
+def boxed_params(model: RILS, rng: jax.Array):
+  """Initial float32 parameters of `model` (masked branch included) as
+  `nn.LogicallyPartitioned` leaves, which carry each parameter's logical axis names.
+
+  The parameters depend on `rng` and the model's sizes only: the forward pass that creates them
+  runs on two blank images and captions.
+  """
+  images = jnp.zeros((2, model.image_size, model.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((2, model.context_length), jnp.int32)
+  masking = vit.random_masking(jax.random.PRNGKey(0), 2, math.prod(model.grid_shape()), 0.5)
+  return model.init(rng, images, tokens, masking)['params']
+
+
+def init_params(model: RILS, rng: jax.Array):
+  """Initial float32 parameters of `model`, as plain arrays (see `boxed_params`)."""
+  return nn.unbox(boxed_params(model, rng))
 
 
 def vision_size(variant: str):

@@ -1,0 +1,133 @@
+"""Recipes and data presets shared by the config files of this folder.
+
+A config file starts from `config_lib.base_config()` (every field `rils_jax.main` reads, with
+the release's defaults) and changes what it needs; the helpers here set what several files
+share: the paper's pre-training recipe (`paper_recipe`) and where the data comes from (the
+generated shapes, ../shared/data, or shard files). They are imported as `configs.common`, so
+commands run from the repository's root folder.
+"""
+
+import os
+from typing import Dict
+
+import ml_collections
+
+from rils_jax import config_lib
+from rils_jax import platforms
+from rils_jax.data import synthetic
+
+# The real image-caption and labelled photos beside the repository (../shared/data/README.md).
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'shared', 'data')
+
+
+def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
+                 ) -> ml_collections.ConfigDict:
+  """The RILS paper's pre-training set-up for a ViT variant (see configs/vit_b16.py).
+
+  `arg`: 'data=DATA,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset of
+  rils_jax/platforms.py, which also sets the dtype); DATA is synthetic, shared, or shards
+  (see `shard_data`).
+
+  Raises:
+    ValueError: for an unknown argument, data or platform name.
+  """
+  arg = config_lib.parse_arg(arg, data='synthetic', dtype='auto', platform='')
+  c = config_lib.base_config()
+  c.total_steps = 122_070
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.checkpoint_minutes = 30.0
+  c.keep_every = 20_000
+  c.model.variant = variant
+  c.model.image_size = 224
+  c.model.dtype = arg.dtype
+  c.model.text = dict(width=text['width'], num_layers=text['num_layers'],
+                      num_heads=text['num_heads'], context_length=77, vocab_size=49_408)
+  c.model.embed_dim = embed_dim
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 4_883
+  c.optim.weight_decay = 0.5
+  c.input.batch_size = 4096
+  c.input.num_workers = 8
+  c.tokenizer.vocab_size = 49_408
+  if arg.data == 'synthetic':
+    synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
+  elif arg.data == 'shared':
+    shared_data(c)
+  elif arg.data.split(':', 1)[0] in SHARD_KINDS:
+    shard_data(c, arg.data)
+  else:
+    raise ValueError("data must be 'synthetic', 'shared', 'webdataset:PATTERN', "
+                     f"'arrayrecord:PATTERN' or 'tfds:NAME', got {arg.data!r}")
+  if arg.platform:
+    if arg.dtype != 'auto':
+      raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
+                       '(or override --config.model.dtype after it)')
+    platforms.apply_platform(c, arg.platform)
+  return c
+
+
+SHARD_KINDS = ('webdataset', 'arrayrecord', 'tfds')
+
+
+def shard_data(config: ml_collections.ConfigDict, spec: str) -> None:
+  """Trains on one shard source, `KIND:WHAT`: `webdataset:/data/laion/{00000..01999}.tar`,
+  `arrayrecord:/data/laion_ar/train-*.array_record` or `tfds:coco_captions` (split train,
+  $TFDS_DATA_DIR). No evaluation data is set: add `config.evals` in a copy of the config.
+
+  Raises:
+    ValueError: for another kind or an empty pattern.
+  """
+  kind, _, what = spec.partition(':')
+  if kind not in SHARD_KINDS or not what:
+    raise ValueError(f'shard data must look like KIND:PATTERN with KIND in {SHARD_KINDS}, '
+                     f'got {spec!r}')
+  source = (dict(kind='tfds', name=what, split='train') if kind == 'tfds'
+            else dict(kind=kind, files=what))
+  config.input.sources = [source]
+  remove_evals(config)
+
+
+def remove_evals(config: ml_collections.ConfigDict) -> None:
+  """Drops every evaluator of `config.evals` (keeps `evals.batch_size`)."""
+  for name in [k for k in config.evals.keys() if k != 'batch_size']:
+    del config.evals[name]
+
+
+def shared_data(config: ml_collections.ConfigDict, data_dir: str = SHARED_DATA,
+                heldout: int = 100, zeroshot_per_class: str = '') -> None:
+  """Points the config at ../shared/data: Flickr8k 1k (all but the last `heldout` images) + COCO
+  mini for training, the last `heldout` Flickr8k images for retrieval, CIFAR-10 test photos for
+  zero-shot (`zeroshot_per_class`: a slice of each class, '' for all 1,000)."""
+  flickr, coco = os.path.join(data_dir, 'flickr8k_1k'), os.path.join(data_dir, 'coco_mini_train')
+  config.input.sources = [
+      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
+           images=os.path.join(flickr, 'images'), select=f':-{heldout}'),
+      dict(kind='coco', captions=os.path.join(coco, 'captions_train2017.json'),
+           images=os.path.join(coco, 'images'), select=''),
+  ]
+  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='clip_cifar_18', data=dict(
+      kind='folder', root=os.path.join(data_dir, 'cifar10_test'), per_class=zeroshot_per_class))
+  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
+      dict(kind='csv', captions=os.path.join(flickr, 'captions.csv'),
+           images=os.path.join(flickr, 'images'), select=f'-{heldout}:')])
+
+
+def synthetic_data(config: ml_collections.ConfigDict, image_size: int, num_train: int = 4000,
+                   seed: int = 0, num_heldout: int = 200, zeroshot_per_class: int = 20,
+                   root: str = '') -> None:
+  """Points the config at the generated shapes dataset (see rils_jax/data/synthetic.py).
+
+  `rils_jax.main` generates it on first use under `synthetic.cache_dir()`.
+  """
+  root = root or os.path.join(synthetic.cache_dir(), f'shapes_v2_{image_size}px_{num_train}_seed{seed}')
+  config.synthetic = dict(root=root, image_size=image_size, num_train=num_train, seed=seed,
+                          num_heldout=num_heldout, zeroshot_per_class=zeroshot_per_class)
+  config.input.sources = [dict(kind='csv', captions=os.path.join(root, 'train', 'captions.csv'),
+                               images=os.path.join(root, 'train', 'images'), select='')]
+  config.evals.zeroshot = dict(kind='zeroshot', every=0, templates='short',
+                               data=dict(kind='folder', root=os.path.join(root, 'zeroshot')))
+  config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
+      dict(kind='csv', captions=os.path.join(root, 'heldout', 'captions.csv'),
+           images=os.path.join(root, 'heldout', 'images'), select='')])
