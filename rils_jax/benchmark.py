@@ -79,7 +79,7 @@ def random_batch(config, rng: np.random.Generator, eot_id: int):
 
 def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   """Runs the benchmark and returns its figures (see the module docstring)."""
-  setup = train_step_lib.setup(config, match_platform=False)
+  setup = train_step_lib.setup(config)
   model = setup.model
   state = train_step_lib.create_train_state(setup, config.seed)
   step = train_step_lib.make_train_step(setup, config)

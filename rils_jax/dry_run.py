@@ -111,7 +111,7 @@ def dry_run(config, compile_step: bool = True) -> dict:
   Raises:
     ValueError: for a config that does not fit the devices (mesh, batch, accumulation).
   """
-  setup = train_step_lib.setup(config, match_platform=False)
+  setup = train_step_lib.setup(config)
   model, mesh, state = setup.model, setup.mesh, setup.abstract_state
   batch_sharding = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in

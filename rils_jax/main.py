@@ -79,15 +79,16 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   then uses. Each rule lives with the code it protects; this calls them in turn.
 
   Raises:
-    ValueError: for an unknown config key (config_lib), a mesh, batch, accumulation, model,
-      masking or optimizer setting that cannot work (train_step.setup), a bad loss setting
-      (losses), checkpoint setting (checkpoints), evaluator (evals.runner), input setting or
-      source entry (data.pipeline), a non-positive `log_every` or
-      `max_consecutive_nonfinite`, a negative seed, bad `debug.nan_loss_steps`, or a tokenizer
-      path that cannot be read.
+    ValueError: for an unknown config key (config_lib), another machine's platform preset, a
+      mesh, batch, accumulation, model, masking or optimizer setting that cannot work
+      (train_step.setup), a bad loss setting (losses), checkpoint setting (checkpoints),
+      evaluator (evals.runner), input setting or source entry (data.pipeline), a non-positive
+      `log_every` or `max_consecutive_nonfinite`, a negative seed, bad
+      `debug.nan_loss_steps`, or a tokenizer path that cannot be read.
     FileNotFoundError: for an `init_from` path that holds no checkpoint.
   """
   config_lib.check_keys(config)
+  train_step_lib.check_platform(config)
   setup = train_step_lib.setup(config)
   losses.check_config(config.loss)
   checkpoints_lib.check_config(config)

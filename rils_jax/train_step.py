@@ -59,18 +59,21 @@ class Setup:
   """What a run builds from its config before it reads any data, built once by `setup`.
 
   mesh: the device mesh. model: the `RILS` module. optimizer: the optax transformation.
-  shardings: a `TrainState` of NamedShardings (parameters by the sharding rules, each optimizer
-    moment like its parameter, counters replicated).
-  abstract_state: a `TrainState` of ShapeDtypeStructs carrying those shardings: what a
+  abstract_state: a `TrainState` of ShapeDtypeStructs with their NamedShardings (parameters by
+    the sharding rules, each optimizer moment like its parameter, counters replicated): what a
     checkpoint is restored into and what the dry run compiles against.
   accum_steps: micro-batches per step (`config.optim.accum_steps`).
   """
   mesh: Mesh
   model: rils_lib.RILS
   optimizer: optax.GradientTransformation
-  shardings: TrainState
   abstract_state: TrainState
   accum_steps: int
+
+  @property
+  def shardings(self) -> TrainState:
+    """The train state's NamedShardings (those of `abstract_state`)."""
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
 
   def with_eot_id(self, eot_id: int) -> 'Setup':
     """The same set-up with the text tower pooling at `eot_id` (the run's tokenizer is known
@@ -101,7 +104,8 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
 
 
 def check_platform(config: ml_collections.ConfigDict) -> None:
-  """A platform preset (rils_jax/platforms.py) must be this machine's.
+  """A training run's platform preset (rils_jax/platforms.py) must be this machine's (the dry
+  run and the benchmark measure a preset on any number of devices).
 
   Raises:
     ValueError: when the preset is for another number of devices.
@@ -114,7 +118,7 @@ def check_platform(config: ml_collections.ConfigDict) -> None:
 
 
 def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None,
-          eot_id: int = tokenizer_lib.EOS_ID, match_platform: bool = True) -> Setup:
+          eot_id: int = tokenizer_lib.EOS_ID) -> Setup:
   """Builds the mesh, model, optimizer, state shardings and abstract state of `config`,
   checking on the way everything the step needs (nothing is read or compiled).
 
@@ -123,16 +127,12 @@ def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = 
     devices: the mesh's devices (default: all).
     eot_id: the text tower's end-of-text id (see `Setup.with_eot_id`); the tokenizers trained
       here use `tokenizer.EOS_ID`.
-    match_platform: refuse a platform preset made for another number of devices (training);
-      the dry run and the benchmark measure a preset on any number.
 
   Raises:
     ValueError: for a mesh that does not fit the devices, a malformed sharding rule, a batch
-      that the devices, processes or micro-batches do not divide, another machine's platform
-      preset, a bad model size, dtype, remat policy or mask ratio, or a bad optimizer setting.
+      that the devices, processes or micro-batches do not divide, a bad model size, dtype,
+      remat policy or mask ratio, or a bad optimizer setting.
   """
-  if match_platform:
-    check_platform(config)
   mesh = sharding.make_mesh(config, devices)
   rules = sharding.rules_of(config)
   accum = check_batch(config, mesh)
@@ -163,7 +163,7 @@ def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = 
       consecutive_nonfinite=replicated)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
-  return Setup(mesh, model, optimizer, shardings, abstract, accum)
+  return Setup(mesh, model, optimizer, abstract, accum)
 
 
 def _init_state(model, optimizer, seed: int, rng) -> TrainState:
@@ -226,7 +226,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
   `learning_rate`, `nonfinite` (1 for a skipped update), and the state's counters
   `skipped_examples`, `nonfinite_steps` and `consecutive_nonfinite`.
   """
-  model, mesh, optimizer = setup.model, setup.mesh, setup.optimizer
+  model, mesh, optimizer, shardings = setup.model, setup.mesh, setup.optimizer, setup.shardings
   schedule = optim.learning_rate_schedule(config)
   max_log_scale = math.log(config.loss.max_logit_scale)
   nan_loss_steps = tuple(int(s) for s in config.debug.nan_loss_steps)
@@ -248,7 +248,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
         features, lambda p, o: loss_of({**o, 'logit_scale': p['logit_scale']}, fault), params,
         inputs, setup.accum_steps,
         micro_batch_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES)),
-        param_shardings=setup.shardings.params)
+        param_shardings=shardings.params)
 
   def step_fn(state: TrainState, batch):
     images = transforms.normalize(batch['image'], config.input)
@@ -258,26 +258,27 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
     if nan_loss_steps:
       fault = jnp.where(jnp.isin(state.step + 1, jnp.array(nan_loss_steps)), jnp.nan, 1.0)
     (loss, metrics), grads = gradients(state.params, (images, batch['text'], masking), fault)
-    new_state, grad_norm = _guarded_update(state, optimizer, grads, loss, max_log_scale)
-    new_state = new_state.replace(
-        skipped_examples=state.skipped_examples + jnp.sum(batch['skipped']))
-    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   nonfinite=new_state.nonfinite_steps - state.nonfinite_steps,
+    params, opt_state, grad_norm, bad = _guarded_update(state, optimizer, grads, loss,
+                                                        max_log_scale)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped_examples=state.skipped_examples + jnp.sum(batch['skipped']),
+        nonfinite_steps=state.nonfinite_steps + bad,
+        consecutive_nonfinite=(state.consecutive_nonfinite + 1) * bad)
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), nonfinite=bad,
                    skipped_examples=new_state.skipped_examples,
                    nonfinite_steps=new_state.nonfinite_steps,
                    consecutive_nonfinite=new_state.consecutive_nonfinite)
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(setup.shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(setup.shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float
-                    ) -> Tuple[TrainState, jax.Array]:
+def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float):
   """The optimizer update of `state` by `grads`, with the logit scale clamped, unless the loss
-  or the gradient norm is not finite; returns the new state (step and non-finite counters
-  advanced) and the gradient norm before clipping."""
+  or the gradient norm is not finite. Returns (params, opt_state, the gradient norm before
+  clipping, int32 1 when the update was skipped else 0)."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # CLIP clamps the learnable log-scale so that exp(logit_scale) <= 100.
@@ -285,11 +286,8 @@ def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: fl
   grad_norm = optax.tree.norm(grads)
   # One bad batch or overflow must not poison the run: keep the previous parameters and
   # moments (a NaN would otherwise spread into every weight through Adam's moments). The step
-  # still advances past its batch; the caller decides when a run of them stops training.
+  # still advances past its batch; `rils_jax.health` decides when a run of them stops training.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                    (params, opt_state), (state.params, state.opt_state))
-  bad = 1 - finite.astype(jnp.int32)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       nonfinite_steps=state.nonfinite_steps + bad,
-                       consecutive_nonfinite=(state.consecutive_nonfinite + 1) * bad), grad_norm
+  return params, opt_state, grad_norm, 1 - finite.astype(jnp.int32)

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from rils_jax import train_step as train_step_lib
 from tests import tiny
 
 
@@ -71,3 +73,14 @@ def test_bfloat16_moments_and_compute_track_float32():
   # Stated tolerance: losses within 2% over 4 steps (bfloat16 keeps 8 mantissa bits).
   for h32, h16 in zip(f32[1], bf16[1]):
     np.testing.assert_allclose(h16['loss'], h32['loss'], rtol=0.02)
+
+
+def test_the_abstract_state_is_the_created_state_without_values():
+  # What a checkpoint is restored into must be what a fresh run creates: same tree, shapes,
+  # dtypes and shardings (FSDP-sharded parameters and moments, replicated counters).
+  setup = train_step_lib.setup(_config(**{'mesh.data': 2, 'mesh.fsdp': 4}))
+  state = train_step_lib.create_train_state(setup, seed=0)
+  describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+  assert describe(state) == describe(setup.abstract_state)
+  assert setup.shardings.params['visual']['blocks_0']['mlp']['fc1']['kernel'].spec == P(
+      'fsdp', None)
