@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Helpers shared by the launch scripts (tpu.sh, slurm.sh, slurm.sbatch, gpu_multinode.sh), which
-# source this file. Before sourcing it a script sets PROG (its name in messages) and, after it,
-# defines usage() (its --help text, which parse_options prints).
+# Helpers shared by the launch scripts (tpu.sh, slurm.sh, slurm.sbatch, gpu_multinode.sh, xpk.sh,
+# jobset.sh), which source this file. Before sourcing it a script sets PROG (its name in
+# messages) and, after it, defines usage() (its --help text, which parse_options prints).
 
 : "${PROG:?set PROG before sourcing launch/common.sh}"
 
@@ -101,4 +101,86 @@ parse_options() {
     done
     die "unknown option: $po_arg"
   done
+}
+
+# --- GPU XLA flags --------------------------------------------------------------------------------
+# XLA flags for GPU runs (slurm.sbatch, gpu_multinode.sh, and the GPU paths of xpk.sh and
+# jobset.sh). Sources: JAX's "GPU performance tips" (docs/gpu_performance_tips.md) and MaxText's
+# A3 (H100) scripts (src/maxtext/configs/gpu/a3/llama_2_7b/*.sh); launch/README.md says why each.
+# The defaults in the comments are jaxlib 0.10.2's, and tests/test_launch.py checks that its XLA
+# takes each of these values.
+GPU_XLA_FLAGS=(
+  --xla_gpu_enable_latency_hiding_scheduler=true   # overlap collectives with compute (default false)
+  --xla_gpu_enable_triton_gemm=false               # cuBLAS matmuls, as MaxText's A3 runs (default true)
+  --xla_gpu_enable_command_buffer=                 # no CUDA graphs (default: FUSION, CUBLAS, ...)
+  --xla_gpu_all_reduce_combine_threshold_bytes=67108864      # 64 MiB (default about 30 MiB)
+  --xla_gpu_all_gather_combine_threshold_bytes=134217728     # 128 MiB: FSDP weight all-gathers
+  --xla_gpu_reduce_scatter_combine_threshold_bytes=67108864  # 64 MiB: FSDP gradient reduce-scatters
+  --xla_gpu_enable_pipelined_all_gather=true       # (default false)
+  --xla_gpu_enable_pipelined_reduce_scatter=true   # (the default; set here so that it stays on)
+  --xla_gpu_enable_pipelined_all_reduce=true       # (default false)
+  --xla_gpu_enable_while_loop_double_buffering=true  # (default false)
+)
+
+# gpu_xla_flags USER_FLAGS: prints the XLA_FLAGS value of a GPU run: GPU_XLA_FLAGS followed by
+# USER_FLAGS (the user's own XLA_FLAGS), leaving out each of ours whose name the user sets, so
+# that the user's value wins. RILS_GPU_XLA_FLAGS=none leaves ours out altogether (then it prints
+# USER_FLAGS alone); RILS_GPU_XLA_FLAGS=default (or unset) keeps them.
+gpu_xla_flags() {
+  local mode=${RILS_GPU_XLA_FLAGS:-default} flag word keep
+  local -a user=() out=()
+  read -r -a user <<<"$1"
+  case $mode in
+    default)
+      for flag in "${GPU_XLA_FLAGS[@]}"; do
+        keep=1
+        for word in "${user[@]}"; do
+          [[ ${word%%=*} != "${flag%%=*}" ]] || keep=0
+        done
+        ((!keep)) || out+=("$flag")
+      done
+      ;;
+    none) ;;
+    *) die "RILS_GPU_XLA_FLAGS=$mode must be 'default' or 'none'" ;;
+  esac
+  out+=("${user[@]}")
+  printf '%s' "${out[*]}"
+}
+
+# set_gpu_xla_flags_option VALUE: applies a script's --gpu_xla_flags=default|none option.
+set_gpu_xla_flags_option() {
+  case $1 in
+    '') ;;
+    default | none) export RILS_GPU_XLA_FLAGS=$1 ;;
+    *) die "--gpu_xla_flags must be 'default' or 'none', got '$1'" ;;
+  esac
+}
+
+# --- Kubernetes (xpk.sh, jobset.sh) --------------------------------------------------------------
+# The image that launch/Dockerfile builds, as launch/README.md pushes it to Artifact Registry.
+default_image() {  # default_image PROJECT VARIANT (tpu or cuda13)
+  printf 'us-docker.pkg.dev/%s/rils/rils-jax:%s' "$1" "$2"
+}
+
+# check_k8s_workdir WORKDIR SHARED_MOUNT: a GKE pod loses its disk when it is preempted or
+# restarted, so the workdir must be a bucket (gs://...) unless the user says it is a mount that
+# every pod shares (SHARED_MOUNT=1).
+check_k8s_workdir() {
+  if [[ $1 != gs://?* ]] && (($2 == 0)); then
+    die "--workdir=$1 is not a gs:// bucket: on GKE a pod's disk is lost when it is restarted; use --workdir=gs://BUCKET/RUN, or pass --shared_mount if $1 is a volume that every pod mounts"
+  fi
+}
+
+# The trainer command of a pod, as one shell line: launch/pod_run.sh (which turns a SIGTERM that
+# ended in a saved checkpoint into exit 143, so that the JobSet restarts and the run resumes)
+# running rils_jax.main; RAW (not quoted: it expands the pod's environment) goes before ARGS.
+# pod_command CONFIG WORKDIR RAW ARGS...
+pod_command() {
+  local line
+  line="exec $(join_q launch/pod_run.sh python -m rils_jax.main --config="$1" --workdir="$2" \
+    --distributed=on)"
+  [[ -z $3 ]] || line+=" $3"
+  shift 3
+  (($# == 0)) || line+=" $(join_q "$@")"
+  printf '%s' "$line"
 }

@@ -13,25 +13,27 @@ usage() {
   cat <<'EOF'
 Usage: launch/gpu_multinode.sh --hosts=HOST1,HOST2,... --config=CONFIG --workdir=WORKDIR
                                [--coordinator_port=PORT] [--coordinator_host=HOST]
-                               [--code_dir=PATH] [--venv=PATH] [--dry_run] [-- extra trainer args]
+                               [--code_dir=PATH] [--venv=PATH] [--gpu_xla_flags=MODE] [--dry_run]
+                               [-- extra trainer args]
        launch/gpu_multinode.sh --local --process_id=I --hosts=... --config=... --workdir=... [...]
 
 Runs one rils_jax process per host, each using all the GPUs of its host. For host i (0-based, in
 the order of --hosts) it runs, over ssh and in the background,
-  cd CODE_DIR && VENV/bin/python -m rils_jax.main --config=CONFIG --workdir=WORKDIR --distributed=on \
-      --coordinator_address=HOST1:PORT --num_processes=N --process_id=i ARGS...
+  cd CODE_DIR && XLA_FLAGS=... VENV/bin/python -m rils_jax.main --config=CONFIG --workdir=WORKDIR \
+      --distributed=on --coordinator_address=HOST1:PORT --num_processes=N --process_id=i ARGS...
 prefixes each output line with [host], waits for all and exits non-zero if any failed (then
 stopping the others' ssh sessions, which ends their processes). The first host is the coordinator.
 With --local it runs that command for --process_id on this machine instead, without ssh: run it
-by hand on each host.
+by hand on each host. XLA_FLAGS holds the GPU XLA flags of launch/common.sh (launch/README.md
+says which and why), then your XLA_FLAGS here, whose entries replace ours of the same name.
 
 Options (each as --option=value or --option value; '-' and '_' are the same in names):
   --hosts=H1,H2,...     hosts, comma-separated, as ssh reaches them, [user@]host (required).
                                                         e.g. --hosts=gpu-node1,gpu-node2
   --config=CONFIG       config file[:argument] (required).
                                   e.g. --config=configs/vit_b16.py:platform=gpu_2x8xh100,data=shared
-  --workdir=WORKDIR     output directory on a filesystem that every host sees (required).
-                                                        e.g. --workdir=/shared/runs/run1
+  --workdir=WORKDIR     output directory that every host sees: a shared filesystem path or a
+                        gs:// bucket path (required).   e.g. --workdir=/shared/runs/run1
   --coordinator_port=P  free TCP port on the first host for JAX's coordinator (default 12345).
                                                         e.g. --coordinator_port=12345
   --coordinator_host=H  address of the first host as the others reach it (default: the first
@@ -40,6 +42,9 @@ Options (each as --option=value or --option value; '-' and '_' are the same in n
                                                         e.g. --code_dir=/shared/rils_jax
   --venv=PATH           virtual environment on every host (default: CODE_DIR/.venv).
                                                         e.g. --venv=/shared/venvs/rils
+  --gpu_xla_flags=MODE  default: set the GPU XLA flags (your XLA_FLAGS entries win, flag by
+                        flag); none: only your XLA_FLAGS. Same as RILS_GPU_XLA_FLAGS=MODE.
+                                                        e.g. --gpu_xla_flags=none
   --local               run the command of --process_id here, without ssh.   e.g. --local
   --process_id=I        with --local: this host's index in --hosts.          e.g. --process_id=1
   --dry_run             print the commands (one a line) instead of running them.
@@ -58,17 +63,18 @@ Examples:
 
 Prerequisites: passwordless ssh (BatchMode) from here to every host, the checkout and its venv
 (with "jax[cuda13]==0.10.2") at the same paths on every host, the workdir on a shared
-filesystem, and the coordinator port open between the hosts.
+filesystem or in a bucket, and the coordinator port open between the hosts.
 EOF
 }
 
 opt_hosts='' opt_config='' opt_workdir='' opt_coordinator_port=12345 opt_coordinator_host=''
-opt_code_dir=$REPO_ROOT opt_venv='' opt_process_id=''
+opt_code_dir=$REPO_ROOT opt_venv='' opt_process_id='' opt_gpu_xla_flags=''
 local_mode=0 dry_run=0
 extra=()
 
 parse_options 'dry_run local:local_mode' \
-  'hosts config workdir coordinator_port coordinator_host code_dir venv process_id' '' "$@"
+  'hosts config workdir coordinator_port coordinator_host code_dir venv process_id gpu_xla_flags' '' "$@"
+set_gpu_xla_flags_option "$opt_gpu_xla_flags"
 
 [[ -n $opt_hosts ]] || die "--hosts is required"
 [[ -n $opt_config ]] || die "--config is required"
@@ -98,10 +104,13 @@ fi
 coordinator=${opt_coordinator_host:-${hosts[0]#*@}}:$opt_coordinator_port
 python=${opt_venv:-${opt_code_dir%/}/.venv}
 python=${python%/}/bin/python
+xla=$(gpu_xla_flags "${XLA_FLAGS:-}")
+xla_env=()
+[[ -z $xla ]] || xla_env=(XLA_FLAGS="$xla")
 
 # The command of process I, as a line for a shell.
 host_command() {
-  printf 'cd %s && %s' "$(shq "$opt_code_dir")" "$(join_q "$python" -m rils_jax.main \
+  printf 'cd %s && %s' "$(shq "$opt_code_dir")" "$(join_q "${xla_env[@]}" "$python" -m rils_jax.main \
     --config="$opt_config" --workdir="$opt_workdir" --distributed=on \
     --coordinator_address="$coordinator" --num_processes="$num_processes" --process_id="$1" \
     "${extra[@]}")"
@@ -115,6 +124,7 @@ if ((local_mode)); then
   fi
   printf '+ %s\n' "$line" >&2
   cd "$opt_code_dir"
+  [[ -z $xla ]] || export XLA_FLAGS=$xla
   exec "$python" -m rils_jax.main --config="$opt_config" --workdir="$opt_workdir" --distributed=on \
     --coordinator_address="$coordinator" --num_processes="$num_processes" \
     --process_id="$opt_process_id" "${extra[@]}"

@@ -13,20 +13,22 @@ usage() {
   cat <<'EOF'
 Usage: launch/slurm.sh --config=CONFIG --workdir=WORKDIR [--nodes=N] [--gpus_per_node=G]
                        [--partition=P] [--time=HH:MM:SS] [--account=A] [--venv=PATH]
-                       [--job_name=NAME] [--dry_run] [-- extra trainer args]
+                       [--job_name=NAME] [--gpu_xla_flags=MODE] [--dry_run] [-- extra trainer args]
 
 Submits launch/slurm.sbatch with
   sbatch --nodes=N --ntasks-per-node=G --gpus-per-node=G ...
 (one process per GPU: JAX's SLURM detection gives each process the GPU of its SLURM_LOCALID),
 exporting RILS_CONFIG, RILS_WORKDIR and RILS_PYTHON to it; the batch script then runs
-  srun --kill-on-bad-exit=1 VENV/bin/python -m rils_jax.main --config=CONFIG --workdir=WORKDIR --distributed=on ARGS...
-in this checkout (sbatch --chdir), which every node must see at the same path.
+  env XLA_FLAGS=... srun --kill-on-bad-exit=1 VENV/bin/python -m rils_jax.main --config=CONFIG --workdir=WORKDIR --distributed=on ARGS...
+in this checkout (sbatch --chdir), which every node must see at the same path. XLA_FLAGS holds the
+GPU XLA flags of launch/common.sh (launch/README.md says which and why), then your XLA_FLAGS
+(sbatch --export=ALL passes it on), whose entries replace ours of the same name.
 
 Options (each as --option=value or --option value; '-' and '_' are the same in names):
   --config=CONFIG       config file[:argument] (required).
                                   e.g. --config=configs/vit_b16.py:platform=gpu_2x8xh100,data=shared
-  --workdir=WORKDIR     output directory on a shared filesystem that every node sees (required).
-                                  e.g. --workdir=/shared/runs/run1
+  --workdir=WORKDIR     output directory that every node sees: a shared filesystem path or a
+                        gs:// bucket path (required).   e.g. --workdir=/shared/runs/run1
   --nodes=N             number of nodes (default 1).                e.g. --nodes=2
   --gpus_per_node=G     GPUs, and so processes, per node (default 8). e.g. --gpus_per_node=8
   --partition=P         SLURM partition (default: the cluster's).   e.g. --partition=gpu
@@ -35,6 +37,9 @@ Options (each as --option=value or --option value; '-' and '_' are the same in n
   --venv=PATH           virtual environment with the requirements, on the shared filesystem
                         (default: .venv of this checkout).          e.g. --venv=/shared/venvs/rils
   --job_name=NAME       SLURM job name (default rils_jax).          e.g. --job_name=vitb16-run1
+  --gpu_xla_flags=MODE  default: set the GPU XLA flags (your XLA_FLAGS entries win, flag by
+                        flag); none: only your XLA_FLAGS. Same as RILS_GPU_XLA_FLAGS=MODE.
+                                                                    e.g. --gpu_xla_flags=none
   --dry_run             print the sbatch command and the srun command of the batch script,
                         one a line, and submit nothing.
   -h, --help            print this help.
@@ -55,12 +60,13 @@ EOF
 }
 
 opt_config='' opt_workdir='' opt_nodes=1 opt_gpus_per_node=8 opt_partition='' opt_time=''
-opt_account='' opt_venv=$REPO_ROOT/.venv opt_job_name=rils_jax
+opt_account='' opt_venv=$REPO_ROOT/.venv opt_job_name=rils_jax opt_gpu_xla_flags=''
 dry_run=0
 extra=()
 
 parse_options dry_run \
-  'config workdir nodes gpus_per_node partition time account venv job_name' '' "$@"
+  'config workdir nodes gpus_per_node partition time account venv job_name gpu_xla_flags' '' "$@"
+set_gpu_xla_flags_option "$opt_gpu_xla_flags"
 
 [[ -n $opt_config ]] || die "--config is required"
 [[ -n $opt_workdir ]] || die "--workdir is required"
@@ -69,8 +75,9 @@ parse_options dry_run \
 [[ -n $opt_venv ]] || die "--venv must not be empty"
 
 python=${opt_venv%/}/bin/python
-sbatch_cmd=(env RILS_CONFIG="$opt_config" RILS_WORKDIR="$opt_workdir" RILS_PYTHON="$python"
-  sbatch --export=ALL --job-name="$opt_job_name" --nodes="$opt_nodes"
+sbatch_cmd=(env RILS_CONFIG="$opt_config" RILS_WORKDIR="$opt_workdir" RILS_PYTHON="$python")
+[[ -z $opt_gpu_xla_flags ]] || sbatch_cmd+=(RILS_GPU_XLA_FLAGS="$opt_gpu_xla_flags")
+sbatch_cmd+=(sbatch --export=ALL --job-name="$opt_job_name" --nodes="$opt_nodes"
   --ntasks-per-node="$opt_gpus_per_node" --gpus-per-node="$opt_gpus_per_node")
 [[ -z $opt_partition ]] || sbatch_cmd+=(--partition="$opt_partition")
 [[ -z $opt_time ]] || sbatch_cmd+=(--time="$opt_time")

@@ -48,9 +48,9 @@ Options (each as --option=value or --option value; '-' and '_' are the same in n
                        `-- --config.mesh.slice=K`.                          e.g. --num_slices=2
   --config=CONFIG      config file[:argument], relative to the code directory (required by
                        run/all).          e.g. --config=configs/vit_b16.py:platform=tpu_v4_32,data=shared
-  --workdir=WORKDIR    output directory that every worker sees: a shared filesystem path such
-                       as a Filestore mount, not a gs:// URL (required by run/all).
-                                                                            e.g. --workdir=/mnt/shared/run1
+  --workdir=WORKDIR    output directory that every worker sees and that outlives the TPU VMs (a
+                       preempted VM loses its disk): a gs:// bucket path, or a shared mount such
+                       as Filestore (required by run/all).                  e.g. --workdir=gs://my-bucket/run1
   --repo=URL           git repository that setup clones (required by setup/all unless --copy).
                                                                             e.g. --repo=https://github.com/me/rils_jax.git
   --branch=BRANCH      branch or tag that setup checks out (default main).  e.g. --branch=dev
@@ -79,19 +79,19 @@ Examples:
   # v4-32 pod, code cloned from git, everything in one go:
   launch/tpu.sh all --name=rils-v4 --zone=us-central2-b --accelerator=v4-32 \
       --repo=https://github.com/me/rils_jax.git \
-      --config=configs/vit_b16.py:platform=tpu_v4_32,data=shared --workdir=/mnt/shared/run1 --dry_run
+      --config=configs/vit_b16.py:platform=tpu_v4_32,data=shared --workdir=gs://my-bucket/run1 --dry_run
   # v5e-256 as a Spot queued resource, code copied from this checkout:
   launch/tpu.sh all --queued --spot --name=rils-v5e --zone=us-west4-a --accelerator=v5litepod-256 \
-      --copy --config=configs/vit_b16.py:platform=tpu_v5e_256 --workdir=/mnt/shared/run2
+      --copy --config=configs/vit_b16.py:platform=tpu_v5e_256 --workdir=gs://my-bucket/run2
   # two v5e-256 slices (multislice):
   launch/tpu.sh all --queued --num_slices=2 --name=rils-ms --zone=us-west4-a \
       --accelerator=v5litepod-256 --copy --config=configs/vit_b16.py:platform=tpu_v5e_256 \
-      --workdir=/mnt/shared/run3 -- --config.mesh.slice=2
+      --workdir=gs://my-bucket/run3 -- --config.mesh.slice=2
   launch/tpu.sh logs --name=rils-v4 --zone=us-central2-b
   launch/tpu.sh delete --name=rils-v4 --zone=us-central2-b
 
 Prerequisites: gcloud installed and authenticated (gcloud auth login), the Cloud TPU API
-enabled, and a GCS bucket the TPU service account can write.
+enabled, and a GCS bucket for WORKDIR that the TPU VMs' service account can write.
 EOF
 }
 
@@ -158,9 +158,6 @@ case $subcommand in run | all) require config workdir ;; esac
 case $subcommand in
   setup | all) ((copy)) || [[ -n $opt_repo ]] || die "--repo is required for '$subcommand' (or use --copy)" ;;
 esac
-if [[ $opt_workdir == *://* ]]; then
-  die "--workdir=$opt_workdir is a URL; rils_jax writes its workdir as a filesystem path. Mount shared storage on every worker (Filestore / NFS) and pass its path, e.g. --workdir=/mnt/shared/run1"
-fi
 
 gflags=(--zone="$opt_zone")
 [[ -z $opt_project ]] || gflags+=(--project="$opt_project")

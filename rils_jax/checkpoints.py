@@ -20,13 +20,14 @@ shared with all processes); `config.keep_checkpoints` (the last K) and `config.k
 (steps that are multiples of M) say which ones stay.
 
 `read_state` and `load_params` read a checkpoint written under any mesh or number of hosts,
-because orbax stores each array's global value.
+because orbax stores each array's global value. The workdir may be a local path or a URL
+(gs://...): orbax writes each array through tensorstore's driver for it (every process its own
+shards, together) and the rest through `etils.epath` (rils_jax/storage.py).
 """
 
 import base64
 import hashlib
 import json
-import os
 from typing import Any, Dict, Optional
 
 import grain
@@ -35,6 +36,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from rils_jax import storage
 
 ITEMS = ('state', 'data', 'config', 'tokenizer')
 
@@ -74,7 +77,7 @@ class Checkpoints:
   """The orbax `CheckpointManager` of WORKDIR/checkpoints with the policies of `config`."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = storage.join(storage.absolute(workdir), 'checkpoints')
     save = [policies.FixedIntervalPolicy(config.checkpoint_every)]
     if config.checkpoint_minutes > 0:
       save.append(policies.ContinuousCheckpointingPolicy(
@@ -134,7 +137,7 @@ class Checkpoints:
     if data_iterator is not None:
       count = jax.process_count()
       name = f'process_{jax.process_index()}-of-{count}.json'
-      if not os.path.isfile(os.path.join(self.directory, str(step), 'data', name)):
+      if not storage.is_file(storage.join(self.directory, str(step), 'data', name)):
         raise ValueError(
             f'the checkpoint at step {step} in {self.directory} holds no input position for '
             f'{count} process(es) ({name}): it was written by another number of processes. '
@@ -172,29 +175,30 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
   """The `state` item folder of a checkpoint.
 
   `path` is a run's workdir (then `step`, default the latest, under WORKDIR/checkpoints), its
-  checkpoints folder, or one checkpoint's folder (WORKDIR/checkpoints/<step>).
+  checkpoints folder, or one checkpoint's folder (WORKDIR/checkpoints/<step>); a local path or
+  a URL (gs://...).
 
   Raises:
     FileNotFoundError: when there is no (such) checkpoint there.
   """
-  path = os.path.abspath(path)
-  if os.path.basename(path) == 'state' and os.path.isdir(path):
-    path = os.path.dirname(path)  # The state item's own folder was given.
-  if os.path.isdir(os.path.join(path, 'state')):
-    if step is not None and os.path.basename(path) != str(step):
+  path = storage.absolute(path).rstrip('/')
+  if storage.basename(path) == 'state' and storage.is_dir(path):
+    path = storage.dirname(path)  # The state item's own folder was given.
+  if storage.is_dir(storage.join(path, 'state')):
+    if step is not None and storage.basename(path) != str(step):
       raise FileNotFoundError(f'no checkpoint {step} at {path}, which is one checkpoint (step '
-                              f'{os.path.basename(path)}); give the run\'s workdir with a step')
-    return os.path.join(path, 'state')
-  root = os.path.join(path, 'checkpoints') if os.path.isdir(
-      os.path.join(path, 'checkpoints')) else path
-  steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
+                              f'{storage.basename(path)}); give the run\'s workdir with a step')
+    return storage.join(path, 'state')
+  root = storage.join(path, 'checkpoints') if storage.is_dir(
+      storage.join(path, 'checkpoints')) else path
+  steps = ocp.utils.checkpoint_steps(root) if storage.is_dir(root) else []
   # A step folder without its state item (emptied, or cut short by hand) is not a checkpoint.
-  steps = [s for s in steps if os.path.isdir(os.path.join(root, str(s), 'state'))]
+  steps = [s for s in steps if storage.is_dir(storage.join(root, str(s), 'state'))]
   if not steps or (step is not None and step not in steps):
     which = 'no checkpoint' if step is None else f'no checkpoint {step}'
     raise FileNotFoundError(f'{which} under {root} (steps there: {sorted(steps)}); give a '
                             'run\'s workdir or one of its WORKDIR/checkpoints/<step> folders')
-  return os.path.join(root, str(max(steps) if step is None else step), 'state')
+  return storage.join(root, str(max(steps) if step is None else step), 'state')
 
 
 def read_json(path: str, item: str, step: Optional[int] = None) -> Dict[str, Any]:
@@ -204,14 +208,14 @@ def read_json(path: str, item: str, step: Optional[int] = None) -> Dict[str, Any
     FileNotFoundError: when there is no such checkpoint or item.
     ValueError: when the item cannot be read (damaged).
   """
-  folder = os.path.join(os.path.dirname(checkpoint_path(path, step)), item)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'the checkpoint {os.path.dirname(folder)} holds no {item!r} item')
+  folder = storage.join(storage.dirname(checkpoint_path(path, step)), item)
+  if not storage.is_dir(folder):
+    raise FileNotFoundError(f'the checkpoint {storage.dirname(folder)} holds no {item!r} item')
   try:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
       return checkpointer.restore(folder, args=ocp.args.JsonRestore())
   except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError.
-    raise ValueError(f'the {item!r} item of the checkpoint {os.path.dirname(folder)} cannot be '
+    raise ValueError(f'the {item!r} item of the checkpoint {storage.dirname(folder)} cannot be '
                      f'read: {type(e).__name__}: {e}') from e
 
 

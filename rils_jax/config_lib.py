@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.log_every = 10            # Steps between metric lines.
+  # On a URL workdir (gs://...) the logs are uploaded whole this often, at every checkpoint and
+  # at the end (rils_jax/storage.py): a SIGKILL loses at most this many seconds of log lines.
+  c.log_upload_seconds = 30.0
   # Checkpoints (rils_jax/checkpoints.py): asynchronous, atomic, resumed from by themselves.
   c.checkpoint_every = 1000   # Steps between checkpoints (and one at the end).
   c.checkpoint_minutes = 0.0  # Also save when this many minutes passed since the last; 0: off.
@@ -135,6 +138,16 @@ def base_config() -> ml_collections.ConfigDict:
   # at the end only) and the kind's settings. The data presets of configs/common.py add some.
   c.evals = ml_collections.ConfigDict()
   c.evals.batch_size = 256
+
+  # Weights & Biases (rils_jax/wandb_run.py; `pip install -r requirements-wandb.txt`): process 0
+  # sends the metrics it writes to TensorBoard, and this config, to one wandb run per workdir,
+  # which a resumed run continues (its id is kept in WORKDIR/wandb_run_id.txt).
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = 'disabled'   # 'disabled' (off), 'online', or 'offline' (`wandb sync` later).
+  c.wandb.project = 'rils_jax'
+  c.wandb.entity = ''         # Team or user; '': the API key's default entity.
+  c.wandb.name = ''           # Display name; '': the workdir's basename.
+  c.wandb.tags = ()           # Strings of 1-64 characters.
 
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_loss_steps = ()  # Fault injection: steps (1-based) whose loss is made NaN.

@@ -10,11 +10,16 @@ the data, and the jitted step runs as one SPMD program over all devices. Three w
 - Any hosts (GPU machines without a scheduler, CPU for tests): `--coordinator_address=HOST:PORT
   --num_processes=N --process_id=I` on each host (`launch/gpu_multinode.sh` does this).
 - One process (laptop, one GPU host, one TPU VM): nothing to do; `--distributed=off` makes sure.
+
+On GPUs, `initialize` then checks that the processes of this node use all of its GPUs
+(`check_local_gpus`): one process per node with JAX's SLURM detection (which gives a process the
+GPU of its SLURM_LOCALID) would otherwise train on one GPU per node without a word.
 """
 
+import glob
 import os
 import re
-from typing import Optional
+from typing import Mapping, Optional, Tuple
 
 import jax
 from absl import logging
@@ -45,11 +50,103 @@ def cluster_tasks() -> int:
   return 1
 
 
+def _count(value: Optional[str]) -> Optional[int]:
+  """A count from an environment variable: '8', or SLURM's '8(x2)'; None when not a count."""
+  match = re.fullmatch(r'\s*(\d+)(\(x\d+\))?\s*', value or '')
+  return int(match.group(1)) if match else None
+
+
+def node_gpus(environ: Optional[Mapping[str, str]] = None,
+              proc_dir: str = '/proc/driver/nvidia/gpus',
+              dev_dir: str = '/dev') -> Tuple[int, str]:
+  """The GPUs this node has for the job, and where the number comes from ((0, '') if unknown).
+
+  SLURM_GPUS_ON_NODE (the GPUs SLURM gave the job on this node) when set; otherwise what the
+  NVIDIA driver shows, without loading any NVIDIA library: the smaller of the number of entries
+  in /proc/driver/nvidia/gpus (one per GPU) and of /dev/nvidiaN device files (a container sees
+  only the device files of its own GPUs).
+  """
+  environ = os.environ if environ is None else environ
+  slurm = _count(environ.get('SLURM_GPUS_ON_NODE'))
+  if slurm:
+    return slurm, 'SLURM_GPUS_ON_NODE'
+  found = []
+  entries = glob.glob(os.path.join(proc_dir, '*'))
+  if entries:
+    found.append((len(entries), proc_dir))
+  devices = [d for d in glob.glob(os.path.join(dev_dir, 'nvidia*'))
+             if re.fullmatch(r'nvidia\d+', os.path.basename(d))]
+  if devices:
+    found.append((len(devices), os.path.join(dev_dir, 'nvidiaN')))
+  return min(found, key=lambda f: f[0]) if found else (0, '')
+
+
+def local_processes(environ: Optional[Mapping[str, str]] = None) -> int:
+  """How many processes of this job run on this node: Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, or
+  SLURM's tasks on this node (SLURM_STEP_TASKS_PER_NODE, else SLURM_TASKS_PER_NODE, such as
+  '8(x2),4', at index SLURM_NODEID; else SLURM_NTASKS_PER_NODE); 1 when none is set."""
+  environ = os.environ if environ is None else environ
+  ompi = _count(environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'))
+  if ompi:
+    return ompi
+  node = _count(environ.get('SLURM_NODEID')) or 0
+  for name in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
+    per_node = []
+    for part in environ.get(name, '').split(','):
+      match = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
+      if not match:
+        per_node = []
+        break
+      per_node += [int(match.group(1))] * int(match.group(2) or 1)
+    if node < len(per_node) and per_node[node] > 0:
+      return per_node[node]
+  return _count(environ.get('SLURM_NTASKS_PER_NODE')) or 1
+
+
+def unused_gpus(local_devices: int, gpus: int, source: str, processes: int) -> Optional[str]:
+  """The warning when `processes` processes on a node, each with `local_devices` GPUs, use fewer
+  than the node's `gpus` (from `source`); None when they use them all or `gpus` is unknown (0).
+  """
+  used = processes * local_devices
+  if not gpus or used >= gpus:
+    return None
+  return (f'this node has {gpus} GPUs ({source}) but its {processes} process(es) use '
+          f'{local_devices} each: {used} of {gpus} GPUs in use. Under SLURM, JAX gives each task '
+          'the GPU of its SLURM_LOCALID, so run one task per GPU (sbatch --ntasks-per-node='
+          f'{gpus} --gpus-per-node={gpus} launch/slurm.sbatch, or launch/slurm.sh '
+          f'--gpus_per_node={gpus}) or one process per node with all its GPUs '
+          '(launch/gpu_multinode.sh); CUDA_VISIBLE_DEVICES also hides GPUs')
+
+
+def check_local_gpus(*, backend: Optional[str] = None, local_devices: Optional[int] = None,
+                     gpus: Optional[Tuple[int, str]] = None,
+                     processes: Optional[int] = None) -> Optional[str]:
+  """Logs a warning when this node's processes leave some of its GPUs unused (`unused_gpus`);
+  nothing off GPUs. (Under a platform preset, `train_step.check_platform` refuses such a run.)
+  The arguments replace what is read from JAX (the backend, this process's local device count)
+  and from the node (`node_gpus`, `local_processes`), for tests.
+
+  Returns:
+    The warning, or None.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend != 'gpu':
+    return None
+  local_devices = jax.local_device_count() if local_devices is None else local_devices
+  gpus = node_gpus() if gpus is None else gpus
+  processes = local_processes() if processes is None else processes
+  message = unused_gpus(local_devices, gpus[0], gpus[1], processes)
+  if message:
+    logging.warning('Unused GPUs: %s', message)
+  return message
+
+
 def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None, process_id: Optional[int] = None) -> bool:
   """Starts the multi-controller runtime when this process is one of several.
 
-  Must run before any other JAX call.
+  Must run before any other JAX call. On GPUs it then warns when this node's processes leave
+  some of its GPUs unused (`check_local_gpus`).
 
   Args:
     mode: 'off' (single process), 'on' (always initialise; arguments that are None are
@@ -83,6 +180,7 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
       raise ValueError(f'--num_processes={num_processes} must be >= 1 and --process_id='
                        f'{process_id} in [0, {num_processes})')
   if mode == 'off' or (mode == 'auto' and coordinator_address is None and cluster_tasks() <= 1):
+    check_local_gpus()
     return False
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address,
@@ -94,4 +192,5 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
         'and --process_id, or use --distributed=off for one process.') from e
   logging.info('Process %d of %d: %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  check_local_gpus()
   return True

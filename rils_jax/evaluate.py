@@ -8,7 +8,8 @@ checkpoint; `--config` supplies `config.evals` (the evaluators, see rils_jax/eva
 and `config.input.num_workers`, so a training config evaluates its own evaluators and an
 evaluation-only config such as configs/evals_shared.py runs a transfer suite. Each line is
 {"evaluator": NAME, "kind": KIND, METRIC: VALUE, ..., "step": STEP, "checkpoint": PATH},
-printed as soon as that evaluator is done; `--output=FILE` also appends the lines to FILE. An
+printed as soon as that evaluator is done; `--output=FILE` also appends the lines to FILE (a
+local path or a URL such as gs://bucket/run/evals.jsonl; `--checkpoint` may be one too). An
 evaluator that fails prints {"evaluator": NAME, "kind": KIND, "error": MESSAGE}, the others still
 run, and the command exits 1.
 """
@@ -23,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from rils_jax import console
+from rils_jax import storage
 from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import restore as restore_lib
 from rils_jax.evals import runner
@@ -91,16 +93,15 @@ def main(argv):
   console.quiet_libraries()
   f = flags.FLAGS
   try:
-    out = open(f.output, 'a', encoding='utf-8') if f.output else None  # Fails now, not after.
-  except OSError as e:
+    out = storage.LineFile(f.output) if f.output else None  # Fails now, not after.
+  except (OSError, ValueError) as e:
     raise SystemExit(f'error: cannot write --output={f.output}: {e}') from e
   failed = []
 
   def emit(line: str) -> None:
     print(line, flush=True)
     if out:
-      out.write(line + '\n')
-      out.flush()
+      out.write_line(line)
 
   def on_result(name, metrics):
     emit(json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, **metrics)))

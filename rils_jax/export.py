@@ -69,6 +69,7 @@ import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from rils_jax import console
+from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
@@ -496,10 +497,10 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
                      'visual.head.proj)')
   # Refused before the checkpoint is read: nothing is overwritten, and no time is lost.
   check_out(fmt, out)
-  folder = os.path.abspath(checkpoint)
-  if os.path.basename(folder) == 'params' or (
-      os.path.isdir(os.path.join(folder, 'params')) and
-      not os.path.isdir(os.path.join(folder, 'checkpoints'))):
+  folder = storage.absolute(checkpoint).rstrip('/')
+  if storage.basename(folder) == 'params' or (
+      storage.is_dir(storage.join(folder, 'params')) and
+      not storage.is_dir(storage.join(folder, 'checkpoints'))):
     raise ValueError(f'{checkpoint} looks like a rils_jax.finetune output (params/ with the '
                      'encoder and a classification head): only pre-training checkpoints '
                      '(WORKDIR or WORKDIR/checkpoints/<step>) are exported')

@@ -13,12 +13,12 @@ flips. Not included: RandAugment, mixup / cutmix, drop path, EMA (they matter at
 
 Writes WORKDIR/metrics.jsonl and TensorBoard events (train loss, test top-1 / top-5 every
 `eval_every` steps and at the end) and the final parameters to WORKDIR/params (orbax); a workdir
-that is not empty is refused, so nothing saved there is overwritten.
+that is not empty is refused, so nothing saved there is overwritten. WORKDIR and `init_from` may
+be gs:// URLs (rils_jax/storage.py).
 """
 
 import functools
 import json
-import os
 import time
 from typing import Dict
 
@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from rils_jax import config_lib
@@ -40,6 +41,7 @@ from rils_jax import console
 from rils_jax import metric_writer
 from rils_jax import optim
 from rils_jax import sharding
+from rils_jax import storage
 from rils_jax.data import pipeline
 from rils_jax.data import transforms
 from rils_jax.evals import datasets
@@ -150,10 +152,20 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
     FileNotFoundError: for a missing checkpoint or dataset.
     RuntimeError: when 1000 training images in a row cannot be read.
   """
+  # On a bucket the logs are written to a local staging folder and uploaded
+  # (rils_jax/storage.py); for a local workdir `logs.local` is the workdir.
+  logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard'))
+  try:
+    return _finetune(config, workdir, logs.local)
+  finally:
+    logs.close()
+
+
+def _finetune(config: ml_collections.ConfigDict, workdir: str, local: str) -> Dict[str, float]:
   config_lib.check_finetune_keys(config)
   if not config.init_from:
     raise ValueError('config.init_from must name a pre-training workdir or checkpoint')
-  if os.path.isdir(workdir) and os.listdir(workdir):
+  if storage.is_dir(workdir) and any(epath.Path(workdir).iterdir()):
     raise ValueError(f'the workdir {workdir} is not empty (fine-tuned parameters, or another '
                      "run's files, would be mixed up or overwritten); use a new workdir")
   if config.batch_size < 1 or config.total_steps < 1 or not 0 < config.optim.layer_decay <= 1:
@@ -216,9 +228,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
     return {'test/top1': hits1 / count, 'test/top5': hits5 / count,
             'test/images': count, 'test/skipped_images': len(test_data) - count}
 
-  writer = metric_writer.MetricWriter(workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  storage.prepare_workdir(workdir)
+  writer = metric_writer.MetricWriter(local)
+  storage.write_text(storage.join(workdir, 'config.json'),
+                     json.dumps(config.to_dict(), indent=2, default=str))
   logging.info('Fine-tuning %s (step %d): %d classes, %d training / %d test images',
                restored.path, restored.step, len(train_data.classes), len(train_data),
                len(test_data))
@@ -239,12 +252,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float
   if hasattr(batches, 'close'):  # Stops grain's workers.
     batches.close()
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(workdir), 'params'), jax.device_get(params))
+  checkpointer.save(storage.join(storage.absolute(workdir), 'params'), jax.device_get(params))
   checkpointer.wait_until_finished()  # The save is asynchronous.
   checkpointer.close()
   writer.close()
   print(f'Fine-tuning done: {config.total_steps} steps in {time.time() - start:.1f} s; '
-        f'parameters in {os.path.join(workdir, "params")}', flush=True)
+        f'parameters in {storage.join(workdir, "params")}', flush=True)
   return results
 
 

@@ -6,6 +6,9 @@ r"""Pre-trains a RILS model.
 Writes to DIR: config.json, tokenizer.model (the tokenizer used), metrics.jsonl (one JSON
 object per logged step, per periodic evaluation and for the final evaluation), TensorBoard
 events under tensorboard/, and orbax checkpoints under checkpoints/ (rils_jax/checkpoints.py).
+DIR is a local path or a URL (gs://bucket/run): checkpoints go straight to the bucket, and the
+logs are uploaded whole every `config.log_upload_seconds`, at every checkpoint and at the end
+(rils_jax/storage.py).
 The evaluators of `config.evals` (rils_jax/evals/runner.py) run every `every` steps when set,
 and all of them at the end.
 
@@ -49,8 +52,10 @@ from rils_jax import health as health_lib
 from rils_jax import losses
 from rils_jax import metric_writer
 from rils_jax import preemption
+from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
+from rils_jax import wandb_run
 from rils_jax.data import pipeline
 from rils_jax.data import records
 from rils_jax.evals import embed as embed_lib
@@ -83,7 +88,8 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
       mesh, batch, accumulation, model, masking or optimizer setting that cannot work
       (train_step.setup), a bad loss setting (losses), checkpoint setting (checkpoints),
       evaluator (evals.runner), input setting or source entry (data.pipeline), a non-positive
-      `log_every` or `max_consecutive_nonfinite`, a negative seed, bad
+      `log_every` or `max_consecutive_nonfinite`, a non-positive `log_upload_seconds`, a bad
+      `config.wandb` (or wandb missing for it), a negative seed, bad
       `debug.nan_loss_steps`, or a tokenizer path that cannot be read.
     FileNotFoundError: for an `init_from` path that holds no checkpoint.
   """
@@ -95,6 +101,8 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   for key in ('log_every', 'max_consecutive_nonfinite'):
     if config[key] < 1:
       raise ValueError(f'config.{key}={config[key]} must be >= 1')
+  if not config.log_upload_seconds > 0:
+    raise ValueError(f'config.log_upload_seconds={config.log_upload_seconds} must be > 0')
   try:
     bad_steps = [int(s) for s in config.debug.nan_loss_steps]
   except (TypeError, ValueError) as e:
@@ -105,6 +113,7 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   if config.seed < 0:
     raise ValueError(f'config.seed={config.seed} must be >= 0')
   evals_lib.evaluator_specs(config.evals)
+  wandb_run.check_config(config.wandb)
   if config.tokenizer.model and not (os.path.isfile(config.tokenizer.model) and
                                      os.access(config.tokenizer.model, os.R_OK)):
     raise ValueError(f'config.tokenizer.model={config.tokenizer.model!r} is not a readable file')
@@ -113,8 +122,12 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
 
 
 def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
-                      saved_model: Optional[bytes]) -> tokenizer_lib.Tokenizer:
+                      saved_model: Optional[bytes],
+                      local: Optional[str] = None) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, kept as workdir/tokenizer.model.
+
+  `local` is the local folder where the tokenizer file is prepared and read (default:
+  `workdir`); for a URL workdir each process keeps its own copy there and process 0 uploads it.
 
   A run that resumes uses `saved_model`, the one saved in the checkpoint (the one its text tower
   was trained with), and restores the workdir's copy from it. A fresh run copies the config's
@@ -127,7 +140,9 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
     ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`, or a
       resumed run's config names a tokenizer other than the checkpoint's.
   """
-  path = os.path.join(workdir, 'tokenizer.model')
+  local = local or workdir
+  remote = storage.is_url(workdir)
+  path = os.path.join(local, 'tokenizer.model')
   # The tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
   tmp = f'{path}.tmp{jax.process_index()}'
   if saved_model is not None:
@@ -151,10 +166,13 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
   except ValueError:
     os.remove(tmp)
     raise
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 or remote:
     os.replace(tmp, path)
   else:
     os.remove(tmp)
+  if remote and jax.process_index() == 0:
+    with open(path, 'rb') as f:
+      storage.write_bytes(storage.join(workdir, 'tokenizer.model'), f.read())
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('rils_jax tokenizer written')
   return tokenizer_lib.Tokenizer(path)
@@ -177,8 +195,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step) -
   """config.json for a fresh run; a resumed run keeps it (it describes the checkpoints) and
   writes config.resume_<step>.json beside it."""
   name = 'config.json' if resume_step is None else f'config.resume_{resume_step}.json'
-  with open(os.path.join(workdir, name), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  storage.write_text(storage.join(workdir, name),
+                     json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def progress_line(step, total, metrics, images_per_s, first_step_time, first_step) -> str:
@@ -243,28 +261,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: when too many images cannot be read.
   """
   setup = validate_config(config)
-  if '://' in workdir:
-    raise ValueError(f'--workdir={workdir} is a URL; rils_jax writes its workdir (logs, '
-                     'tokenizer, checkpoints) as a filesystem path. Use a path that every host '
-                     'sees and that outlives them: a shared filesystem (NFS, Filestore)')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'cannot create the workdir {workdir}: {e}') from e
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f'the workdir {workdir} is not writable')
+  storage.prepare_workdir(workdir)
   # Installed first, so that a notice during the (long) set-up is not lost.
   watcher = preemption.Watcher()
   checkpoints = checkpoints_lib.Checkpoints(workdir, config)
+  ids_file = f'example_ids/process_{jax.process_index()}.jsonl'
+  logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
+                        continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
+                        (ids_file,), interval=config.log_upload_seconds)
   try:
-    return _train(config, workdir, setup, watcher, checkpoints)
+    return _train(config, workdir, setup, watcher, checkpoints, logs)
   finally:
     checkpoints.close()  # Waits for a save in flight: an error never loses it.
+    logs.close()  # The last upload of the logs, also after an error.
     watcher.close()
 
 
 def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Watcher,
-           checkpoints: checkpoints_lib.Checkpoints) -> dict:
+           checkpoints: checkpoints_lib.Checkpoints, logs: storage.Mirror) -> dict:
   is_main = jax.process_index() == 0
   resume_step = checkpoints.latest_step()
   if is_main:
@@ -272,7 +286,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   data = pipeline.training_data(config)
   evaluations = evals_lib.Evaluations(config)  # Opens the datasets: fails now, not after.
   saved_tokenizer = None if resume_step is None else checkpoints.tokenizer_model(resume_step)
-  tokenizer = prepare_tokenizer(config, data, workdir, saved_tokenizer)
+  tokenizer = prepare_tokenizer(config, data, workdir, saved_tokenizer, logs.local)
   setup = setup.with_eot_id(tokenizer.eot_id)
   batches = pipeline.training(config, data, tokenizer, setup.mesh, resume_step)
 
@@ -285,14 +299,15 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   embedder = embed_lib.Embedder(setup.model, config, setup.mesh, tokenizer,
                                 setup.shardings.params)
 
-  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  tracker = wandb_run.open_run(config, workdir, resume_step) if is_main else None
+  writer = metric_writer.MetricWriter(logs.local, enabled=is_main, tracker=tracker)
   writer.write(start_step, {**data.stats.metrics(data.counts_captions), 'num_params': num_params})
   if start_step >= config.total_steps:
     console.say(f'The checkpoint at step {start_step} has reached config.total_steps='
                 f'{config.total_steps}: nothing to train (this workdir holds a finished run; '
                 'give a new --workdir to train from scratch).')
   health = health_lib.Health(config, checkpoints)
-  example_ids = health_lib.ExampleIds(workdir, config.input.log_example_ids)
+  example_ids = health_lib.ExampleIds(logs.local, config.input.log_example_ids)
   start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
@@ -315,6 +330,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
     preempted = watcher.reached(step)
     if preempted or step == config.total_steps or checkpoints.should_save(step):
       checkpoints.save(step, state, batches, config, tokenizer.model_path)
+      logs.flush()  # A resumed run finds the logs up to its checkpoint.
     due = evaluations.due(step) if step < config.total_steps and not preempted else []
     if due:
       eval_start = time.time()
@@ -324,7 +340,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
       checkpoints.wait()
       batches.close()
       console.say(f'Preempted ({watcher.signal_name}) at step {step}: saved the checkpoint '
-                  f'{os.path.join(checkpoints.directory, str(step))}; run the same command '
+                  f'{storage.join(checkpoints.directory, str(step))}; run the same command '
                   'again to resume from it.')
       example_ids.close()
       writer.close()
@@ -342,6 +358,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   results = evals_lib.flatten(evaluations.run(state.params, embedder))
   if results:
     writer.write(int(state.step), results)
+    writer.summary(results)
     console.say('Final evaluation:', json.dumps(results, sort_keys=True))
   else:
     console.say('No final evaluation: config.evals names no evaluator (see '
@@ -355,8 +372,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
   f = flags.FLAGS
-  distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
-  train(f.config, f.workdir)
+  try:
+    distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise SystemExit(f'error: {e}') from e
+  try:
+    train(f.config, f.workdir)
+  except (ValueError, FileNotFoundError, health_lib.NonFiniteError) as e:
+    # A user's mistake (config, data, workdir) or a diverged run: its message says what to do.
+    raise SystemExit(f'error: {e}') from e
 
 
 if __name__ == '__main__':

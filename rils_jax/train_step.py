@@ -103,15 +103,34 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   return accum
 
 
-def check_platform(config: ml_collections.ConfigDict) -> None:
+def check_platform(config: ml_collections.ConfigDict, *, backend: Optional[str] = None,
+                   devices: Optional[int] = None, local_devices: Optional[int] = None) -> None:
   """A training run's platform preset (rils_jax/platforms.py) must be this machine's (the dry
-  run and the benchmark measure a preset on any number of devices).
+  run and the benchmark measure a preset on any number of devices). `backend`, `devices` and
+  `local_devices` replace JAX's backend, device count and this process's device count (tests).
 
   Raises:
-    ValueError: when the preset is for another number of devices.
+    ValueError: when the preset is for another number of devices; on GPUs, first when each
+      process uses fewer GPUs than a node of the preset has and the job is short of devices
+      (one process per node under SLURM gets one GPU), naming the launch that fixes it.
   """
-  platform, devices = config.get('platform'), jax.device_count()
-  if platform and platform.num_devices != devices:
+  platform = config.get('platform')
+  if not platform:
+    return
+  backend = jax.default_backend() if backend is None else backend
+  devices = jax.device_count() if devices is None else devices
+  local_devices = jax.local_device_count() if local_devices is None else local_devices
+  per_node = platform.num_devices // platform.num_hosts
+  if backend == 'gpu' and devices < platform.num_devices and local_devices < per_node:
+    nodes = platform.num_hosts
+    raise ValueError(
+        f'platform preset {platform.name} is for {nodes} node(s) x {per_node} GPUs, but each '
+        f'process of this job uses {local_devices} GPU(s) ({devices} in all): with one process '
+        'per node, JAX gives a SLURM task only the GPU of its SLURM_LOCALID. Run one process per '
+        f'GPU: sbatch --nodes={nodes} --ntasks-per-node={per_node} --gpus-per-node={per_node} '
+        f'launch/slurm.sbatch, or launch/slurm.sh --nodes={nodes} --gpus_per_node={per_node}; '
+        'or one process per node with all its GPUs: launch/gpu_multinode.sh')
+  if platform.num_devices != devices:
     raise ValueError(f'platform preset {platform.name} is for {platform.num_devices} devices '
                      f'({platform.accelerator}); this job has {devices}. Use the preset of this '
                      'machine, or none (then set config.mesh and config.optim.accum_steps)')

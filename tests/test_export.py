@@ -3,7 +3,7 @@ image and text embeddings as rils_jax (float32, within 1e-4) for a ViT-Ti with a
 with random weights, and for the FSDP-sharded checkpoint of a short run on ../shared/data
 exported by the command on a single CPU device.
 
-Needs torch, timm and open_clip (tests/requirements-torch.txt); skipped without them.
+Needs torch, timm and open_clip (tests/requirements.txt); skipped without them.
 """
 
 import csv

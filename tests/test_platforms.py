@@ -6,6 +6,7 @@ from rils_jax import config_lib
 from rils_jax import dry_run
 from rils_jax import main as main_lib
 from rils_jax import platforms
+from rils_jax import train_step
 from tests import test_configs
 from tests import tiny
 
@@ -45,3 +46,25 @@ def test_the_dry_run_measures_a_preset_on_another_device_count():
   report = dry_run.dry_run(c, compile_step=False)  # ...the dry run measures it on 8.
   assert report['num_devices'] == 8 and report['config']['platform'] == 'tiny_16'
   assert report['fits'] == (report['estimate_bytes'] <= 0.9 * 2**30)
+
+
+def test_a_gpu_preset_with_one_process_per_node_is_refused_with_the_fix():
+  c = test_configs._load('vit_b16', 'platform=gpu_2x8xh100')
+  # sbatch --nodes=2 slurm.sbatch with one task per node: 2 processes x 1 GPU.
+  with pytest.raises(ValueError) as e:
+    train_step.check_platform(c, backend='gpu', devices=2, local_devices=1)
+  assert str(e.value) == (
+      'platform preset gpu_2x8xh100 is for 2 node(s) x 8 GPUs, but each process of this job uses '
+      '1 GPU(s) (2 in all): with one process per node, JAX gives a SLURM task only the GPU of its '
+      'SLURM_LOCALID. Run one process per GPU: sbatch --nodes=2 --ntasks-per-node=8 '
+      '--gpus-per-node=8 launch/slurm.sbatch, or launch/slurm.sh --nodes=2 --gpus_per_node=8; or '
+      'one process per node with all its GPUs: launch/gpu_multinode.sh')
+  # One process per GPU (16 x 1) and one per node with all its GPUs (2 x 8) are this machine.
+  train_step.check_platform(c, backend='gpu', devices=16, local_devices=1)
+  train_step.check_platform(c, backend='gpu', devices=16, local_devices=8)
+  # All GPUs of one node, but one node short: the device count is what is wrong.
+  with pytest.raises(ValueError, match='is for 16 devices .* this job has 8'):
+    train_step.check_platform(c, backend='gpu', devices=8, local_devices=8)
+  # On TPUs the local device count says nothing about this.
+  with pytest.raises(ValueError, match='is for 16 devices .* this job has 2'):
+    train_step.check_platform(c, backend='tpu', devices=2, local_devices=1)

@@ -13,7 +13,8 @@ from rils_jax.evals import runner
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'rils_jax')
 BOTTOM = ('rils_jax.models', 'rils_jax.losses', 'rils_jax.sharding', 'rils_jax.grad_cache')
 # Imported inside a function on purpose: seconds of start-up, needed by TFDS inputs only.
-LAZY_FOR_START_UP = {'tensorflow_datasets'}
+# wandb is optional: imported only when config.wandb.mode turns it on.
+LAZY_FOR_START_UP = {'tensorflow_datasets', 'wandb'}
 
 
 def _modules():

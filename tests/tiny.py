@@ -16,6 +16,7 @@ import numpy as np
 from configs import common
 from rils_jax import config_lib
 from rils_jax import sharding
+from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
 from rils_jax.data import sources
@@ -121,18 +122,18 @@ def example_ids(workdir: str, process: int = 0) -> dict:
   """Step -> example ids from `input.log_example_ids`; after a restart the last line of a step
   (the one trained on) counts."""
   ids = {}
-  with open(os.path.join(workdir, 'example_ids', f'process_{process}.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      ids[record['step']] = record['example_ids']
+  text = storage.read_bytes(storage.join(workdir, 'example_ids', f'process_{process}.jsonl'))
+  for line in text.decode().splitlines():
+    record = json.loads(line)
+    ids[record['step']] = record['example_ids']
   return ids
 
 
 def logged_metrics(workdir: str) -> dict:
   """Step -> the training metrics logged in WORKDIR/metrics.jsonl; after a restart the last
   line of a step counts."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {m['step']: m for m in map(json.loads, f) if 'loss' in m}
+  text = storage.read_bytes(storage.join(workdir, 'metrics.jsonl')).decode()
+  return {m['step']: m for m in map(json.loads, text.splitlines()) if 'loss' in m}
 
 
 class Output:

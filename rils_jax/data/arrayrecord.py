@@ -16,6 +16,7 @@ import grain
 import msgpack
 from array_record.python import array_record_module
 
+from rils_jax import storage
 from rils_jax.data import shards
 from rils_jax.data import records
 
@@ -74,7 +75,7 @@ class ArrayRecordSource(records.RecordSource):
   def __init__(self, files: Union[str, Sequence[str]], name: Optional[str] = None):
     paths = shards.expand(files)
     for path in paths:
-      if not shards.is_url(path) and not os.path.isfile(path):
+      if not storage.is_url(path) and not os.path.isfile(path):
         raise FileNotFoundError(f'ArrayRecord shard not found: {path}')
     try:
       self._source = grain.sources.ArrayRecordDataSource(paths)

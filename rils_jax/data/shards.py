@@ -14,11 +14,9 @@ from typing import List, Sequence, Union
 import braceexpand
 from etils import epath
 
+from rils_jax import storage
+
 _WILDCARDS = ('*', '?', '[')
-
-
-def is_url(path: str) -> bool:
-  return '://' in path
 
 
 def expand(patterns: Union[str, Sequence[str]]) -> List[str]:
@@ -43,7 +41,7 @@ def expand(patterns: Union[str, Sequence[str]]) -> List[str]:
       if not any(w in name for w in _WILDCARDS):
         out.append(name)
         continue
-      if is_url(name):
+      if storage.is_url(name):
         scheme_root, _, rest = name.partition('://')
         bucket, _, inner = rest.partition('/')
         matches = sorted(str(p) for p in epath.Path(f'{scheme_root}://{bucket}').glob(inner))

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from rils_jax import storage
 from rils_jax.data import shards
 from rils_jax.data import records
 
@@ -157,7 +158,7 @@ class WebDatasetSource(records.RecordSource):
 
   def _read(self, shard: int, offset: int, size: int) -> bytes:
     path = self.paths[shard]
-    if shards.is_url(path):
+    if storage.is_url(path):
       with epath.Path(path).open('rb') as f:
         f.seek(offset)
         return f.read(size)

@@ -18,6 +18,7 @@ import ml_collections
 
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import sharding
+from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.models import rils as rils_lib
 
@@ -50,7 +51,7 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
     ValueError: when the saved parameters do not fit the saved config's model.
   """
   state_dir = checkpoints_lib.checkpoint_path(checkpoint, step)
-  folder = os.path.dirname(state_dir)
+  folder = storage.dirname(state_dir)
   config = ml_collections.ConfigDict(checkpoints_lib.read_json(folder, 'config'))
   tokenizer_bytes = checkpoints_lib.read_json(folder, 'tokenizer')
   handle, path = tempfile.mkstemp(prefix='rils_jax_tokenizer_', suffix='.model')
@@ -65,4 +66,4 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       like)
   params = checkpoints_lib.load_params(folder, like)
-  return Restored(model, params, config, tokenizer, mesh, int(os.path.basename(folder)), folder)
+  return Restored(model, params, config, tokenizer, mesh, int(storage.basename(folder)), folder)
