@@ -149,6 +149,10 @@ gpu_xla_flags() {
 
 # set_gpu_xla_flags_option VALUE: applies a script's --gpu_xla_flags=default|none option.
 set_gpu_xla_flags_option() {
+  case ${RILS_GPU_XLA_FLAGS:-default} in  # Checked here, not first inside the allocation.
+    default | none) ;;
+    *) die "RILS_GPU_XLA_FLAGS=$RILS_GPU_XLA_FLAGS must be 'default' or 'none'" ;;
+  esac
   case $1 in
     '') ;;
     default | none) export RILS_GPU_XLA_FLAGS=$1 ;;

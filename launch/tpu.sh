@@ -155,6 +155,15 @@ if ((opt_num_slices > 1 && !queued)); then
 fi
 case $subcommand in create | all) require accelerator ;; esac
 case $subcommand in run | all) require config workdir ;; esac
+if [[ -n $opt_workdir ]]; then
+  # Each worker runs the trainer under nohup: a bad workdir would only show in their logs.
+  case $opt_workdir in
+    gs://?*) ;;
+    *://*) die "--workdir=$opt_workdir: Cloud TPU workdirs are gs://BUCKET/PATH (or an absolute path every worker mounts)" ;;
+    /*) ;;
+    *) die "--workdir=$opt_workdir must be gs://BUCKET/PATH or an absolute path that every worker mounts (a relative path would be each worker's own disk)" ;;
+  esac
+fi
 case $subcommand in
   setup | all) ((copy)) || [[ -n $opt_repo ]] || die "--repo is required for '$subcommand' (or use --copy)" ;;
 esac

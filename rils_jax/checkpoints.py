@@ -181,7 +181,7 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
   Raises:
     FileNotFoundError: when there is no (such) checkpoint there.
   """
-  path = storage.absolute(path).rstrip('/')
+  path = storage.absolute(storage.check_path(path, 'the checkpoint path')).rstrip('/')
   if storage.basename(path) == 'state' and storage.is_dir(path):
     path = storage.dirname(path)  # The state item's own folder was given.
   if storage.is_dir(storage.join(path, 'state')):

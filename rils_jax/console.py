@@ -11,7 +11,7 @@ import jax
 from absl import logging
 
 # Libraries whose INFO lines are dropped (matched as a folder in the logging call's path).
-QUIET_LIBRARIES = ('orbax', 'grain', 'jax')
+QUIET_LIBRARIES = ('orbax', 'grain', 'jax', 'gcsfs', 'fsspec')
 
 
 class QuietLibraries:

@@ -165,7 +165,9 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, local: str) -> Di
   config_lib.check_finetune_keys(config)
   if not config.init_from:
     raise ValueError('config.init_from must name a pre-training workdir or checkpoint')
-  if storage.is_dir(workdir) and any(epath.Path(workdir).iterdir()):
+  storage.check_path(workdir, 'the workdir')
+  if storage.is_file(workdir) or (storage.is_dir(workdir) and
+                                  any(epath.Path(workdir).iterdir())):
     raise ValueError(f'the workdir {workdir} is not empty (fine-tuned parameters, or another '
                      "run's files, would be mixed up or overwritten); use a new workdir")
   if config.batch_size < 1 or config.total_steps < 1 or not 0 < config.optim.layer_decay <= 1:

@@ -101,8 +101,9 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   for key in ('log_every', 'max_consecutive_nonfinite'):
     if config[key] < 1:
       raise ValueError(f'config.{key}={config[key]} must be >= 1')
-  if not config.log_upload_seconds > 0:
-    raise ValueError(f'config.log_upload_seconds={config.log_upload_seconds} must be > 0')
+  if not 0 < config.log_upload_seconds < float('inf'):
+    raise ValueError(f'config.log_upload_seconds={config.log_upload_seconds} must be > 0 '
+                     'and finite')
   try:
     bad_steps = [int(s) for s in config.debug.nan_loss_steps]
   except (TypeError, ValueError) as e:
@@ -380,6 +381,12 @@ def main(argv):
     train(f.config, f.workdir)
   except (ValueError, FileNotFoundError, health_lib.NonFiniteError) as e:
     # A user's mistake (config, data, workdir) or a diverged run: its message says what to do.
+    raise SystemExit(f'error: {e}') from e
+  except RuntimeError as e:
+    # rils_jax raises plain RuntimeErrors for unreadable data (their message says what to do);
+    # subclasses (XLA's runtime errors) are crashes and keep their traceback.
+    if type(e) is not RuntimeError:  # pylint: disable=unidiomatic-typecheck
+      raise
     raise SystemExit(f'error: {e}') from e
 
 

@@ -20,14 +20,16 @@ Local workdirs are written in place, with no staging and no upload.
 Testing against a local GCS server (tests/gcs_server.py) needs these environment variables:
 STORAGE_EMULATOR_HOST=http://localhost:PORT (gcsfs, behind `etils.epath`),
 TENSORSTORE_GCS_HTTP_URL=http://localhost:PORT and GOOGLE_AUTH_TOKEN_FOR_TESTING=any (tensorstore),
-GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (skips gcsfs's gRPC probe of the bucket type, which a
-local server does not answer).
+and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (this module's default, see below).
 """
 
+import math
 import os
+import re
 import shutil
 import tempfile
 import threading
+import uuid
 from typing import Dict, Optional, Sequence, Tuple
 
 import fsspec
@@ -39,11 +41,46 @@ from etils import epath
 # restarted run) wrote after its first listing. Listings are read fresh instead.
 for _protocol in ('gs', 'gcs'):
   fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
+# gcsfs 2026.10 first asks the Storage Control gRPC API for each bucket's layout (for zonal
+# buckets); without permission for it, or against a local server, every operation then warns and
+# the first one can wait up to 60 s. Plain regional and multi-regional buckets need none of it;
+# set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true for zonal buckets. (Read when gcsfs is imported,
+# which etils.epath does at the first gs:// path, after this.)
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 
 def is_url(path) -> bool:
   """Whether `path` names an object-store location (scheme://...) rather than a local path."""
   return '://' in str(path)
+
+
+# A scheme followed by one slash (gs:/bucket/run): a mistyped URL, not a local path.
+_MALFORMED_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)')
+
+
+def check_path(path: str, what: str = 'path') -> str:
+  """Returns `path` if it is a local path or a URL that `etils.epath` can open.
+
+  Raises:
+    ValueError: for a URL whose scheme no installed back-end opens (gcs://, file://, s3://
+      without s3fs: `etils.epath` knows gs:// and s3://), a URL without a bucket (gs:///run),
+      or a mistyped URL with one slash (gs:/bucket/run), which would otherwise be created as a
+      local folder named 'gs:'.
+  """
+  if _MALFORMED_URL.match(path):
+    raise ValueError(f'{what} {path!r} looks like a URL with one slash after the scheme; '
+                     'write gs://bucket/path (or a local path without a colon)')
+  if not is_url(path):
+    return path
+  scheme, _, rest = path.partition('://')
+  if not rest or rest.startswith('/'):
+    raise ValueError(f'{what} {path!r} names no bucket; write {scheme}://BUCKET/PATH')
+  try:
+    epath.Path(path)
+  except KeyError as e:
+    raise ValueError(f'{what} {path!r}: {scheme}:// is not a storage rils_jax can open '
+                     '(gs:// for Google Cloud Storage, or a local path)') from e
+  return path
 
 
 def join(base: str, *parts: str) -> str:
@@ -98,6 +135,7 @@ def prepare_workdir(workdir: str) -> None:
   Raises:
     ValueError: with the storage's own error, when it cannot be created or written.
   """
+  check_path(workdir, 'the workdir')
   if not is_url(workdir):
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -106,7 +144,9 @@ def prepare_workdir(workdir: str) -> None:
     if not os.access(workdir, os.W_OK):
       raise ValueError(f'the workdir {workdir} is not writable')
     return
-  probe = epath.Path(workdir) / f'.rils_jax_write_check_{os.getpid()}'
+  if is_file(workdir):
+    raise ValueError(f'the workdir {workdir} is an object (a file), not a folder')
+  probe = epath.Path(workdir) / f'.rils_jax_write_check_{uuid.uuid4().hex}'  # One per host.
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     probe.write_text('rils_jax')
@@ -134,12 +174,14 @@ class LineFile:
   """
 
   def __init__(self, path: str):
-    self.path = path
+    self.path = check_path(path, '--output')
     self._file = None
     self._text = ''
     if not is_url(path):
       self._file = open(path, 'a', encoding='utf-8')
       return
+    if path.endswith('/') or is_dir(path):
+      raise ValueError(f'{path} is a folder (objects lie under it); name a file')
     try:
       target = epath.Path(path)
       self._text = target.read_text() if target.exists() else ''
@@ -176,8 +218,8 @@ class Mirror:
 
   def __init__(self, workdir: str, uploads: Sequence[str], continues: Sequence[str] = (),
                interval: float = 30.0):
-    if interval <= 0:
-      raise ValueError(f'the log upload interval must be > 0 seconds, got {interval}')
+    if not (interval > 0 and math.isfinite(interval)):
+      raise ValueError(f'the log upload interval must be > 0 seconds and finite, got {interval}')
     self.workdir = workdir
     self.remote = is_url(workdir)
     self.local = tempfile.mkdtemp(prefix='rils_jax_logs_') if self.remote else workdir

@@ -29,10 +29,12 @@ they were started; how the server treats a step that two folders hold is W&B's c
 """
 
 import importlib.util
+import netrc
 import os
 import re
 import secrets
 import string
+import urllib.parse
 from typing import Mapping, Optional
 
 import jax
@@ -73,6 +75,21 @@ def check_config(wandb_config: ml_collections.ConfigDict) -> None:
   if mode != 'disabled' and importlib.util.find_spec('wandb') is None:
     raise ValueError(f'config.wandb.mode={mode} needs wandb: pip install -r '
                      'requirements-wandb.txt')
+  if mode == 'online' and not _has_api_key():
+    raise ValueError('config.wandb.mode=online needs a W&B API key: run `wandb login` or set '
+                     'WANDB_API_KEY (or use --config.wandb.mode=offline and `wandb sync` later)')
+
+
+def _has_api_key() -> bool:
+  """Whether wandb will find an API key: WANDB_API_KEY, or the ~/.netrc entry that `wandb
+  login` writes for the W&B host (WANDB_BASE_URL's, default api.wandb.ai)."""
+  if os.environ.get('WANDB_API_KEY'):
+    return True
+  host = urllib.parse.urlparse(os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')).hostname
+  try:
+    return netrc.netrc(os.environ.get('NETRC')).authenticators(host) is not None
+  except (OSError, netrc.NetrcParseError):
+    return False
 
 
 class WandbRun:
@@ -187,8 +204,8 @@ def open_run(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     ValueError: for a bad `config.wandb` (`check_config`) or run id file.
-    wandb.errors.Error: from wandb.init, e.g. UsageError when online without an API key,
-      CommError when the server cannot be reached.
+      Also for wandb's own errors from wandb.init (no API key, the server cannot be reached),
+      with wandb's message.
   """
   check_config(config.wandb)
   if config.wandb.mode == 'disabled' or jax.process_index() != 0:
@@ -201,9 +218,12 @@ def open_run(config: ml_collections.ConfigDict, workdir: str,
   if os.path.exists(os.path.join(_REPO_ROOT, '.git')):
     # wandb looks for git in `dir` (the workdir), which is not the code's repository.
     settings['git_root'] = _REPO_ROOT
-  run = wandb.init(project=config.wandb.project or None, entity=config.wandb.entity or None,
-                   name=run_name(config, workdir), tags=list(config.wandb.tags) or None,
-                   mode=config.wandb.mode, config=config.to_dict(), dir=folder, id=the_id,
-                   resume='allow', settings=wandb.Settings(**settings))
+  try:
+    run = wandb.init(project=config.wandb.project or None, entity=config.wandb.entity or None,
+                     name=run_name(config, workdir), tags=list(config.wandb.tags) or None,
+                     mode=config.wandb.mode, config=config.to_dict(), dir=folder, id=the_id,
+                     resume='allow', settings=wandb.Settings(**settings))
+  except wandb.errors.Error as e:  # No key, no network, no such entity: one line.
+    raise ValueError(f'wandb could not start the run ({type(e).__name__}): {e}') from e
   logging.info('wandb: run %s (%s), files in %s', run.id, config.wandb.mode, run.dir)
   return WandbRun(run)

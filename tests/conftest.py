@@ -23,6 +23,12 @@ from tests import gcs_server  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+def pytest_configure(config):
+  # The summary says why each skipped test was skipped (e.g. ../shared/data is not present).
+  if 's' not in config.option.reportchars:
+    config.option.reportchars += 's'
+
+
 @pytest.fixture(scope='session')
 def gcs():
   """A GCS API server on localhost (tests/gcs_server.py) that this process's storage clients

@@ -58,8 +58,10 @@ def _trainer(setup, workdir, module='tests.fault_runner', *extra, devices=8, eva
              f'--config.tokenizer.model={setup["tokenizer"]}',
              '--config.input.log_example_ids=true', '--config.log_upload_seconds=0.5',
              f'--workdir={workdir}']
+  # TMPDIR: the staging folder of a SIGKILLed run stays in the test's folder, not in /tmp.
   env = {**os.environ, **setup['gcs'].env, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'TMPDIR': str(setup['tmp'])}
   return subprocess.Popen(command, cwd=tiny.REPO_ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -236,3 +238,27 @@ def test_a_missing_bucket_is_one_line_and_leaves_nothing(setup):
     checkpoints_lib.checkpoint_path(f'{setup["bucket"]}/empty')
   with pytest.raises(ValueError, match='log_upload_seconds=0.0 must be > 0'):
     main_lib.validate_config(tiny.apply_overrides(config, log_upload_seconds=0))
+
+
+def test_malformed_urls_and_outputs_are_refused_before_anything_is_written(setup, tmp_path,
+                                                                         monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = _config(setup['root'], setup['tokenizer'])
+  for workdir, message in (('gs:/rils-runs/run', 'looks like a URL with one slash'),
+                           ('gcs://rils-runs/run', 'gcs:// is not a storage rils_jax can open'),
+                           ('gs:///run', 'names no bucket')):
+    with pytest.raises(ValueError, match=message):
+      main_lib.train(config, workdir)
+    with pytest.raises(ValueError, match=message):
+      checkpoints_lib.checkpoint_path(workdir)
+  assert not os.listdir(tmp_path)  # No local folder named 'gs:'.
+  # An evaluation output that names a run's folder, or ends in '/', is not written as an object.
+  storage.write_text(f'{setup["bucket"]}/folder/config.json', '{}')
+  for path in (f'{setup["bucket"]}/folder', f'{setup["bucket"]}/other/'):
+    with pytest.raises(ValueError, match='is a folder'):
+      storage.LineFile(path)
+  assert not storage.is_file(f'{setup["bucket"]}/folder')
+  with pytest.raises(ValueError, match='must be a local path'):
+    export.check_out('timm', f'{setup["bucket"]}/model.safetensors')
+  with pytest.raises(ValueError, match='must be a local path'):
+    export.check_out('open_clip', 'gs:/rils-runs/open_clip')

@@ -245,6 +245,10 @@ def test_tpu_run_quoting_end_to_end(env, tmp_path):
     (['run', '--name=n', '--zone=z', '--config=c', '--workdir'], '--workdir'),
     (['run', '--name=n', '--zone=z', '--config=c', '--workdir=/mnt/b', '--bogus=1'], '--bogus'),
     (['--name=n', '--zone=z'], 'SUBCOMMAND'),
+    (['run', '--name=n', '--zone=z', '--config=c', '--workdir=rel/run'],
+     "a relative path would be each worker's own disk"),
+    (['run', '--name=n', '--zone=z', '--config=c', '--workdir=s3://b/run'],
+     'Cloud TPU workdirs are gs://BUCKET/PATH'),
 ])
 def test_tpu_errors(env, args, missing):
   r = run(TPU, *args, '--dry_run', env=env)
@@ -307,6 +311,14 @@ def test_slurm_submission_end_to_end(env, tmp_path):
 def test_slurm_errors(env, args, missing):
   r = run(SLURM, *args, '--dry_run', env=env)
   assert r.returncode == 2 and missing in r.stderr
+
+
+def test_slurm_refuses_a_bad_xla_flags_mode_before_submitting(env):
+  # Without this check the job would be queued and fail only inside its allocation.
+  r = run(SLURM, f'--config={GPU_CONFIG}', '--workdir=/w', '--dry_run',
+          env={**env, 'RILS_GPU_XLA_FLAGS': 'bogus'})
+  assert r.returncode == 2 and r.stdout == ''
+  assert "RILS_GPU_XLA_FLAGS=bogus must be 'default' or 'none'" in r.stderr
 
 
 def test_sbatch_script_on_its_own(env):

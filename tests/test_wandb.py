@@ -240,6 +240,22 @@ def test_config_errors(monkeypatch):
     wandb_run.open_run(config, '/nonexistent/run', resume_step=None)
 
 
+def test_online_mode_needs_an_api_key(monkeypatch, tmp_path):
+  pytest.importorskip('wandb', reason='wandb is optional: pip install -r requirements-wandb.txt')
+  config = ml_collections.ConfigDict(dict(config_lib.base_config().wandb, mode='online'))
+  for name in ('WANDB_API_KEY', 'WANDB_BASE_URL'):
+    monkeypatch.delenv(name, raising=False)
+  netrc_path = tmp_path / 'netrc'
+  monkeypatch.setenv('NETRC', str(netrc_path))  # Missing: no key.
+  with pytest.raises(ValueError, match=r'online needs a W&B API key: run `wandb login`'):
+    wandb_run.check_config(config)
+  netrc_path.write_text('machine api.wandb.ai\n  login user\n  password 0123456789\n')
+  wandb_run.check_config(config)  # The entry `wandb login` writes.
+  netrc_path.write_text('')
+  monkeypatch.setenv('WANDB_API_KEY', 'x' * 40)
+  wandb_run.check_config(config)
+
+
 def test_training_logs_the_same_metrics_as_metrics_jsonl_and_resumes_the_run(tmp_path,
                                                                              wandb_env):
   # pylint: disable-next=import-outside-toplevel
