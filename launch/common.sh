@@ -160,6 +160,33 @@ set_gpu_xla_flags_option() {
   esac
 }
 
+# --- Subcommands and dry runs (tpu.sh, xpk.sh, jobset.sh) ---------------------------------------
+# The scripts set `subcommand=''` and `dry_run`, and pass set_subcommand to parse_options.
+# shellcheck disable=SC2154  # dry_run and subcommand are the calling script's.
+# Runs a command, or only prints it with --dry_run.
+run() {
+  if ((dry_run)); then
+    show "$@"
+  else
+    printf '+ %s\n' "$(show "$@")" >&2
+    "$@"
+  fi
+}
+
+# parse_options' handler for the one argument that is not an option: the subcommand.
+set_subcommand() {
+  [[ $1 != -* ]] || die "unknown option: $1"
+  [[ -z $subcommand ]] || die "unexpected argument: $1 (trainer arguments go after --)"
+  subcommand=$1
+}
+
+# check_subcommand 'A B C': the subcommand given must be one of these.
+check_subcommand() {
+  local list=${1// /, }
+  [[ -n $subcommand ]] || die "missing SUBCOMMAND (one of $list)"
+  [[ " $1 " == *" $subcommand "* ]] || die "unknown subcommand: $subcommand (one of $list)"
+}
+
 # --- Kubernetes (xpk.sh, jobset.sh) --------------------------------------------------------------
 # The image that launch/Dockerfile builds, as launch/README.md pushes it to Artifact Registry.
 default_image() {  # default_image PROJECT VARIANT (tpu or cuda13)

@@ -104,16 +104,6 @@ pods can write (Workload Identity: --service_account).
 EOF
 }
 
-# Runs a command, or only prints it with --dry_run.
-run() {
-  if ((dry_run)); then
-    show "$@"
-  else
-    printf '+ %s\n' "$(show "$@")" >&2
-    "$@"
-  fi
-}
-
 # A YAML double-quoted scalar (JSON string rules; a value with a newline is refused).
 yaml_q() {
   local s=$1
@@ -168,21 +158,12 @@ opt_gpu_xla_flags='' opt_out=''
 shared_mount=0 dry_run=0
 extra=()
 
-set_subcommand() {
-  [[ $1 != -* ]] || die "unknown option: $1"
-  [[ -z $subcommand ]] || die "unexpected argument: $1 (trainer arguments go after --)"
-  subcommand=$1
-}
 
 parse_options 'dry_run shared_mount' \
   'name tpu_type num_slices gpu_type num_nodes gpus_per_node coordinator_port config workdir pvc image project namespace queue service_account max_restarts grace_period gpu_xla_flags out' \
   set_subcommand "$@"
 
-case $subcommand in
-  manifest | create | delete | logs) ;;
-  '') die "missing SUBCOMMAND (one of manifest, create, delete, logs)" ;;
-  *) die "unknown subcommand: $subcommand (one of manifest, create, delete, logs)" ;;
-esac
+check_subcommand 'manifest create delete logs'
 set_gpu_xla_flags_option "$opt_gpu_xla_flags"
 
 [[ -n $opt_name ]] || die "--name is required"

@@ -95,16 +95,6 @@ enabled, and a GCS bucket for WORKDIR that the TPU VMs' service account can writ
 EOF
 }
 
-# Runs a command, or only prints it with --dry_run.
-run() {
-  if ((dry_run)); then
-    show "$@"
-  else
-    printf '+ %s\n' "$(show "$@")" >&2
-    "$@"
-  fi
-}
-
 # A path on the workers as shell text: relative paths are under the home directory.
 remote_path() {
   local p=${1#\~/}
@@ -123,22 +113,12 @@ opt_python=python3.11 opt_jax_version=0.10.2
 spot=0 queued=0 copy=0 dry_run=0
 extra=()
 
-# The one argument that is not an option: the subcommand.
-set_subcommand() {
-  [[ $1 != -* ]] || die "unknown option: $1"
-  [[ -z $subcommand ]] || die "unexpected argument: $1 (trainer arguments go after --)"
-  subcommand=$1
-}
 
 parse_options 'spot queued copy dry_run' \
   'name zone project accelerator version num_slices config workdir repo branch code_dir python jax_version' \
   set_subcommand "$@"
 
-case $subcommand in
-  create | setup | run | logs | delete | all) ;;
-  '') die "missing SUBCOMMAND (one of create, setup, run, logs, delete, all)" ;;
-  *) die "unknown subcommand: $subcommand (one of create, setup, run, logs, delete, all)" ;;
-esac
+check_subcommand 'create setup run logs delete all'
 
 require() {  # require OPTION...: every named option must be non-empty.
   local o v

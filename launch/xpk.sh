@@ -89,16 +89,6 @@ cluster's nodes (or their Workload Identity) can write.
 EOF
 }
 
-# Runs a command, or only prints it with --dry_run.
-run() {
-  if ((dry_run)); then
-    show "$@"
-  else
-    printf '+ %s\n' "$(show "$@")" >&2
-    "$@"
-  fi
-}
-
 subcommand=''
 opt_cluster='' opt_workload='' opt_tpu_type='' opt_num_slices=1 opt_device_type='' opt_num_nodes=1
 opt_config='' opt_workdir='' opt_storage='' opt_image='' opt_project='' opt_zone='' opt_priority=''
@@ -106,21 +96,12 @@ opt_max_restarts=10 opt_grace_period=600 opt_gpu_xla_flags=''
 shared_mount=0 dry_run=0
 extra=()
 
-set_subcommand() {
-  [[ $1 != -* ]] || die "unknown option: $1"
-  [[ -z $subcommand ]] || die "unexpected argument: $1 (trainer arguments go after --)"
-  subcommand=$1
-}
 
 parse_options 'dry_run shared_mount' \
   'cluster workload tpu_type num_slices device_type num_nodes config workdir storage image project zone priority max_restarts grace_period gpu_xla_flags' \
   set_subcommand "$@"
 
-case $subcommand in
-  create | list | delete) ;;
-  '') die "missing SUBCOMMAND (one of create, list, delete)" ;;
-  *) die "unknown subcommand: $subcommand (one of create, list, delete)" ;;
-esac
+check_subcommand 'create list delete'
 set_gpu_xla_flags_option "$opt_gpu_xla_flags"
 
 [[ -n $opt_cluster ]] || die "--cluster is required"

@@ -347,7 +347,7 @@ def check_out(fmt: str, out: str) -> str:
   """
   if not out or not out.strip():
     raise ValueError('--out is empty')
-  if storage.is_url(out) or storage.is_url(out.replace(':/', '://', 1)):
+  if storage.looks_like_url(out):
     raise ValueError(f'--out={out} must be a local path (the export is small: copy it to a '
                      'bucket afterwards, e.g. gcloud storage cp -r)')
   if fmt == 'timm' and not out.endswith('.safetensors'):

@@ -58,6 +58,11 @@ def is_url(path) -> bool:
 _MALFORMED_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)')
 
 
+def looks_like_url(path: str) -> bool:
+  """Whether `path` is a URL or a mistyped one (scheme and one slash: gs:/bucket/run)."""
+  return is_url(path) or bool(_MALFORMED_URL.match(path))
+
+
 def check_path(path: str, what: str = 'path') -> str:
   """Returns `path` if it is a local path or a URL that `etils.epath` can open.
 
