@@ -48,9 +48,17 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
   c.optim.lr = 5e-4
   c.optim.warmup_steps = 4_883
   c.optim.weight_decay = 0.5
+  # SLIP's main.py (base_config's defaults, repeated because the recipe depends on them):
+  # warm-up from 1e-6, cosine to 1e-5, decay on all but biases / norms / logit scale, no
+  # gradient clipping.
+  c.optim.lr_start = 1e-6
+  c.optim.min_lr_ratio = 1e-5 / c.optim.lr
+  c.optim.weight_decay_mask = 'slip'
+  c.optim.grad_clip = 0.0
   c.input.batch_size = 4096
   c.input.num_workers = 8
-  c.tokenizer.vocab_size = 49_408
+  c.tokenizer.kind = 'clip_bpe'  # CLIP's 49,408-token BPE, as the release.
+  c.tokenizer.vocab_size = 49_408  # The sentencepiece bound, with --config.tokenizer.kind.
   if arg.data == 'synthetic':
     synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
   elif arg.data == 'shared':

@@ -7,9 +7,9 @@ training pictures with 3 captions each, 200 held-out pictures, 400 zero-shot pic
 classes 'colour shape') is generated once under ~/.cache/rils_jax (or $RILS_JAX_CACHE); a BPE
 sentencepiece model of at most 128 pieces is trained on its captions; then a ViT (width 128, 4
 blocks, patch 4, 32 px) + text transformer (width 128, 3 layers) trains with CLIP + RILS
-reconstruction for 300 steps of 128 pictures. The total loss falls from about 5.7 to about 2.9
-(the CLIP term from 5.2 to 2.4); at the end zero-shot top-1 is about 35% against 5% chance, and
-held-out image->text R@5 about 58% against 2.5% chance. README.md has the measured run.
+reconstruction for 300 steps of 128 pictures. The total loss falls from about 5.6 to about 3.0
+(the CLIP term from 5.2 to 2.4); at the end zero-shot top-1 is about 37% against 5% chance, and
+held-out image->text R@5 about 55% against 2.5% chance. README.md has the measured run.
 
 Argument (optional): `configs/default.py:num_train=4000`.
 """

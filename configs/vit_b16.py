@@ -9,14 +9,24 @@ cannot be overridden from the command line).
 Recipe and sources (see ../shared/docs/RILS_METHOD.md):
 - Model (RILS release): ViT-B/16 at 224 px (width 768, 12 blocks, 12 heads, q/v bias, sin-cos
   positions), 1-block decoder 768 wide, text transformer 512 wide / 12 layers / 8 heads, context
-  77, joint width 512. The release uses CLIP's 49,408-token BPE; this code base uses
-  sentencepiece, so `model.text.vocab_size` = 49,408 rows and the tokenizer may use up to that.
+  77, joint width 512. CLIP's 49,408-token BPE tokenizer, as the release
+  (`tokenizer.kind='clip_bpe'`: needs open_clip_torch's vocabulary file, README "Tokenizer");
+  `--config.tokenizer.kind=sentencepiece` trains one of up to 49,408 pieces on the captions.
 - Loss (release): lambda = 0.5, tau_s = 0.1, tau_t = 0.04, mask ratio 0.75, retrieval gate on,
   no L_rec gradient into the captions; logit scale init ln(1/0.07), clipped at 100 (CLIP).
 - Optimisation (SLIP, the code base RILS descends from; the release has no training loop):
-  global batch 4096, AdamW beta = (0.9, 0.98), eps 1e-8, weight decay 0.5, lr 5e-4, cosine
-  schedule with 1 warm-up epoch, 25 epochs, RandomResizedCrop(224, scale 0.5-1.0), ImageNet
-  mean / std, mixed precision (bfloat16 compute, float32 parameters).
+  global batch 4096, AdamW beta = (0.9, 0.98), eps 1e-8, weight decay 0.5 on every parameter
+  but biases, norms and the logit scale (token / position embeddings and CLS / mask tokens
+  included), lr 5e-4 with 1 warm-up epoch from 1e-6 and cosine decay to 1e-5, no gradient
+  clipping, 25 epochs, RandomResizedCrop(224, scale 0.5-1.0), ImageNet mean / std, mixed
+  precision (bfloat16 compute, float32 parameters). Logit scale: exp(l) unclamped in the
+  forward, l clamped to [0, ln 100] after each step.
+- Initialisation and masking (release): the patch-embedding and text MLP biases at PyTorch's
+  default uniform init, int(196 * 0.25) = 49 visible patches.
+- On N GPUs the release normalises L_rec per GPU and gathers captions without gradient:
+  `--config.loss.release_gpus=N` reproduces that run's loss and gradients exactly; the default
+  (0) computes exact global losses, the same for any device count (README, "Where rils_jax
+  differs from the release").
 - Steps: 25 epochs of LAION-20M at batch 4096 = 122,070 steps; 1 epoch = 4,883 warm-up steps.
 
 Data: with no argument the config points at the generated shapes data (224 px) so that it runs

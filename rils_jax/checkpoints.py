@@ -11,7 +11,12 @@ they were, and the next start ignores and removes the unfinished folder):
              orbax handler), so that a resumed run reads exactly the examples the interrupted
              one would have read next.
   config     the run's config as JSON.
-  tokenizer  the sentencepiece model the text tower was trained with (base64 in JSON).
+  tokenizer  the file of the tokenizer the text tower was trained with, base64 in JSON:
+             {"kind": "sentencepiece", "sentencepiece_model": ...} or {"kind": "clip_bpe",
+             "clip_bpe_vocab": CLIP's bpe_simple_vocab_16e6.txt.gz}, with "sha256" (of the
+             model, or of the vocabulary's text): the checkpoint rebuilds its tokenizer on any
+             machine. Checkpoints from before `config.tokenizer.kind` have no "kind" and are
+             sentencepiece.
 
 Saves are asynchronous: the arrays are copied off the devices, then written by a background
 thread while training goes on. `Checkpoints.should_save` decides from `config.checkpoint_every`
@@ -26,7 +31,6 @@ shards, together) and the rest through `etils.epath` (rils_jax/storage.py).
 """
 
 import base64
-import hashlib
 import json
 from typing import Any, Dict, Optional
 
@@ -38,8 +42,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from rils_jax import storage
+from rils_jax import tokenizer as tokenizer_lib
 
 ITEMS = ('state', 'data', 'config', 'tokenizer')
+# The tokenizer item's key for the file, by tokenizer kind.
+_TOKENIZER_KEYS = {'sentencepiece': 'sentencepiece_model', 'clip_bpe': 'clip_bpe_vocab'}
 
 # Orbax splits the write of an array replicated over devices between its replicas. On one host
 # that gains nothing, and the slicing costs a compiled program per array and shard (7 s at the
@@ -114,13 +121,12 @@ class Checkpoints:
     if step in self._manager.all_steps():
       return False
     with open(tokenizer_path, 'rb') as f:
-      model = f.read()
+      tokenizer = tokenizer_item(f.read())
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(json.dumps(config.to_dict(), default=str))),
-        tokenizer=ocp.args.JsonSave({'sentencepiece_model': base64.b64encode(model).decode(),
-                                     'sha256': hashlib.sha256(model).hexdigest()}))
+        tokenizer=ocp.args.JsonSave(tokenizer))
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, initial_state, data_iterator=None):
@@ -159,8 +165,9 @@ class Checkpoints:
         **{item: ocp.args.JsonRestore()}))[item]
 
   def tokenizer_model(self, step: int) -> bytes:
-    """The sentencepiece model bytes saved with `step`."""
-    return base64.b64decode(self.read_json(step, 'tokenizer')['sentencepiece_model'])
+    """The tokenizer file saved with `step` (a sentencepiece model, or CLIP's gzipped
+    vocabulary; `tokenizer.kind_of` tells which)."""
+    return tokenizer_file(self.read_json(step, 'tokenizer'))
 
   def wait(self) -> None:
     """Blocks until the save in flight, if any, is committed."""
@@ -169,6 +176,28 @@ class Checkpoints:
   def close(self) -> None:
     """Waits for the save in flight, then releases the manager."""
     self._manager.close()
+
+
+def tokenizer_item(data: bytes) -> Dict[str, str]:
+  """The `tokenizer` item of a tokenizer file's bytes (see the module docstring)."""
+  kind = tokenizer_lib.kind_of(data)
+  return {'kind': kind, _TOKENIZER_KEYS[kind]: base64.b64encode(data).decode(),
+          'sha256': tokenizer_lib.fingerprint(data)}
+
+
+def tokenizer_file(item: Dict[str, Any]) -> bytes:
+  """The tokenizer file's bytes from a `tokenizer` item (also of checkpoints written before
+  `config.tokenizer.kind`: sentencepiece only, without "kind").
+
+  Raises:
+    ValueError: for an item of an unknown kind or without its file.
+  """
+  kind = item.get('kind', 'sentencepiece')
+  key = _TOKENIZER_KEYS.get(kind)
+  if key not in item:
+    raise ValueError(f'the checkpoint\'s tokenizer item (kind {kind!r}, keys {sorted(item)}) '
+                     f'holds no tokenizer file this rils_jax reads (kinds {tokenizer_lib.KINDS})')
+  return base64.b64decode(item[key])
 
 
 def checkpoint_path(path: str, step: Optional[int] = None) -> str:

@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vision = dict(width=0, depth=0, num_heads=0)  # Non-zero values override the variant.
   c.model.image_size = 224
   c.model.mask_ratio = 0.75   # RILS release (MAE-style, 25% visible).
+  c.model.keep_rounding = 'floor'  # Visible patches int(N (1 - mask_ratio)) (release); 'round'.
+  # 'release': the patch-embedding and text MLP biases at PyTorch's default uniform init, as
+  # the release leaves them; 'zeros': zeroed (rils_jax before).
+  c.model.bias_init = 'release'
   c.model.decoder = dict(width=0, depth=1, num_heads=0)  # 0: same as the encoder (release).
   c.model.text = dict(width=512, num_layers=12, num_heads=8, context_length=77, vocab_size=49408)
   c.model.embed_dim = 512
@@ -93,19 +97,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.teacher_temperature = 0.04  # tau_t (release).
   c.loss.gate = True          # Reconstruction only for correctly retrieved samples (release).
   c.loss.stop_gradient_prototypes = True  # Captions as prototypes get no L_rec gradient (release).
-  c.loss.max_logit_scale = 100.0
+  c.loss.max_logit_scale = 100.0  # The step clamps ln(scale) to [0, ln max] (SLIP).
   c.loss.local_gradients = False  # True: the release's multi-GPU CLIP gradient (losses.py).
+  # N > 0: the release's whole loss as N GPUs compute it (losses.rils_loss; overrides the two
+  # switches above); 0: exact global losses, the same for any device count.
+  c.loss.release_gpus = 0
   c.loss.chunk_size = 0       # Masked patches per chunk of reconstruction logits; 0: all at once.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4
   c.optim.warmup_steps = 100
-  c.optim.min_lr_ratio = 0.0
+  c.optim.lr_start = 1e-6     # Warm-up from here (SLIP: 1e-6)...
+  c.optim.min_lr_ratio = 0.02  # ...cosine down to lr * ratio (SLIP: 1e-5 at lr 5e-4).
   c.optim.b1 = 0.9
   c.optim.b2 = 0.98
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.5
-  c.optim.grad_clip = 1.0     # Global-norm clipping; 0 disables.
+  # 'slip': decay all but biases, norms and the logit scale (SLIP / release); 'kernels':
+  # dense / conv kernels and the projections only (optim.py).
+  c.optim.weight_decay_mask = 'slip'
+  c.optim.grad_clip = 0.0     # Global-norm clipping; 0 disables (SLIP does not clip).
   c.optim.mu_dtype = 'float32'  # AdamW first moment: float32 or bfloat16.
   c.optim.accum_steps = 1     # Micro-batches per step (exact full-batch gradient, GradCache).
 
@@ -130,8 +141,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.std = IMAGENET_STD
 
   c.tokenizer = ml_collections.ConfigDict()
+  # 'sentencepiece' (trained on the captions, or `model`) or 'clip_bpe' (CLIP's 49,408-token BPE
+  # as the release, needs model.text.vocab_size >= 49,408; rils_jax/tokenizer.py).
+  c.tokenizer.kind = 'sentencepiece'
   c.tokenizer.model = ''      # sentencepiece .model; '' trains one on the training captions.
   c.tokenizer.vocab_size = 8000  # Upper bound when training one.
+  # clip_bpe: CLIP's bpe_simple_vocab_16e6.txt.gz; '' reads the installed open_clip_torch's.
+  c.tokenizer.clip_vocab = ''
 
   # Evaluations (rils_jax/evals/runner.py): `batch_size`, plus named evaluators, each a dict
   # with `kind` (zeroshot, retrieval, linear_probe, fewshot, lowshot, knn), `every` (steps; 0:
@@ -164,7 +180,9 @@ FREE_FORM_KEYS = ('mesh', 'sharding_rules', 'input.sources', 'evals')
 def finetune_base_config() -> ml_collections.ConfigDict:
   """Defaults of `rils_jax.finetune` (MAE / BEiT fine-tuning recipe, CPU-sized steps), no
   checkpoint and no data: a config sets `init_from` and `data.train` / `data.test` (dataset
-  specs of rils_jax/evals/datasets.py)."""
+  specs of rils_jax/evals/datasets.py). RandAugment, mixup / cutmix, random erasing and drop
+  path default to off (the recipe before they existed); configs/finetune_mae_vit_b16.py turns
+  them on with MAE's values."""
   c = ml_collections.ConfigDict()
   c.init_from = ''            # The pre-training run's workdir or one checkpoint folder.
   c.seed = 0
@@ -173,10 +191,21 @@ def finetune_base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.log_every = 25
   c.eval_every = 0            # Test-set evaluation every N steps (0: at the end only).
+  c.image_size = 0            # Fine-tuning resolution in pixels; 0: the checkpoint's.
   c.label_smoothing = 0.1
+  c.drop_path = 0.0           # Stochastic depth of the last block, 0 at the first (MAE B: 0.1).
   c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.05, grad_clip=0.0, layer_decay=0.65)
-  c.input = dict(crop_scale=(0.08, 1.0), num_workers=0)
+  # rand_augment: timm's spec, e.g. 'rand-m9-mstd0.5-inc1' (MAE / BEiT); '' off.
+  # random_erasing: probability of timm's RandomErasing, mode 'pixel' (MAE: 0.25); 0 off.
+  c.input = dict(crop_scale=(0.08, 1.0), num_workers=0, rand_augment='', random_erasing=0.0)
+  # timm's Mixup in mode 'batch' (MAE: mixup_alpha 0.8, cutmix_alpha 1.0); alphas 0: off.
+  c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
+  # WORKDIR/checkpoints (rils_jax/checkpoints.py), from which a stopped run resumes.
+  c.checkpoint_every = 100    # Steps between checkpoints (and one at the end).
+  c.checkpoint_minutes = 0.0  # Also save when this many minutes passed since the last; 0: off.
+  c.keep_checkpoints = 2      # Keep the last K...
+  c.keep_every = 0            # ...and those whose step is a multiple of M (0: none).
   c.data = dict(train=None, test=None)
   return c
 

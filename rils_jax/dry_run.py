@@ -91,7 +91,7 @@ def activation_bytes(model, config, mesh) -> dict:
                                   jnp.asarray(dummy['text']), masking)
 
   def loss(outputs):
-    return losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)[0]
+    return losses.rils_loss(outputs, config.loss)[0]
 
   if accum == 1:
     return dict(model=_residual_bytes(lambda p: loss(features(p, batch)), (params,), batch,

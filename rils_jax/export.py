@@ -23,12 +23,15 @@ normalisation). `model.forward_features(x)` gives every token.
 
 `--format=open_clip` writes a folder for `open_clip.create_model('local-dir:FOLDER')`:
 open_clip_config.json (model and preprocessing config), open_clip_model.safetensors (the CLIP
-state dict), tokenizer.model (the run's sentencepiece model) and, for a vision tower that is not
-one of timm's registered ViTs, config.json (the timm config of the vision trunk, named by the
-folder's absolute path in open_clip_config.json). `encode_image` / `encode_text` then equal
-`RILS.encode_image` / `RILS.encode_text` (tests/test_export.py). Text must be tokenised with
-the run's sentencepiece model, not `open_clip.get_tokenizer` (which would return CLIP's BPE
-tokenizer): see `tokenize` and README.md "Export to PyTorch".
+state dict), the run's tokenizer file (tokenizer.model, or bpe_simple_vocab_16e6.txt.gz for a
+clip_bpe run) and, for a vision tower that is not one of timm's registered ViTs, config.json
+(the timm config of the vision trunk, named by the folder's absolute path in
+open_clip_config.json). `encode_image` / `encode_text` then equal `RILS.encode_image` /
+`RILS.encode_text` (tests/test_export.py). Tokenising: a clip_bpe run (`config.tokenizer.kind`)
+uses CLIP's own BPE, so `open_clip.get_tokenizer('local-dir:FOLDER')` gives the right ids (the
+text config is open_clip's default: pooling at the argmax id, end-of-text 49407). A sentencepiece
+run's text must be tokenised with its sentencepiece model, not `open_clip.get_tokenizer` (which
+would return CLIP's BPE tokenizer): see `tokenize` and README.md "Export to PyTorch".
 
 Mapping (RILS release architecture, ../shared/docs/RILS_METHOD.md "Architectures"):
 - vision: flax `Conv` kernel (p, p, 3, D) -> `patch_embed.proj.weight` (D, 3, p, p); the fixed
@@ -39,7 +42,9 @@ Mapping (RILS release architecture, ../shared/docs/RILS_METHOD.md "Architectures
   `global_pool='avg'` with `fc_norm=False` is RILS's pooling (final norm on every token, then
   the mean of the patch tokens).
 - text: open_clip's `TextTransformer` with QuickGELU (`quick_gelu=true`; timm trunks keep exact
-  GELU), LayerNorm eps 1e-5, causal mask, `pool_type='eos'` at the run's end-of-text id.
+  GELU), LayerNorm eps 1e-5, causal mask, pooled at the run's end-of-text id: `pool_type='eos'`
+  for sentencepiece, open_clip's default `'argmax'` for clip_bpe (end-of-text 49407 is CLIP's
+  largest id, and torch.argmax takes the first, as RILS takes the first end-of-text).
 - open_clip's vision tower is the timm trunk above plus `head.proj` = `image_projection`^T
   (open_clip's own ViT has no patch-embedding bias and one activation for both towers).
 
@@ -68,6 +73,7 @@ from absl import flags
 import safetensors
 from safetensors import numpy as safetensors_numpy
 
+from rils_jax import clip_bpe
 from rils_jax import console
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
@@ -93,6 +99,8 @@ OPEN_CLIP_WEIGHTS = 'open_clip_model.safetensors'
 OPEN_CLIP_CONFIG = 'open_clip_config.json'
 TIMM_CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
+# A clip_bpe run's tokenizer file, under CLIP's name (open_clip itself reads its own copy).
+CLIP_VOCAB = clip_bpe.VOCAB_FILE
 
 
 def _image_size(config: ml_collections.ConfigDict) -> Tuple[int, int]:
@@ -265,7 +273,7 @@ def open_clip_state_dict(params: Dict[str, Any],
 
 
 def open_clip_model_config(config: ml_collections.ConfigDict, eot_id: int, pad_id: int,
-                           trunk: str) -> Dict[str, Any]:
+                           trunk: str, kind: str = 'sentencepiece') -> Dict[str, Any]:
   """open_clip_config.json of the run: `model_cfg`, `preprocess_cfg`, and `rils_jax` (how to
   tokenise; open_clip ignores it).
 
@@ -273,9 +281,32 @@ def open_clip_model_config(config: ml_collections.ConfigDict, eot_id: int, pad_i
     config: the run's config.
     eot_id, pad_id: the tokenizer's end-of-text and padding ids.
     trunk: the timm model name of the vision trunk (`timm_model_name`, or 'local-dir:FOLDER').
+    kind: the tokenizer kind. 'clip_bpe' gives open_clip's plain text config (argmax pooling,
+      padding 0), for which `open_clip.get_tokenizer` returns the run's tokenizer.
+
+  Raises:
+    ValueError: for a clip_bpe `eot_id` or `pad_id` other than CLIP's.
   """
   m = config.model
   h, w = _image_size(config)
+  text_cfg = {'context_length': m.text.context_length, 'vocab_size': m.text.vocab_size,
+              'width': m.text.width, 'heads': m.text.num_heads, 'layers': m.text.num_layers,
+              'mlp_ratio': 4.0}
+  if kind == 'clip_bpe':
+    if (eot_id, pad_id) != (clip_bpe.EOT_ID, clip_bpe.PAD_ID):
+      raise ValueError(f'a clip_bpe tokenizer has end-of-text {clip_bpe.EOT_ID} and padding '
+                       f'{clip_bpe.PAD_ID}, got {eot_id} and {pad_id}')
+    how = {'tokenizer': 'clip_bpe', 'context_length': m.text.context_length,
+           'how_to_tokenize': "open_clip.get_tokenizer('local-dir:FOLDER') (CLIP's BPE, the "
+                              "run's tokenizer), or rils_jax.export.tokenize with " + CLIP_VOCAB}
+  else:
+    text_cfg.update(pool_type='eos', eos_id=eot_id, pad_id=pad_id)
+    how = {'tokenizer': TOKENIZER, 'context_length': m.text.context_length, 'eot_id': eot_id,
+           'pad_id': pad_id,
+           'how_to_tokenize': (
+               'Not open_clip.get_tokenizer (CLIP BPE). Each row: sentencepiece ids of the text '
+               'from tokenizer.model, cut to context_length - 1, then eot_id, then pad_id up to '
+               'context_length (rils_jax.export.tokenize).')}
   return {
       'model_cfg': {
           'embed_dim': m.embed_dim,
@@ -285,35 +316,25 @@ def open_clip_model_config(config: ml_collections.ConfigDict, eot_id: int, pad_i
               'timm_model_name': trunk, 'timm_model_pretrained': False,
               'timm_pool': 'avg', 'timm_proj': 'linear', 'timm_proj_bias': False,
           },
-          'text_cfg': {
-              'context_length': m.text.context_length, 'vocab_size': m.text.vocab_size,
-              'width': m.text.width, 'heads': m.text.num_heads, 'layers': m.text.num_layers,
-              'mlp_ratio': 4.0, 'pool_type': 'eos', 'eos_id': eot_id, 'pad_id': pad_id,
-          },
+          'text_cfg': text_cfg,
       },
       'preprocess_cfg': {
           'size': [h, w] if h != w else h, 'mode': 'RGB', 'mean': list(config.input.mean),
           'std': list(config.input.std), 'interpolation': 'bicubic', 'resize_mode': 'shortest',
       },
-      'rils_jax': {
-          'tokenizer': TOKENIZER, 'context_length': m.text.context_length, 'eot_id': eot_id,
-          'pad_id': pad_id,
-          'how_to_tokenize': (
-              'Not open_clip.get_tokenizer (CLIP BPE). Each row: sentencepiece ids of the text '
-              'from tokenizer.model, cut to context_length - 1, then eot_id, then pad_id up to '
-              'context_length (rils_jax.export.tokenize).'),
-      },
+      'rils_jax': how,
   }
 
 
 def tokenize(texts: Sequence[str], tokenizer_path: str, context_length: int) -> np.ndarray:
-  """Token rows for the exported text tower: `rils_jax.tokenizer.Tokenizer.encode` with the
-  exported sentencepiece model, as int64 (len(texts), context_length) for `torch.from_numpy`.
+  """Token rows for the exported text tower: the run's tokenizer's `encode` with the exported
+  tokenizer file (tokenizer.model, or bpe_simple_vocab_16e6.txt.gz: then the same ids as
+  `open_clip.get_tokenizer`), as int64 (len(texts), context_length) for `torch.from_numpy`.
 
   Raises:
     FileNotFoundError: if `tokenizer_path` does not exist.
   """
-  return tokenizer_lib.Tokenizer(tokenizer_path).encode(list(texts), context_length).astype(
+  return tokenizer_lib.load(tokenizer_path).encode(list(texts), context_length).astype(
       np.int64)
 
 
@@ -452,20 +473,24 @@ def export_open_clip(params: Dict[str, Any], config: ml_collections.ConfigDict, 
   Raises:
     ValueError, FileExistsError: see `check_out` (FileExistsError also when `out` appears
       while exporting: it is left as it is).
-    FileNotFoundError: if `tokenizer_path` does not exist.
+    FileNotFoundError: if `tokenizer_path` (a sentencepiece model, or CLIP's vocabulary for a
+      clip_bpe run) does not exist.
     OSError: when the folder cannot be written (read-only or full disk, ...).
   """
   out = check_out('open_clip', out)
   if not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f'sentencepiece model not found: {tokenizer_path}')
+    raise FileNotFoundError(f'tokenizer file not found: {tokenizer_path}')
+  with open(tokenizer_path, 'rb') as f:
+    kind = tokenizer_lib.kind_of(f.read(2))
   trunk = timm_model_name(config) or 'local-dir:' + out
-  oc_config = open_clip_model_config(config, eot_id, pad_id, trunk)
+  oc_config = open_clip_model_config(config, eot_id, pad_id, trunk, kind)
   tensors = open_clip_state_dict(params, config)
   tmp = _staging_folder(os.path.dirname(out))
   try:
     _save_safetensors(tensors, os.path.join(tmp, OPEN_CLIP_WEIGHTS))
     _write_json(os.path.join(tmp, OPEN_CLIP_CONFIG), oc_config)
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+    shutil.copyfile(tokenizer_path,
+                    os.path.join(tmp, CLIP_VOCAB if kind == 'clip_bpe' else TOKENIZER))
     if trunk.startswith('local-dir:'):
       spec = timm_model_spec(config)
       _write_json(os.path.join(tmp, TIMM_CONFIG), dict(
@@ -525,16 +550,25 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
                           restored.tokenizer.eot_id, restored.tokenizer.pad_id)
     out = os.path.abspath(out)
     context = restored.config.model.text.context_length
-    lines = [f'Wrote {out}/ ({source}). Load with (from the rils_jax folder, or with it on '
-             'PYTHONPATH):',
-             '  import open_clip, torch',
-             '  from rils_jax.export import tokenize',
-             '  model, _, preprocess = open_clip.create_model_and_transforms('
-             f"{'local-dir:' + out!r})",
-             f"  tokens = torch.from_numpy(tokenize(['a photo of a dog'], "
-             f'{os.path.join(out, TOKENIZER)!r}, {context}))',
-             '(tokenize uses the run\'s sentencepiece model; open_clip.get_tokenizer would give '
-             'CLIP\'s BPE tokenizer and wrong ids)']
+    if restored.tokenizer.kind == 'clip_bpe':
+      lines = [f'Wrote {out}/ ({source}). Load with:',
+               '  import open_clip',
+               '  model, _, preprocess = open_clip.create_model_and_transforms('
+               f"{'local-dir:' + out!r})",
+               f"  tokenizer = open_clip.get_tokenizer({'local-dir:' + out!r})",
+               "  tokens = tokenizer(['a photo of a dog'])",
+               f'(CLIP\'s BPE, the run\'s tokenizer; context length {context})']
+    else:
+      lines = [f'Wrote {out}/ ({source}). Load with (from the rils_jax folder, or with it on '
+               'PYTHONPATH):',
+               '  import open_clip, torch',
+               '  from rils_jax.export import tokenize',
+               '  model, _, preprocess = open_clip.create_model_and_transforms('
+               f"{'local-dir:' + out!r})",
+               f"  tokens = torch.from_numpy(tokenize(['a photo of a dog'], "
+               f'{os.path.join(out, TOKENIZER)!r}, {context}))',
+               '(tokenize uses the run\'s sentencepiece model; open_clip.get_tokenizer would '
+               'give CLIP\'s BPE tokenizer and wrong ids)']
     trunk = oc['model_cfg']['vision_cfg']['timm_model_name']
     if trunk.startswith('local-dir:'):
       lines.append(f'The vision trunk is named by this folder\'s path ({trunk}): after moving '

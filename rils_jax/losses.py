@@ -5,13 +5,14 @@
   caption (RILS official release: the reconstruction loss applies to correctly retrieved samples).
 - `rils_reconstruction_loss`: KL(teacher || student) between patch-to-caption distributions,
   averaged over the weighted (masked and gated) patches (RILS paper Sec. 3, official release).
-- `rils_loss`: L_clip + lambda * L_rec with the switches of `config.loss`.
+- `rils_loss`: L_clip + lambda * L_rec with the switches of `config.loss`, including
+  `release_gpus`: the release's loss as N GPUs compute it (SLIP's DDP loop).
 - `check_config`: the rules of `config.loss`, checked before a run reads or compiles anything.
 
 All inputs are expected L2-normalised; all arithmetic is float32.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,10 @@ Metrics = Dict[str, jax.Array]
 KINDS = ('rils', 'clip')  # 'clip': the baseline, L_clip only (no masked branch).
 
 
-def check_config(loss_config: ml_collections.ConfigDict) -> None:
-  """Checks `config.loss`: `kind` is one of `KINDS` and `chunk_size` >= 0.
+def check_config(loss_config: ml_collections.ConfigDict, batch_size: Optional[int] = None
+                 ) -> None:
+  """Checks `config.loss`: `kind` is one of `KINDS`, `chunk_size` >= 0, `release_gpus` >= 0
+  and, when `batch_size` is given, a divisor of it.
 
   Raises:
     ValueError: naming the setting.
@@ -31,6 +34,12 @@ def check_config(loss_config: ml_collections.ConfigDict) -> None:
   if loss_config.kind not in KINDS:
     raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {loss_config.kind!r}")
   _check_chunk_size(loss_config.get('chunk_size', 0))
+  gpus = loss_config.get('release_gpus', 0)
+  if gpus < 0:
+    raise ValueError(f'config.loss.release_gpus={gpus} must be >= 0 (0: exact global losses)')
+  if gpus and batch_size is not None and batch_size % gpus:
+    raise ValueError(f'config.loss.release_gpus={gpus} must divide the global batch '
+                     f'{batch_size}: each simulated GPU holds batch / release_gpus rows')
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -52,7 +61,7 @@ def clip_loss(image_embed, text_embed, logit_scale,
   Args:
     image_embed: (B, D) L2-normalised image embeddings.
     text_embed: (B, D) L2-normalised text embeddings; row b is the caption of image b.
-    logit_scale: scalar s = exp(logit_scale param), already exponentiated and clipped.
+    logit_scale: scalar s = exp(logit_scale param), already exponentiated.
     local_gradients: see above.
 
   Returns:
@@ -82,12 +91,18 @@ def retrieval_gate(logits) -> jax.Array:
 
 
 def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_temperature: float,
-                             teacher_temperature: float, chunk_size: int = 0) -> jax.Array:
+                             teacher_temperature: float, chunk_size: int = 0,
+                             groups: int = 1) -> jax.Array:
   """Masked reconstruction in language semantic space (RILS paper Sec. 3.2, official release).
 
-  q_i = softmax(t_i P^T / teacher_temperature)  (stop-gradient)
+  q_i = softmax(t_i P^T / teacher_temperature)  (stop-gradient as a whole, release)
   p_i = softmax(s_i P^T / student_temperature)
   L = sum_i w_i KL(q_i || p_i) / (sum_i w_i + 1e-6)
+
+  With `groups` = G > 1 the B samples are split into G consecutive groups of B / G and
+  L = mean_g [sum_{i in g} w_i KL_i / (sum_{i in g} w_i + 1e-6)]: the release on G GPUs, where
+  each GPU normalises by its own weight count (a GPU with no weighted patch contributes 0) and
+  DDP averages the GPUs' losses and gradients.
 
   Args:
     student: (B, M, D) L2-normalised student patch features (decoder output).
@@ -99,28 +114,34 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
     chunk_size: 0 forms the (B, M, C) logits at once; n > 0 forms them n patches at a time
       (`lax.scan` with `jax.checkpoint`), so that forward and backward hold (B, n, C) at a
       time. The value and gradients are the same.
+    groups: G >= 1 dividing B (see above); 1 is the global form.
 
   Returns:
-    Scalar float32 loss. The teacher is always stop-gradiented; whether gradients reach the
-    prototypes is the caller's choice (see `rils_loss`).
+    Scalar float32 loss. The teacher logits t_i P^T carry no gradient (neither into the
+    teacher nor into the prototypes), as the release's `.detach()`; whether the student side
+    sends gradient into the prototypes is the caller's choice (see `rils_loss`).
 
   Raises:
-    ValueError: for a negative `chunk_size`.
+    ValueError: for a negative `chunk_size`, or `groups` that is not a divisor of B.
   """
   _check_chunk_size(chunk_size)
+  batch = student.shape[0]
+  if groups < 1 or batch % groups:
+    raise ValueError(f'groups={groups} must be a positive divisor of the batch {batch}')
   prototypes = prototypes.astype(jnp.float32)
-  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  teacher = teacher.astype(jnp.float32)
   student = student.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
 
-  def weighted_kl_sum(s, t, w):
-    log_q = jax.nn.log_softmax(t @ prototypes.T / teacher_temperature, axis=-1)
+  def weighted_kl_per_sample(s, t, w):  # (B, m, D), (B, m, D), (B, m) -> (B,)
+    log_q = jax.nn.log_softmax(jax.lax.stop_gradient(t @ prototypes.T / teacher_temperature),
+                               axis=-1)
     log_p = jax.nn.log_softmax(s @ prototypes.T / student_temperature, axis=-1)
-    return jnp.sum(w * jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
+    return jnp.sum(w * jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1), axis=-1)
 
   num_patches = student.shape[1]
   if not chunk_size or chunk_size >= num_patches:
-    total = weighted_kl_sum(student, teacher, weights)
+    per_sample = weighted_kl_per_sample(student, teacher, weights)
   else:
     # Zero-weight padding to whole chunks; chunks go first for the scan.
     pad = -num_patches % chunk_size
@@ -129,14 +150,17 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
       x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
       return jnp.swapaxes(x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:]), 0, 1)
 
-    body = jax.checkpoint(weighted_kl_sum)
-    total, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None), jnp.zeros(()),
-                            (chunks(student), chunks(teacher), chunks(weights)))
-  return total / (jnp.sum(weights) + 1e-6)
+    body = jax.checkpoint(weighted_kl_per_sample)
+    per_sample, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None),
+                                 jnp.zeros((batch,), jnp.float32),
+                                 (chunks(student), chunks(teacher), chunks(weights)))
+  sums = per_sample.reshape(groups, -1).sum(axis=1)
+  counts = weights.reshape(groups, -1).sum(axis=1)
+  return jnp.mean(sums / (counts + 1e-6))
 
 
-def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigDict,
-              max_logit_scale: float = 100.0) -> Tuple[jax.Array, Metrics]:
+def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigDict
+              ) -> Tuple[jax.Array, Metrics]:
   """Total loss L = L_clip + weight * L_rec and its metrics.
 
   Args:
@@ -145,9 +169,19 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     loss_config: `config.loss` with `kind` ('rils' or 'clip'), `weight` (lambda),
       `student_temperature`, `teacher_temperature`, `gate` (bool: apply the retrieval gate),
       `stop_gradient_prototypes` (bool: captions as prototypes get no gradient from L_rec),
-      `local_gradients` (bool, see `clip_loss`) and `chunk_size` (see
-      `rils_reconstruction_loss`).
-    max_logit_scale: the logit scale s = exp(logit_scale) is clipped at this value (CLIP).
+      `local_gradients` (bool, see `clip_loss`), `chunk_size` (see
+      `rils_reconstruction_loss`) and `release_gpus` (see below).
+
+  The logit scale is s = exp(logit_scale), unclamped (CLIP, SLIP): the train step clamps the
+  parameter to [0, ln max_logit_scale] after each update, so its gradient never vanishes.
+
+  `release_gpus` = N > 0 computes the release's loss as SLIP's DDP loop does on N GPUs, each
+  holding B / N consecutive rows: on one GPU SLIP's `all_gather_batch` returns the embeddings
+  themselves (gradient through the logits' columns and into the prototypes); on N > 1 it
+  gathers without gradient (as `local_gradients` and `stop_gradient_prototypes`, which it
+  overrides), and each GPU normalises L_rec by its own weight count (`groups` of
+  `rils_reconstruction_loss`). The value and every gradient equal the average of the N GPUs'
+  losses, which is what DDP's gradient average optimises.
 
   Returns:
     (loss, metrics) with float32 scalars `loss`, `clip_loss`, `recon_loss`, `clip_acc`
@@ -157,10 +191,17 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
   Raises:
     ValueError: for a `loss_config` that `check_config` refuses.
   """
-  check_config(loss_config)
-  scale = jnp.minimum(jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32)), max_logit_scale)
+  batch = outputs['image_embed'].shape[0]
+  check_config(loss_config, batch)
+  gpus = loss_config.get('release_gpus', 0)
+  if gpus:
+    local_gradients = stop_gradient_prototypes = gpus > 1
+  else:
+    local_gradients = loss_config.get('local_gradients', False)
+    stop_gradient_prototypes = loss_config.stop_gradient_prototypes
+  scale = jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32))
   l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale,
-                             loss_config.get('local_gradients', False))
+                             local_gradients)
   correct = retrieval_gate(jax.lax.stop_gradient(logits))
   metrics = dict(clip_loss=l_clip, clip_acc=correct.mean(), logit_scale=scale)
   if loss_config.kind == 'clip':
@@ -168,7 +209,7 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     return l_clip, metrics
   gate = correct if loss_config.gate else jnp.ones_like(correct)
   prototypes = outputs['text_embed']
-  if loss_config.stop_gradient_prototypes:
+  if stop_gradient_prototypes:
     prototypes = jax.lax.stop_gradient(prototypes)
   student = outputs['student']
   # Student/teacher hold only the masked patches, so m_i = 1 for every entry.
@@ -177,7 +218,7 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
       student, outputs['teacher'], prototypes, weights,
       student_temperature=loss_config.student_temperature,
       teacher_temperature=loss_config.teacher_temperature,
-      chunk_size=loss_config.get('chunk_size', 0))
+      chunk_size=loss_config.get('chunk_size', 0), groups=max(gpus, 1))
   loss = l_clip + loss_config.weight * l_rec
   metrics.update(loss=loss, recon_loss=l_rec, gate_fraction=gate.mean())
   return loss, metrics

@@ -3,7 +3,8 @@ r"""Pre-trains a RILS model.
   python -m rils_jax.main --config=configs/default.py --workdir=/tmp/rils_default
   python -m rils_jax.main --config=configs/vit_b16.py --workdir=DIR --config.input.batch_size=8
 
-Writes to DIR: config.json, tokenizer.model (the tokenizer used), metrics.jsonl (one JSON
+Writes to DIR: config.json, the tokenizer used (tokenizer.model for sentencepiece,
+tokenizer_clip_bpe.txt.gz for CLIP's BPE), metrics.jsonl (one JSON
 object per logged step, per periodic evaluation and for the final evaluation), TensorBoard
 events under tensorboard/, and orbax checkpoints under checkpoints/ (rils_jax/checkpoints.py).
 DIR is a local path or a URL (gs://bucket/run): checkpoints go straight to the bucket, and the
@@ -90,13 +91,14 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
       evaluator (evals.runner), input setting or source entry (data.pipeline), a non-positive
       `log_every` or `max_consecutive_nonfinite`, a non-positive `log_upload_seconds`, a bad
       `config.wandb` (or wandb missing for it), a negative seed, bad
-      `debug.nan_loss_steps`, or a tokenizer path that cannot be read.
+      `debug.nan_loss_steps`, a bad `config.tokenizer` or a tokenizer path that cannot be read.
     FileNotFoundError: for an `init_from` path that holds no checkpoint.
   """
   config_lib.check_keys(config)
   train_step_lib.check_platform(config)
   setup = train_step_lib.setup(config)
   losses.check_config(config.loss)
+  tokenizer_lib.check_config(config.tokenizer)
   checkpoints_lib.check_config(config)
   for key in ('log_every', 'max_consecutive_nonfinite'):
     if config[key] < 1:
@@ -124,37 +126,53 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
 
 def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
                       saved_model: Optional[bytes],
-                      local: Optional[str] = None) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer, kept as workdir/tokenizer.model.
+                      local: Optional[str] = None) -> tokenizer_lib.AnyTokenizer:
+  """The run's tokenizer (`config.tokenizer.kind`), kept in the workdir as its one file:
+  tokenizer.model (sentencepiece) or tokenizer_clip_bpe.txt.gz (CLIP's BPE vocabulary).
 
   `local` is the local folder where the tokenizer file is prepared and read (default:
   `workdir`); for a URL workdir each process keeps its own copy there and process 0 uploads it.
 
-  A run that resumes uses `saved_model`, the one saved in the checkpoint (the one its text tower
-  was trained with), and restores the workdir's copy from it. A fresh run copies the config's
-  model there or, when the config names none, trains one on the training captions (all of them
-  for csv/coco sources, those of 50,000 records spread over shard sources). With several
-  processes each one prepares and checks the same tokenizer (training is deterministic),
-  process 0 writes it, and all wait for that.
+  A run that resumes uses `saved_model`, the file saved in the checkpoint (the one its text
+  tower was trained with), and restores the workdir's copy from it. A fresh clip_bpe run copies
+  CLIP's vocabulary (`config.tokenizer.clip_vocab`, or open_clip_torch's copy); a fresh
+  sentencepiece run copies the config's model or, when the config names none, trains one on the
+  training captions (all of them for csv/coco sources, those of 50,000 records spread over
+  shard sources). With several processes each one prepares and checks the same tokenizer
+  (training is deterministic), process 0 writes it, and all wait for that.
 
   Raises:
-    ValueError: if the model's vocabulary is larger than `config.model.text.vocab_size`, or a
-      resumed run's config names a tokenizer other than the checkpoint's.
+    ValueError: for a bad `config.tokenizer` (`tokenizer.check_config`), a vocabulary larger
+      than `config.model.text.vocab_size`, or a resumed run whose config names another
+      tokenizer kind or file than the checkpoint's.
+    FileNotFoundError: when CLIP's vocabulary cannot be found.
   """
+  tokenizer_lib.check_config(config.tokenizer)
+  kind = config.tokenizer.kind
   local = local or workdir
   remote = storage.is_url(workdir)
-  path = os.path.join(local, 'tokenizer.model')
+  name = tokenizer_lib.FILE_NAMES[kind]
+  path = os.path.join(local, name)
   # The tokenizer goes to a temporary name and replaces the workdir's copy only if it fits.
   tmp = f'{path}.tmp{jax.process_index()}'
   if saved_model is not None:
-    if config.tokenizer.model:
-      with open(config.tokenizer.model, 'rb') as f:
-        if f.read() != saved_model:
+    saved_kind = tokenizer_lib.kind_of(saved_model)
+    if saved_kind != kind:
+      raise ValueError(f'{workdir} holds a checkpoint trained with the {saved_kind} tokenizer but '
+                       f'config.tokenizer.kind={kind!r}; resume with --config.tokenizer.kind='
+                       f'{saved_kind}, or use a new workdir to train with another tokenizer')
+    key = 'model' if kind == 'sentencepiece' else 'clip_vocab'
+    named = config.tokenizer[key]
+    if named:
+      with open(tokenizer_lib.find_clip_vocab(named) if key == 'clip_vocab' else named, 'rb') as f:
+        if tokenizer_lib.fingerprint(f.read()) != tokenizer_lib.fingerprint(saved_model):
           raise ValueError(f'{workdir} holds a checkpoint trained with another tokenizer than '
-                           f'config.tokenizer.model={config.tokenizer.model!r}; use a new '
-                           'workdir to train with another tokenizer')
+                           f'config.tokenizer.{key}={named!r}; use a new workdir to train with '
+                           'another tokenizer')
     with open(tmp, 'wb') as f:
       f.write(saved_model)
+  elif kind == 'clip_bpe':
+    shutil.copyfile(tokenizer_lib.find_clip_vocab(config.tokenizer.clip_vocab), tmp)
   elif config.tokenizer.model:
     shutil.copyfile(config.tokenizer.model, tmp)
   else:
@@ -163,7 +181,7 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
                  config.tokenizer.vocab_size, len(captions))
     tokenizer_lib.train_tokenizer(captions, config.tokenizer.vocab_size, tmp)
   try:
-    check_vocab(tokenizer_lib.Tokenizer(tmp), config)
+    check_vocab(tokenizer_lib.load(tmp), config)
   except ValueError:
     os.remove(tmp)
     raise
@@ -173,22 +191,24 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
     os.remove(tmp)
   if remote and jax.process_index() == 0:
     with open(path, 'rb') as f:
-      storage.write_bytes(storage.join(workdir, 'tokenizer.model'), f.read())
+      storage.write_bytes(storage.join(workdir, name), f.read())
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('rils_jax tokenizer written')
-  return tokenizer_lib.Tokenizer(path)
+  return tokenizer_lib.load(path)
 
 
-def check_vocab(tokenizer: tokenizer_lib.Tokenizer, config) -> tokenizer_lib.Tokenizer:
+def check_vocab(tokenizer: tokenizer_lib.AnyTokenizer, config) -> tokenizer_lib.AnyTokenizer:
   """Returns `tokenizer` if the text tower embeds all its ids.
 
   Raises:
     ValueError: if its vocabulary is larger than `config.model.text.vocab_size`.
   """
   if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise ValueError(f'tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but '
-                     'the text tower embeds only config.model.text.vocab_size='
-                     f'{config.model.text.vocab_size}')
+    which = ("CLIP's BPE tokenizer (config.tokenizer.kind='clip_bpe')"
+             if tokenizer.kind == 'clip_bpe' else f'tokenizer {tokenizer.model_path}')
+    raise ValueError(f'{which} has {tokenizer.vocab_size} pieces but the text tower embeds only '
+                     f'config.model.text.vocab_size={config.model.text.vocab_size}; set '
+                     f'--config.model.text.vocab_size={tokenizer.vocab_size} or more')
   return tokenizer
 
 

@@ -1,9 +1,15 @@
 """Optimizers: AdamW with linear warm-up + cosine decay and global-norm clipping (optax), and
 the same with layer-wise learning-rate decay for fine-tuning.
 
-Weight decay applies to weight matrices only: `kernel`s of dense/conv layers and the two
-projections. Biases, LayerNorm parameters, q/v biases, embeddings (token and positional), the
-CLS and mask tokens and the logit scale are not decayed (CLIP / SLIP / MAE practice).
+Which parameters are weight-decayed (`config.optim.weight_decay_mask`):
+- 'slip' (SLIP's `main.py`, the loop the RILS release descends from): every parameter except
+  biases, norms and the logit scale, i.e. SLIP's rule "p.ndim >= 2 and no 'bias' / 'ln' / 'bn'
+  in the name" applied to the PyTorch shapes: kernels, the two projections, the token and
+  positional embeddings of the text tower, the CLS and mask tokens are decayed; q / v biases
+  and the text tower's qkv bias (1-D `*_bias` tensors in PyTorch) are not.
+- 'kernels': `kernel`s of dense / conv layers and the two projections only (MAE fine-tuning
+  practice, which also keeps the CLS token and position embeddings free; used by
+  `make_finetune_optimizer`).
 """
 
 import jax
@@ -13,17 +19,43 @@ import optax
 from flax import traverse_util
 
 DECAYED_NAMES = ('kernel', 'image_projection', 'text_projection')
+MASKS = ('slip', 'kernels')
 
 
 def weight_decay_mask(params):
-  """Pytree of bools, True for leaves whose last path element is in `DECAYED_NAMES`."""
+  """The 'kernels' rule: pytree of bools, True for leaves whose last path element is in
+  `DECAYED_NAMES`."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: k[-1] in DECAYED_NAMES for k in flat})
 
 
+def slip_weight_decay_mask(params):
+  """The 'slip' rule: pytree of bools, False for biases (`bias`, `q_bias`, `v_bias`), LayerNorm
+  parameters (`scale`, `bias` of a norm) and the 0-d logit scale, True for everything else."""
+  flat = traverse_util.flatten_dict(params)
+
+  def decayed(path, value) -> bool:
+    name = path[-1]
+    return not (name.endswith('bias') or name == 'scale' or jnp.ndim(value) == 0)
+
+  return traverse_util.unflatten_dict({k: decayed(k, v) for k, v in flat.items()})
+
+
+def decay_mask_fn(rule: str):
+  """The mask function of rule 'slip' or 'kernels' (see the module docstring).
+
+  Raises:
+    ValueError: for another rule.
+  """
+  if rule not in MASKS:
+    raise ValueError(f"config.optim.weight_decay_mask must be 'slip' or 'kernels', got {rule!r}")
+  return slip_weight_decay_mask if rule == 'slip' else weight_decay_mask
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `config.optim.lr` over `warmup_steps`, then cosine decay to
-  `lr * min_lr_ratio` at `config.total_steps` (SLIP recipe: cosine with warm-up).
+  """Linear warm-up from `config.optim.lr_start` (default 0) to `lr` over `warmup_steps`, then
+  cosine decay to `lr * min_lr_ratio` at `config.total_steps` (SLIP's schedule: warm-up from
+  1e-6, cosine down to 1e-5, i.e. lr_start=1e-6, min_lr_ratio=1e-5 / lr).
 
   Raises:
     ValueError: if `total_steps` is not positive or `warmup_steps` is negative.
@@ -35,27 +67,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     raise ValueError(f'config.optim.warmup_steps={o.warmup_steps} must be >= 0')
   warmup = min(o.warmup_steps, config.total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+      init_value=o.get('lr_start', 0.0), peak_value=o.lr, warmup_steps=warmup,
       decay_steps=max(config.total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm(config.optim.grad_clip) followed by masked AdamW.
+  """clip_by_global_norm(config.optim.grad_clip) (none when 0, as SLIP) followed by AdamW
+  with weight decay on the parameters of `config.optim.weight_decay_mask` (see above).
 
   The first moment is kept in `config.optim.mu_dtype` ('float32' or 'bfloat16', which halves
   its memory); the second moment and the parameters stay float32.
 
   Raises:
-    ValueError: for another `mu_dtype`.
+    ValueError: for another `mu_dtype` or `weight_decay_mask`.
   """
   o = config.optim
+  mask = decay_mask_fn(o.get('weight_decay_mask', 'kernels'))
   if o.mu_dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.optim.mu_dtype must be 'float32' or 'bfloat16', got {o.mu_dtype!r}")
   transforms = []
   if o.grad_clip:
     transforms.append(optax.clip_by_global_norm(o.grad_clip))
   transforms.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                                weight_decay=o.weight_decay, mask=weight_decay_mask,
+                                weight_decay=o.weight_decay, mask=mask,
                                 mu_dtype=jnp.dtype(o.mu_dtype)))
   return optax.chain(*transforms)
 

@@ -1,7 +1,15 @@
-"""sentencepiece tokenisation for captions, and the tokenizer-training command.
+"""Caption tokenizers (`config.tokenizer.kind`), and the sentencepiece-training command.
 
-Train a model on caption files (CSV with a `caption` column, COCO captions JSON, or plain text
-with one caption per line):
+- 'sentencepiece' (default): a BPE sentencepiece model, the config's `tokenizer.model` or one
+  trained on the training captions (`Tokenizer`, `train_tokenizer`).
+- 'clip_bpe': CLIP's 49,408-token BPE, as the RILS paper and release (rils_jax/clip_bpe.py).
+
+Both have `kind`, `vocab_size`, `eot_id`, `pad_id`, `model_path` (the one file that rebuilds
+them: the .model, or CLIP's bpe_simple_vocab_16e6.txt.gz) and `encode(captions, context_length)`
+-> int32 rows; `load(path)` opens either from its file.
+
+Train a sentencepiece model on caption files (CSV with a `caption` column, COCO captions JSON,
+or plain text with one caption per line):
 
   python -m rils_jax.tokenizer train --captions=../shared/data/flickr8k_1k/captions.csv \
       --vocab_size=2000 --out=/tmp/flickr.model
@@ -11,19 +19,26 @@ is no start token (the text tower pools the end-of-text feature, CLIP-style).
 """
 
 import csv
+import gzip
+import hashlib
 import io
 import json
 import os
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
 from absl import app
 from absl import flags
 
+from rils_jax import clip_bpe
 from rils_jax.data import records
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+KINDS = ('sentencepiece', 'clip_bpe')
+# The run's tokenizer file in its workdir, by kind.
+FILE_NAMES = {'sentencepiece': 'tokenizer.model', 'clip_bpe': 'tokenizer_clip_bpe.txt.gz'}
+_GZIP_MAGIC = b'\x1f\x8b'  # CLIP's vocabulary is gzipped; a sentencepiece model is a protobuf.
 
 
 class Tokenizer:
@@ -33,6 +48,8 @@ class Tokenizer:
     FileNotFoundError: if `model_path` does not exist.
     ValueError: if the model has no end-of-text id.
   """
+
+  kind = 'sentencepiece'
 
   def __init__(self, model_path: str):
     if not os.path.isfile(model_path):
@@ -73,7 +90,10 @@ class Tokenizer:
     out = np.full((len(captions), context_length), self.pad_id, np.int32)
     limit = 32 * context_length
     captions = [_cut(c, limit) for c in captions]
-    for row, ids in enumerate(self._sp.encode(captions)):
+    # sentencepiece encodes a list on a new thread pool per call: 0.2 ms, 10 times the cost of
+    # a caption, for the one-caption calls of the training pipeline.
+    batch = [self._sp.encode(captions[0])] if len(captions) == 1 else self._sp.encode(captions)
+    for row, ids in enumerate(batch):
       ids = ids[:context_length - 1] + [self.eot_id]
       out[row, :len(ids)] = ids
     return out
@@ -84,6 +104,59 @@ def _cut(text: str, limit: int) -> str:
     return text
   space = text.rfind(' ', limit // 2, limit)
   return text[:space if space > 0 else limit]
+
+
+AnyTokenizer = Union[Tokenizer, clip_bpe.ClipBpeTokenizer]
+find_clip_vocab = clip_bpe.find_vocab
+
+
+def check_config(config) -> None:
+  """Checks `config.tokenizer` (kind, and that only the kind's own keys are set).
+
+  Raises:
+    ValueError: for an unknown kind, or a key of the other kind.
+  """
+  kind = config.kind
+  if kind not in KINDS:
+    raise ValueError(f'config.tokenizer.kind={kind!r} must be one of {KINDS}')
+  if kind == 'clip_bpe' and config.model:
+    raise ValueError(f'config.tokenizer.model={config.model!r} is a sentencepiece model, but '
+                     "config.tokenizer.kind='clip_bpe'; drop one of them")
+  if kind == 'sentencepiece' and config.get('clip_vocab'):
+    raise ValueError(f'config.tokenizer.clip_vocab={config.clip_vocab!r} applies to '
+                     "config.tokenizer.kind='clip_bpe' (the kind is 'sentencepiece')")
+
+
+def kind_of(data: bytes) -> str:
+  """'clip_bpe' for (gzipped) CLIP vocabulary bytes, else 'sentencepiece'."""
+  return 'clip_bpe' if data[:2] == _GZIP_MAGIC else 'sentencepiece'
+
+
+def fingerprint(data: bytes) -> str:
+  """sha256 of a tokenizer file's content: of the model bytes, or of CLIP's vocabulary text
+  (not of its gzip container, whose header differs between copies of the same text)."""
+  if kind_of(data) == 'clip_bpe':
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise ValueError(f'a damaged gzip file where CLIP\'s vocabulary was expected: {e}') from e
+  return hashlib.sha256(data).hexdigest()
+
+
+def load(path: str) -> AnyTokenizer:
+  """The tokenizer of a file: a sentencepiece .model, or CLIP's bpe_simple_vocab_16e6.txt.gz.
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if it is not a usable tokenizer of its kind.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'tokenizer file not found: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  if kind_of(head) == 'clip_bpe':
+    return clip_bpe.ClipBpeTokenizer(path)
+  return Tokenizer(path)
 
 
 def read_captions(path: str) -> List[str]:

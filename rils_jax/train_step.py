@@ -87,7 +87,8 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   `mesh`; returns the number of micro-batches.
 
   Raises:
-    ValueError: naming the sizes that do not divide.
+    ValueError: naming the sizes that do not divide (also `config.loss.release_gpus`, which
+      must divide the global batch).
   """
   batch, devices, processes = config.input.batch_size, mesh.size, jax.process_count()
   if batch < 1 or batch % devices or batch % processes:
@@ -96,6 +97,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   accum, shards = config.optim.accum_steps, sharding.data_parallel_size(mesh)
   if accum < 1:
     raise ValueError(f'config.optim.accum_steps={accum} must be >= 1')
+  losses.check_config(config.loss, batch)
   if batch % (accum * shards):
     raise ValueError(f'config.input.batch_size={batch} must split into '
                      f'config.optim.accum_steps={accum} micro-batches, each a multiple of the '
@@ -217,7 +219,8 @@ def masking_for(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: ja
   """The masked branch's `vit.Masking` for `batch` images, or None for `loss.kind` 'clip'."""
   if config.loss.kind != 'rils':
     return None
-  return vit.random_masking(rng, batch, math.prod(model.grid_shape()), config.model.mask_ratio)
+  return vit.random_masking(rng, batch, math.prod(model.grid_shape()), config.model.mask_ratio,
+                            config.model.get('keep_rounding', 'floor'))
 
 
 def forward(model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh: Mesh, params,
@@ -251,7 +254,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
   nan_loss_steps = tuple(int(s) for s in config.debug.nan_loss_steps)
 
   def loss_of(outputs, fault):
-    loss, metrics = losses.rils_loss(outputs, config.loss, config.loss.max_logit_scale)
+    loss, metrics = losses.rils_loss(outputs, config.loss)
     return loss * fault, {**metrics, 'loss': metrics['loss'] * fault}
 
   def features(params, micro_batch):  # GradCache's per-example part: all but the logit scale.
@@ -295,13 +298,14 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
 
 
 def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float):
-  """The optimizer update of `state` by `grads`, with the logit scale clamped, unless the loss
-  or the gradient norm is not finite. Returns (params, opt_state, the gradient norm before
+  """The optimizer update of `state` by `grads`, with the logit scale clamped to
+  [0, max_log_scale], unless the loss or the gradient norm is not finite. Returns (params, opt_state, the gradient norm before
   clipping, int32 1 when the update was skipped else 0)."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # CLIP clamps the learnable log-scale so that exp(logit_scale) <= 100.
-  params = {**params, 'logit_scale': jnp.minimum(params['logit_scale'], max_log_scale)}
+  # SLIP's loop clamps the parameter after the step, so that 1 <= exp(logit_scale) <= 100 and
+  # the forward's exp is never clipped: the scale's gradient never vanishes at the cap.
+  params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
   grad_norm = optax.tree.norm(grads)
   # One bad batch or overflow must not poison the run: keep the previous parameters and
   # moments (a NaN would otherwise spread into every weight through Adam's moments). The step

@@ -31,6 +31,11 @@ def test_vit_b16_is_the_paper_setup():
   assert (c.loss.weight, c.loss.student_temperature, c.loss.teacher_temperature) == (
       0.5, 0.1, 0.04)
   assert (c.input.batch_size, c.optim.b2, c.input.crop_scale) == (4096, 0.98, (0.5, 1.0))
+  # The release's tokenizer and SLIP's loop (issue 17's recipe details).
+  assert (c.tokenizer.kind, c.model.text.vocab_size) == ('clip_bpe', 49408)
+  assert (c.optim.lr_start, c.optim.lr * c.optim.min_lr_ratio) == (1e-6, pytest.approx(1e-5))
+  assert (c.optim.weight_decay_mask, c.optim.grad_clip) == ('slip', 0.0)
+  assert (c.model.bias_init, c.model.keep_rounding, c.loss.release_gpus) == ('release', 'floor', 0)
   model = rils_lib.build_model(c, eot_id=2)
   params = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
   vision = sum(x.size for x in jax.tree.leaves(params['visual']))

@@ -1,7 +1,8 @@
 """Export to PyTorch: the real timm and open_clip models, loaded from the export, give the same
 image and text embeddings as rils_jax (float32, within 1e-4) for a ViT-Ti with a small text tower
-with random weights, and for the FSDP-sharded checkpoint of a short run on ../shared/data
-exported by the command on a single CPU device.
+with random weights, for the FSDP-sharded checkpoint of a short run on ../shared/data
+exported by the command on a single CPU device, and for a clip_bpe run tokenised by open_clip's
+own tokenizer.
 
 Needs torch, timm and open_clip (tests/requirements.txt); skipped without them.
 """
@@ -26,6 +27,7 @@ from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import transforms
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
+from tests import test_tokenizer
 from tests import tiny
 
 torch = pytest.importorskip('torch')
@@ -239,3 +241,38 @@ def test_short_real_run_fsdp_checkpoint_exported_on_one_device(real_run, tmp_pat
   out = _run_export(f'--checkpoint={real_run}', '--format=timm', f'--out={vit_path}')
   assert out.returncode != 0 and 'never overwrites' in out.stderr
   assert open(vit_path, 'rb').read() == before
+
+
+def test_clip_bpe_run_export_uses_open_clips_own_tokenizer(tmp_path_factory, tmp_path):
+  workdir, _, _ = test_tokenizer.clip_bpe_run(tmp_path_factory)
+  folder = str(tmp_path / 'open_clip')
+  printed = export._export('open_clip', workdir, None, folder, 'none')
+  assert sorted(os.listdir(folder)) == sorted([
+      export.CLIP_VOCAB, export.TIMM_CONFIG, export.OPEN_CLIP_CONFIG, export.OPEN_CLIP_WEIGHTS])
+  with open(os.path.join(folder, export.OPEN_CLIP_CONFIG)) as f:
+    text_cfg = json.load(f)['model_cfg']['text_cfg']
+  # open_clip's plain text config: argmax pooling (end-of-text 49407 is CLIP's largest id).
+  assert not {'pool_type', 'eos_id', 'pad_id'} & set(text_cfg) and text_cfg['vocab_size'] == 49408
+  assert 'wrong ids' not in printed
+  namespace = {}  # The printed loading lines run as printed.
+  exec(textwrap.dedent(printed.split('Load with:\n')[1].split("\n(CLIP's BPE")[0]),
+       namespace)  # pylint: disable=exec-used
+
+  restored = restore_lib.restore(workdir)
+  context = restored.config.model.text.context_length
+  assert namespace['tokens'].tolist() == restored.tokenizer.encode(['a photo of a dog'],
+                                                                   context).tolist()
+  # Non-ASCII, empty, truncated, and a spelled end-of-text (both pool at the first one).
+  captions = ['a red circle', 'Crème brûlée 🐶 &amp; 東京', '', 'word ' * 100, 'x <end_of_text> y']
+  tokens = namespace['tokenizer'](captions).numpy()
+  np.testing.assert_array_equal(tokens, restored.tokenizer.encode(captions, context))
+  np.testing.assert_array_equal(
+      export.tokenize(captions, os.path.join(folder, export.CLIP_VOCAB), context), tokens)
+  assert (tokens[-1] == 49407).sum() == 2
+  params = jax.device_get(restored.params)
+  rng = np.random.default_rng(0)
+  size = restored.config.model.image_size
+  pixels = np.asarray(transforms.normalize(
+      rng.integers(0, 256, (len(captions), size, size, 3), dtype=np.uint8), restored.config.input))
+  image_embed, _, text_embed = _jax_embeddings(restored.model, params, pixels, tokens)
+  _check_open_clip(folder, pixels, tokens, image_embed, text_embed, float(params['logit_scale']))

@@ -1,5 +1,6 @@
-"""Losses against NumPy references on hand-built cases, the gradient switches, the release's
-local CLIP gradient and chunked reconstruction logits."""
+"""Losses against NumPy references on hand-built cases, the gradient switches, the logit
+scale's gradient at the cap, the release's loss on N GPUs (a per-GPU simulation of SLIP's DDP
+loop with the release's `RILSLoss`) and chunked reconstruction logits."""
 
 import jax
 import jax.numpy as jnp
@@ -113,13 +114,38 @@ def test_gate_and_total_match_numpy(embeddings):
   assert float(metrics['gate_fraction']) == 1.0
 
 
-def test_logit_scale_is_clipped_at_100(embeddings):
+def _np_clip_scale_grad(img, txt, scale):
+  """dL_clip / d ln(s) in float64: s * dL/ds, with dCE_b/ds = sum_j (p_bj - [j = b]) z_bj."""
+  z = img @ txt.T
+  n = len(img)
+  grad = 0.0
+  for sims in (z, z.T):
+    p = np.exp(_log_softmax(scale * sims))
+    grad += 0.5 * np.mean(np.sum((p - np.eye(n)) * sims, axis=1))
+  return scale * grad
+
+
+@pytest.mark.parametrize('offset', [-0.01, 0.0, 0.01])
+def test_logit_scale_gradient_flows_below_at_and_above_the_cap(embeddings, offset):
+  # The forward uses exp(logit_scale) unclamped (CLIP, SLIP); the step clamps the parameter.
+  # A clipped forward (min(exp, 100)) had a zero gradient at float32(ln 100), whose exp is
+  # 100.0000076, so a scale at the cap could never come down.
   img, txt, _, _ = embeddings
   cfg = tiny.tiny_config(**{'loss.kind': 'clip'}).loss
-  _, metrics = losses.rils_loss(dict(image_embed=img, text_embed=txt,
-                                     logit_scale=jnp.asarray(10.0)), cfg)
-  assert float(metrics['logit_scale']) == pytest.approx(100.0)
-  np.testing.assert_allclose(metrics['loss'], _np_clip_loss(img, txt, 100.0), rtol=1e-5)
+  log_scale = np.float32(np.log(100.0)) + np.float32(offset)
+
+  def loss(log_scale):
+    return losses.rils_loss(dict(image_embed=jnp.asarray(img, jnp.float32),
+                                 text_embed=jnp.asarray(txt, jnp.float32),
+                                 logit_scale=log_scale), cfg)
+
+  (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.float32(log_scale))
+  scale = float(np.exp(np.float64(log_scale)))
+  np.testing.assert_allclose(metrics['logit_scale'], scale, rtol=1e-6)
+  np.testing.assert_allclose(value, _np_clip_loss(img, txt, scale), rtol=1e-5)
+  want = _np_clip_scale_grad(img, txt, scale)
+  assert abs(want) > 1e-3
+  np.testing.assert_allclose(grad, want, rtol=1e-4)
 
 
 def test_unknown_kind_raises(embeddings):
@@ -158,6 +184,100 @@ def test_stop_gradient_switch_on_prototypes():
   # to the logit scale.
   assert norm(on['decoder']) > 0.0 and norm(on['visual']) > 0.0
   assert norm(on['logit_scale']) == 0.0
+
+
+def test_prototype_gradient_comes_from_the_student_side_only():
+  # The release detaches the teacher logits t P^T as a whole (`.detach()` in `RILSLoss`), so
+  # with gradients into the prototypes (stop_gradient_prototypes=false) only the student side
+  # p = softmax(s P^T / tau_s) reaches P: dL/dP_j = sum_i w_i (p_ij - q_ij) s_i / (tau_s W),
+  # W = sum_i w_i + 1e-6. Stated in float64 NumPy.
+  rng = np.random.default_rng(3)
+  b, m, d, tau_s, tau_t = 3, 4, 6, 0.1, 0.04
+  student = _normalize(rng.normal(size=(b, m, d)))
+  teacher = _normalize(rng.normal(size=(b, m, d)))
+  protos = _normalize(rng.normal(size=(b, d)))
+  weights = rng.integers(0, 2, size=(b, m)).astype(np.float64)
+  weights[0, 0] = 1.0
+
+  def loss(s, t, p):
+    return losses.rils_reconstruction_loss(s, t, p, jnp.asarray(weights, jnp.float32),
+                                           student_temperature=tau_s,
+                                           teacher_temperature=tau_t)
+
+  args = [jnp.asarray(x, jnp.float32) for x in (student, teacher, protos)]
+  value, (g_student, g_teacher, g_protos) = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
+  np.testing.assert_allclose(value, _np_recon(student, teacher, protos, weights, tau_s, tau_t),
+                             rtol=1e-5)
+  q = np.exp(_log_softmax(teacher @ protos.T / tau_t))
+  p = np.exp(_log_softmax(student @ protos.T / tau_s))
+  total = weights.sum() + 1e-6
+  want_protos = np.einsum('bm,bmc,bmd->cd', weights, p - q, student) / (tau_s * total)
+  want_student = np.einsum('bm,bmc,cd->bmd', weights, p - q, protos) / (tau_s * total)
+  np.testing.assert_allclose(g_protos, want_protos, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g_student, want_student, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(g_teacher).max()) == 0.0
+
+
+def _release_loss_on_gpus(outputs, gpus, weight=0.5, tau_s=0.1, tau_t=0.04):
+  """The release's `RILSLoss` as `gpus` ranks of SLIP's DDP loop compute it, averaged as DDP
+  averages their gradients. Rank r holds rows [r B / gpus, (r + 1) B / gpus);
+  `all_gather_batch` returns the tensors themselves on one GPU and gathers without gradient on
+  more."""
+  image, text, student, teacher = (outputs[k] for k in ('image_embed', 'text_embed', 'student',
+                                                        'teacher'))
+  scale = jnp.exp(outputs['logit_scale'])
+  gather = (lambda x: x) if gpus == 1 else jax.lax.stop_gradient
+  image_all, text_all = gather(image), gather(text)
+  total = 0.0
+  for rows in np.split(np.arange(len(image)), gpus):
+    logits_per_image = scale * image[rows] @ text_all.T
+    logits_per_text = scale * text[rows] @ image_all.T
+    clip = 0.5 * (-jax.nn.log_softmax(logits_per_image)[np.arange(len(rows)), rows].mean()
+                  - jax.nn.log_softmax(logits_per_text)[np.arange(len(rows)), rows].mean())
+    pred = jnp.argmax(logits_per_image, axis=-1)
+    student_logits = student[rows] @ text_all.T / tau_s
+    teacher_logits = jax.lax.stop_gradient(teacher[rows] @ text_all.T / tau_t)
+    q = jax.nn.softmax(teacher_logits)
+    kl = jnp.sum(-q * jax.nn.log_softmax(student_logits) + q * jax.nn.log_softmax(teacher_logits),
+                 axis=-1)
+    mask = jnp.ones(kl.shape) * (pred == rows)[:, None]
+    total += clip + weight * jnp.sum(kl * mask) / (jnp.sum(mask) + 1e-6)
+  return total / gpus
+
+
+def test_release_gpus_reproduces_the_release_on_n_gpus():
+  rng = np.random.default_rng(4)
+  b, m, d = 8, 3, 6
+  text = _normalize(rng.normal(size=(b, d)))
+  image = text + 0.3 * rng.normal(size=(b, d))
+  image[4:] = text[:4]  # Rows 4-7 retrieve another row's caption: gated counts (4, 0) on 2 GPUs.
+  outputs = dict(image_embed=_normalize(image), text_embed=text,
+                 student=_normalize(rng.normal(size=(b, m, d))),
+                 teacher=_normalize(rng.normal(size=(b, m, d))), logit_scale=np.log(10.0))
+  outputs = {k: jnp.asarray(v, jnp.float32) for k, v in outputs.items()}
+  names = ('image_embed', 'text_embed', 'student', 'logit_scale')
+
+  def grads(fn):
+    def of(*args):
+      return fn({**outputs, **dict(zip(names, args))})
+    return jax.value_and_grad(of, argnums=tuple(range(len(names))))(
+        *(outputs[k] for k in names))
+
+  for gpus in (1, 2, 4):
+    cfg = tiny.tiny_config(**{'loss.release_gpus': gpus}).loss
+    got_value, got = grads(lambda o: losses.rils_loss(o, cfg)[0])
+    want_value, want = grads(lambda o: _release_loss_on_gpus(o, gpus))
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name, g, w in zip(names, got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f'{gpus} GPUs: {name}')
+  # The global form (default) is the release on one GPU only with no prototype gradient;
+  # on 2 GPUs with gated counts (4, 0) its L_rec differs from the release's.
+  default = tiny.tiny_config().loss
+  two = tiny.tiny_config(**{'loss.release_gpus': 2}).loss
+  rec = lambda c: float(losses.rils_loss(outputs, c)[1]['recon_loss'])
+  assert abs(rec(default) - 2 * rec(two)) < 1e-4 * rec(default)  # Half the ranks gated.
+  with pytest.raises(ValueError, match='release_gpus=3 must divide the global batch 8'):
+    losses.rils_loss(outputs, tiny.tiny_config(**{'loss.release_gpus': 3}).loss)
 
 
 def _embeddings(batch, dim, seed):

@@ -12,11 +12,15 @@ from rils_jax.models import vit
 from tests import tiny
 
 
-@pytest.mark.parametrize('num_patches,mask_ratio', [(196, 0.75), (64, 0.75), (10, 0.33)])
-def test_masking_keeps_exact_count_differs_and_restores(num_patches, mask_ratio):
+@pytest.mark.parametrize('num_patches,mask_ratio,rounding,keep', [
+    (196, 0.75, 'floor', 49), (64, 0.75, 'floor', 16), (10, 0.33, 'floor', 6),
+    (196, 0.9, 'floor', 19), (196, 0.9, 'round', 20), (10, 0.33, 'round', 7)])
+def test_masking_keeps_exact_count_differs_and_restores(num_patches, mask_ratio, rounding, keep):
+  # 'floor' is the release's (and MAE's) len_keep = int(L * (1 - mask_ratio)).
   batch = 6
-  m = vit.random_masking(jax.random.PRNGKey(3), batch, num_patches, mask_ratio)
-  keep = int(round(num_patches * (1 - mask_ratio)))
+  m = vit.random_masking(jax.random.PRNGKey(3), batch, num_patches, mask_ratio, rounding)
+  assert keep == (int(num_patches * (1 - mask_ratio)) if rounding == 'floor'
+                  else round(num_patches * (1 - mask_ratio)))
   assert m.ids_keep.shape == (batch, keep)
   assert m.ids_masked.shape == (batch, num_patches - keep)
   np.testing.assert_array_equal(np.asarray(m.mask).sum(1), num_patches - keep)
@@ -36,6 +40,33 @@ def test_masking_keeps_exact_count_differs_and_restores(num_patches, mask_ratio)
 def test_masking_rejects_degenerate_ratio():
   with pytest.raises(ValueError, match='mask_ratio'):
     vit.random_masking(jax.random.PRNGKey(0), 2, 4, 0.99)
+  with pytest.raises(ValueError, match="keep_rounding must be 'floor' or 'round'"):
+    vit.random_masking(jax.random.PRNGKey(0), 2, 4, 0.5, 'ceil')
+
+
+@pytest.mark.parametrize('bias_init', ['release', 'zeros'])
+def test_biases_the_release_leaves_at_pytorch_default(bias_init):
+  # The release zeroes the ViT's linear biases (MAE's _init_weights) and CLIP's attention
+  # biases, but leaves the patch embedding's conv bias and the text MLP's biases at PyTorch's
+  # default U(+-fan_in^-0.5).
+  config = tiny.tiny_config(**{'model.bias_init': bias_init})
+  model = rils_lib.build_model(config, eot_id=2)
+  params = jax.device_get(jax.jit(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))())
+  patch, width = model.patch_size, model.text_width
+  text = params['text']['blocks_0']
+  for bias, fan_in in [(params['visual']['patch_embed']['bias'], 3 * patch * patch),
+                       (text['fc1']['bias'], width), (text['fc2']['bias'], 4 * width)]:
+    bound = fan_in ** -0.5
+    if bias_init == 'zeros':
+      assert not np.any(bias)
+    else:  # Uniform on (-bound, bound): inside it, and spread over it.
+      assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.8 * bound
+      assert abs(float(np.mean(bias))) < 0.25 * bound and np.std(bias) > 0.4 * bound
+  for zero in (params['visual']['blocks_0']['mlp']['fc1']['bias'], text['qkv']['bias'],
+               text['proj']['bias'], params['decoder']['decoder_embed']['bias']):
+    assert not np.any(zero)
+  with pytest.raises(ValueError, match="bias_init must be 'release' or 'zeros'"):
+    rils_lib.build_model(tiny.tiny_config(**{'model.bias_init': 'torch'}), eot_id=2)
 
 
 def test_sincos_pos_embed_matches_formula():

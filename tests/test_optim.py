@@ -14,11 +14,37 @@ from rils_jax.models import rils as rils_lib
 from tests import tiny
 
 
+def _mask(path, tree):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def test_slip_weight_decay_mask_decays_all_but_biases_norms_and_scale():
+  # SLIP's rule: p.ndim >= 2 and no 'bias' / 'ln' / 'bn' in the name, on PyTorch's shapes.
+  params = jax.eval_shape(lambda: rils_lib.init_params(
+      rils_lib.build_model(tiny.tiny_config(), eot_id=2), jax.random.PRNGKey(0)))
+  mask = optim.decay_mask_fn('slip')(params)
+  for path in [('visual', 'blocks_0', 'attn', 'qkv', 'kernel'), ('visual', 'patch_embed', 'kernel'),
+               ('image_projection',), ('text_projection',), ('visual', 'cls_token'),
+               ('decoder', 'mask_token'), ('text', 'token_embedding', 'embedding'),
+               ('text', 'positional_embedding'), ('decoder', 'decoder_pred', 'kernel')]:
+    assert _mask(path, mask) is True, path
+  for path in [('logit_scale',), ('visual', 'blocks_0', 'attn', 'q_bias'),
+               ('visual', 'blocks_0', 'attn', 'v_bias'), ('visual', 'norm', 'scale'),
+               ('visual', 'norm', 'bias'), ('text', 'blocks_0', 'qkv', 'bias'),
+               ('text', 'ln_final', 'scale'), ('visual', 'patch_embed', 'bias'),
+               ('visual', 'blocks_0', 'mlp', 'fc1', 'bias')]:
+    assert _mask(path, mask) is False, path
+  with pytest.raises(ValueError, match="weight_decay_mask must be 'slip' or 'kernels'"):
+    optim.make_optimizer(tiny.tiny_config(**{'optim.weight_decay_mask': 'all'}))
+
+
 def test_weight_decay_mask_excludes_biases_norms_embeddings_tokens_and_scale():
   config = tiny.tiny_config()
   model = rils_lib.build_model(config, eot_id=2)
   params = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))
-  mask = optim.weight_decay_mask(params)
+  mask = optim.decay_mask_fn('kernels')(params)
   assert mask['visual']['blocks_0']['attn']['qkv']['kernel']
   assert mask['visual']['patch_embed']['kernel']
   assert mask['image_projection'] and mask['text_projection']
@@ -33,13 +59,23 @@ def test_weight_decay_mask_excludes_biases_norms_embeddings_tokens_and_scale():
 
 
 def test_schedule_warms_up_then_decays():
-  config = tiny.tiny_config(**{'total_steps': 100, 'optim.warmup_steps': 10, 'optim.lr': 1.0})
+  config = tiny.tiny_config(**{'total_steps': 100, 'optim.warmup_steps': 10, 'optim.lr': 1.0,
+                               'optim.lr_start': 0.0, 'optim.min_lr_ratio': 0.0})
   schedule = optim.learning_rate_schedule(config)
   assert float(schedule(0)) == 0.0
   assert float(schedule(5)) == pytest.approx(0.5)
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(55)) == pytest.approx(0.5, abs=1e-6)
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_schedule_of_slip_starts_at_1e_6_and_ends_at_1e_5():
+  config = tiny.tiny_config(**{'total_steps': 100, 'optim.warmup_steps': 10, 'optim.lr': 5e-4,
+                               'optim.lr_start': 1e-6, 'optim.min_lr_ratio': 1e-5 / 5e-4})
+  schedule = optim.learning_rate_schedule(config)
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)  # float32
+  assert float(schedule(10)) == pytest.approx(5e-4, rel=1e-5)
+  assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-5)
 
 
 def _params(depth=2):

@@ -1,13 +1,13 @@
 """A trained model back from a checkpoint, for evaluation and patch-text maps on one host.
 
 The model is rebuilt from the config saved in the checkpoint and the text tower's tokenizer from
-the sentencepiece model saved with it; the parameters are read whole (orbax stores each array's
+the file saved with it (a sentencepiece model, or CLIP's BPE vocabulary for clip_bpe runs, so
+open_clip need not be installed here); the parameters are read whole (orbax stores each array's
 global value), so a checkpoint written under any mesh or number of hosts restores here. Only
 the parameters are read, not the optimizer state.
 """
 
 import atexit
-import base64
 import dataclasses
 import os
 import tempfile
@@ -30,7 +30,7 @@ class Restored:
   model: rils_lib.RILS
   params: Any
   config: ml_collections.ConfigDict
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.AnyTokenizer
   mesh: Any
   step: int
   path: str
@@ -48,17 +48,20 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
 
   Raises:
     FileNotFoundError: when there is no checkpoint, or it lacks its config or tokenizer.
-    ValueError: when the saved parameters do not fit the saved config's model.
+    ValueError: when the saved parameters do not fit the saved config's model, or the
+      tokenizer item is of an unknown kind.
   """
   state_dir = checkpoints_lib.checkpoint_path(checkpoint, step)
   folder = storage.dirname(state_dir)
   config = ml_collections.ConfigDict(checkpoints_lib.read_json(folder, 'config'))
-  tokenizer_bytes = checkpoints_lib.read_json(folder, 'tokenizer')
-  handle, path = tempfile.mkstemp(prefix='rils_jax_tokenizer_', suffix='.model')
+  tokenizer_bytes = checkpoints_lib.tokenizer_file(checkpoints_lib.read_json(folder, 'tokenizer'))
+  # A file, since tokenizers pickle (to grain's workers) as their file's path.
+  name = tokenizer_lib.FILE_NAMES[tokenizer_lib.kind_of(tokenizer_bytes)]
+  handle, path = tempfile.mkstemp(prefix='rils_jax_', suffix='_' + name)
   with os.fdopen(handle, 'wb') as f:
-    f.write(base64.b64decode(tokenizer_bytes['sentencepiece_model']))
+    f.write(tokenizer_bytes)
   atexit.register(lambda: os.path.exists(path) and os.remove(path))
-  tokenizer = tokenizer_lib.Tokenizer(path)
+  tokenizer = tokenizer_lib.load(path)
   model = rils_lib.build_model(config, tokenizer.eot_id)
   mesh = data_parallel_mesh()
   replicated = sharding.replicated(mesh)

@@ -58,16 +58,19 @@ class RILS(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   remat: str = 'none'
+  bias_init: str = 'release'
 
   def setup(self):
     self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
-                              self.vision_heads, self.mlp_ratio, self.dtype, self.remat)
+                              self.vision_heads, self.mlp_ratio, self.dtype, self.remat,
+                              bias_init=self.bias_init)
     self.decoder = vit.Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                                out_width=self.vision_width, mlp_ratio=self.mlp_ratio,
                                dtype=self.dtype, remat=self.remat)
     self.text = text_lib.TextTransformer(self.vocab_size, self.context_length, self.text_width,
                                          self.text_layers, self.text_heads, self.eot_id,
-                                         self.mlp_ratio, self.dtype, self.remat)
+                                         self.mlp_ratio, self.dtype, self.remat,
+                                         bias_init=self.bias_init)
     self.image_projection = self.param(
         'image_projection',
         vit.logical(nn.initializers.normal(self.vision_width ** -0.5), ('embed', 'joint')),
@@ -189,11 +192,12 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   """Builds a `RILS` module from `config.model` (see configs/*.py for the fields).
 
   Raises:
-    ValueError: for an unknown variant, dtype or remat policy, or an image size not divisible by
-      the patch.
+    ValueError: for an unknown variant, dtype, remat policy or bias init, or an image size not
+      divisible by the patch.
   """
   m = config.model
   vit.remat_block(vit.Block, m.get('remat', 'none'))  # Raises early for an unknown policy.
+  vit.release_bias(m.get('bias_init', 'release'), 1)  # Raises early for an unknown init.
   width, depth, heads, patch = vision_dims(m)
   vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
   return RILS(
@@ -204,7 +208,7 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
       text_width=m.text.width, text_layers=m.text.num_layers, text_heads=m.text.num_heads,
       vocab_size=m.text.vocab_size, context_length=m.text.context_length,
       embed_dim=m.embed_dim, eot_id=eot_id, dtype=compute_dtype(m.dtype),
-      remat=m.get('remat', 'none'))
+      remat=m.get('remat', 'none'), bias_init=m.get('bias_init', 'release'))
 
 
 def compute_dtype(name: str):

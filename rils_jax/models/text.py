@@ -4,7 +4,9 @@ Token + learned position embedding, pre-norm blocks with QuickGELU and a causal 
 LayerNorm, the feature at the end-of-text token. Inits follow CLIP's `initialize_parameters`:
 token embedding N(0, 0.02), positional embedding N(0, 0.01), attention in-projection
 N(0, width^-0.5), out-projection and MLP output N(0, width^-0.5 * (2 * layers)^-0.5), MLP input
-N(0, (2 * width)^-0.5). LayerNorm eps 1e-5 (PyTorch default, as in CLIP). Logical axis names,
+N(0, (2 * width)^-0.5); attention biases zero (PyTorch's `nn.MultiheadAttention`), MLP biases
+at PyTorch's `nn.Linear` default U(+-fan_in^-0.5), which CLIP's init leaves as they are
+(`bias_init='zeros'` zeroes them). LayerNorm eps 1e-5 (PyTorch default, as in CLIP). Logical axis names,
 activation constraints and rematerialisation as in `rils_jax.models.vit`.
 """
 
@@ -14,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rils_jax.models.vit import TOKENS, constrain, dense, layer_norm, logical, remat_block
+from rils_jax.models.vit import (TOKENS, constrain, dense, layer_norm, logical, release_bias,
+                                 remat_block)
 
 Dtype = Any
 
@@ -30,6 +33,7 @@ class TextBlock(nn.Module):
   num_layers: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  bias_init: str = 'release'  # The MLP biases (see `vit.release_bias`).
 
   @nn.compact
   def __call__(self, x):
@@ -54,11 +58,14 @@ class TextBlock(nn.Module):
                         bias_init=logical(nn.initializers.zeros, ('embed',)), name='proj')(y)
     x = x + y
     y = layer_norm(1e-5, self.dtype, 'ln_2')(x)
-    y = dense(int(width * self.mlp_ratio), ('embed', 'mlp'), self.dtype, 'fc1',
-              kernel_init=nn.initializers.normal((2 * width) ** -0.5))(y)
+    hidden = int(width * self.mlp_ratio)
+    y = dense(hidden, ('embed', 'mlp'), self.dtype, 'fc1',
+              kernel_init=nn.initializers.normal((2 * width) ** -0.5),
+              bias_init=release_bias(self.bias_init, width))(y)
     y = constrain(quick_gelu(y), ('batch', 'length', 'act_mlp'))
     y = dense(width, ('mlp', 'embed'), self.dtype, 'fc2',
-              kernel_init=nn.initializers.normal(proj_std))(y)
+              kernel_init=nn.initializers.normal(proj_std),
+              bias_init=release_bias(self.bias_init, hidden))(y)
     return constrain(x + y, TOKENS)
 
 
@@ -71,6 +78,7 @@ class TextTransformer(nn.Module):
     width, num_layers, num_heads: transformer size.
     eot_id: id of the end-of-text token whose feature is pooled.
     remat: 'none', 'block' or 'full' (see `vit.remat_block`).
+    bias_init: 'release' or 'zeros' (see `vit.release_bias`).
   """
   vocab_size: int
   context_length: int
@@ -81,6 +89,7 @@ class TextTransformer(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   remat: str = 'none'
+  bias_init: str = 'release'
 
   @nn.compact
   def __call__(self, tokens):
@@ -103,7 +112,7 @@ class TextTransformer(nn.Module):
     x = x + pos[:length].astype(self.dtype)
     block = remat_block(TextBlock, self.remat)
     for i in range(self.num_layers):
-      x = block(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype,
+      x = block(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype, self.bias_init,
                 name=f'blocks_{i}')(x)
     x = layer_norm(1e-5, self.dtype, 'ln_final')(x)
     eot = jnp.argmax(tokens == self.eot_id, axis=-1)

@@ -4,7 +4,8 @@ Architecture (RILS official release, see ../shared/docs/RILS_METHOD.md "Architec
 pre-norm blocks, LayerNorm eps 1e-6, MLP ratio 4, exact GELU, BEiT-style attention bias (learned
 q and v biases, no k bias), fixed 2-D sin-cos position embeddings with a zero CLS position
 (MAE, He et al. 2022, `get_2d_sincos_pos_embed`), Xavier-uniform linear layers and patch
-embedding, CLS / mask tokens ~ N(0, 0.02).
+embedding, zero linear biases, the patch embedding's bias at PyTorch's default (the release
+leaves it; `bias_init='zeros'` zeroes it), CLS / mask tokens ~ N(0, 0.02).
 
 All modules compute in `dtype` (float32 or bfloat16) and keep float32 parameters. Every
 parameter carries logical axis names (`rils_jax.sharding` maps them to the mesh), the block
@@ -57,10 +58,33 @@ def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
 
 
 def dense(features: int, names: Tuple[Optional[str], Optional[str]], dtype, name: str,
-          kernel_init=xavier_uniform) -> nn.Dense:
+          kernel_init=xavier_uniform, bias_init=zeros) -> nn.Dense:
   """Dense layer whose (in, out) kernel has logical `names` and whose bias has names[1:]."""
   return nn.Dense(features, dtype=dtype, kernel_init=logical(kernel_init, names),
-                  bias_init=logical(zeros, names[1:]), name=name)
+                  bias_init=logical(bias_init, names[1:]), name=name)
+
+
+BIAS_INITS = ('release', 'zeros')
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default bias init of `nn.Linear` / `nn.Conv2d`: U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+  fan_in = inputs per output (in_features, or in_channels * kernel area)."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
+
+
+def release_bias(bias_init: str, fan_in: int):
+  """The init of a bias that the RILS release leaves at PyTorch's default (the patch
+  embedding's, the text MLP's): PyTorch's default for 'release', zeros for 'zeros'.
+
+  Raises:
+    ValueError: for another `bias_init`.
+  """
+  if bias_init not in BIAS_INITS:
+    raise ValueError(f"config.model.bias_init must be 'release' or 'zeros', got {bias_init!r}")
+  return torch_default_bias(fan_in) if bias_init == 'release' else zeros
 
 
 def grid_size(image_size: Union[int, Sequence[int]], patch_size: int) -> Tuple[int, int]:
@@ -121,10 +145,17 @@ class Masking(NamedTuple):
   mask: jax.Array         # float32 (B, N): 1 where masked, 0 where visible, raster order.
 
 
-def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float) -> Masking:
+KEEP_ROUNDINGS = ('floor', 'round')
+
+
+def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float,
+                   keep_rounding: str = 'floor') -> Masking:
   """Per-sample random masking by argsort of uniform noise (MAE, He et al. 2022, Sec. 3).
 
-  Exactly `round(num_patches * (1 - mask_ratio))` patches stay visible in every sample.
+  Exactly `int(num_patches * (1 - mask_ratio))` patches stay visible in every sample
+  (`keep_rounding='floor'`: the release's and MAE's `len_keep`, Python float arithmetic
+  included), or `round(...)` with 'round' (rils_jax before; the same at mask ratio 0.75 and
+  196 or 64 patches, 20 instead of 19 at 0.9 and 196).
 
   Args:
     rng: PRNG key.
@@ -136,9 +167,14 @@ def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: flo
     A `Masking`; `take_along_axis(concat(visible, masked), ids_restore)` restores raster order.
 
   Raises:
-    ValueError: if `mask_ratio` leaves no visible or no masked patch.
+    ValueError: if `mask_ratio` leaves no visible or no masked patch, or for another
+      `keep_rounding`.
   """
-  num_keep = int(round(num_patches * (1.0 - mask_ratio)))
+  if keep_rounding not in KEEP_ROUNDINGS:
+    raise ValueError(f"config.model.keep_rounding must be 'floor' or 'round', got "
+                     f'{keep_rounding!r}')
+  kept = num_patches * (1.0 - mask_ratio)
+  num_keep = int(kept) if keep_rounding == 'floor' else int(round(kept))
   if not 1 <= num_keep < num_patches:
     raise ValueError(f'mask_ratio={mask_ratio} must keep between 1 and {num_patches - 1} of '
                      f'{num_patches} patches visible (got {num_keep})')
@@ -193,19 +229,49 @@ class Mlp(nn.Module):
     return dense(width, ('mlp', 'embed'), self.dtype, 'fc2')(x)
 
 
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth per sample (Huang et al. 2016), as timm's `drop_path`, which BEiT, MAE
+  and the RILS release's vision_transformer.py use on each residual branch: sample b's branch
+  is zeroed with probability `rate`, else scaled by 1 / (1 - rate) (unchanged expectation).
+
+  Args:
+    x: (B, ...) branch output, any float dtype.
+    rate: drop probability in [0, 1).
+    rng: PRNG key.
+
+  Returns:
+    `x`'s shape and dtype.
+  """
+  keep = 1.0 - rate
+  kept = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block (LayerNorm eps 1e-6): x + attn(ln(x)); x + mlp(ln(x))."""
+  """Pre-norm transformer block (LayerNorm eps 1e-6): x + attn(ln(x)); x + mlp(ln(x)).
+
+  `drop_path` > 0 with `deterministic=False` drops each residual branch per sample (see
+  `drop_path`; needs a 'dropout' rng). Attributes rather than call arguments, so that
+  `remat_block` needs no static arguments; at 0 (the default) the block is unchanged.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  drop_path: float = 0.0
+  deterministic: bool = True
+
+  def _branch(self, y):
+    if self.drop_path == 0.0 or self.deterministic:
+      return y
+    return drop_path(y, self.drop_path, self.make_rng('dropout'))
 
   @nn.compact
   def __call__(self, x):
     x = constrain(x, TOKENS)
-    x = x + Attention(self.num_heads, self.dtype, name='attn')(
-        layer_norm(1e-6, self.dtype, 'norm1')(x))
-    x = x + Mlp(self.mlp_ratio, self.dtype, name='mlp')(
-        layer_norm(1e-6, self.dtype, 'norm2')(x))
+    x = x + self._branch(Attention(self.num_heads, self.dtype, name='attn')(
+        layer_norm(1e-6, self.dtype, 'norm1')(x)))
+    x = x + self._branch(Mlp(self.mlp_ratio, self.dtype, name='mlp')(
+        layer_norm(1e-6, self.dtype, 'norm2')(x)))
     return constrain(x, TOKENS)
 
 
@@ -217,6 +283,10 @@ class Encoder(nn.Module):
     width, depth, num_heads, mlp_ratio: transformer size.
     dtype: compute dtype.
     remat: 'none', 'block' or 'full' (see `remat_block`).
+    drop_path: stochastic-depth rate of the last block; block i drops at
+      drop_path * i / (depth - 1) (timm / BEiT / MAE: `dpr = linspace(0, rate, depth)`). Used
+      only with `deterministic=False` (fine-tuning); 0 (pre-training) leaves the blocks as they
+      were.
   """
   patch_size: int
   width: int
@@ -225,14 +295,17 @@ class Encoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   remat: str = 'none'
+  bias_init: str = 'release'  # The patch embedding's bias (see `release_bias`).
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, images, ids_keep: Optional[jax.Array] = None):
+  def __call__(self, images, ids_keep: Optional[jax.Array] = None, deterministic: bool = True):
     """Encodes images, optionally only the visible patches.
 
     Args:
       images: float (B, H, W, 3), normalised pixels.
       ids_keep: optional int32 (B, K) indices of the visible patches (see `random_masking`).
+      deterministic: False applies drop path (training); needs a 'dropout' rng then.
 
     Returns:
       (B, 1 + T, width) in `dtype` after the final LayerNorm, CLS first; T = K if `ids_keep`
@@ -244,7 +317,9 @@ class Encoder(nn.Module):
                 kernel_init=logical(
                     nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
                     (None, None, None, 'embed')),
-                bias_init=logical(zeros, ('embed',)),
+                bias_init=logical(release_bias(self.bias_init,
+                                               images.shape[-1] * self.patch_size ** 2),
+                                  ('embed',)),
                 name='patch_embed')(images.astype(self.dtype))
     x = constrain(x.reshape(x.shape[0], -1, self.width), TOKENS)
     pos_embed = jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
@@ -257,8 +332,10 @@ class Encoder(nn.Module):
                            (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     block = remat_block(Block, self.remat)
+    rates = np.linspace(0.0, self.drop_path, self.depth)  # Stochastic depth decay rule (timm).
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, drop_path=float(rates[i]),
+                deterministic=deterministic, name=f'blocks_{i}')(x)
     return layer_norm(1e-6, self.dtype, 'norm')(x)
 
 
