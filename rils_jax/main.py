@@ -92,13 +92,17 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
       `log_every` or `max_consecutive_nonfinite`, a non-positive `log_upload_seconds`, a bad
       `config.wandb` (or wandb missing for it), a negative seed, bad
       `debug.nan_loss_steps`, a bad `config.tokenizer` or a tokenizer path that cannot be read.
-    FileNotFoundError: for an `init_from` path that holds no checkpoint.
+    FileNotFoundError: for an `init_from` path that holds no checkpoint, or CLIP's BPE
+      vocabulary missing (`tokenizer.kind='clip_bpe'`).
   """
   config_lib.check_keys(config)
   train_step_lib.check_platform(config)
   setup = train_step_lib.setup(config)
   losses.check_config(config.loss)
   tokenizer_lib.check_config(config.tokenizer)
+  if config.tokenizer.kind == 'clip_bpe':
+    # Before the workdir exists: a missing vocabulary must not leave a half-made run behind.
+    tokenizer_lib.find_clip_vocab(config.tokenizer.get('clip_vocab', ''))
   checkpoints_lib.check_config(config)
   for key in ('log_every', 'max_consecutive_nonfinite'):
     if config[key] < 1:

@@ -208,6 +208,11 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
       main_lib.train(config, str(tmp_path / 'never'))
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     main_lib.train(_config(data_root, init_from=str(tmp_path)), str(tmp_path / 'never'))
+  missing_vocab = _config(data_root, **{'tokenizer.kind': 'clip_bpe',
+                                        'tokenizer.clip_vocab': str(tmp_path / 'none.txt.gz'),
+                                        'model.text.vocab_size': 49408})
+  with pytest.raises(FileNotFoundError, match='none.txt.gz.* is not a file'):
+    main_lib.train(missing_vocab, str(tmp_path / 'never'))
   assert not os.path.exists(tmp_path / 'never')
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(ValueError, match='cannot create the workdir'):
