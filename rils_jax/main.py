@@ -50,7 +50,6 @@ from rils_jax import config_lib
 from rils_jax import console
 from rils_jax import distributed
 from rils_jax import health as health_lib
-from rils_jax import losses
 from rils_jax import metric_writer
 from rils_jax import preemption
 from rils_jax import storage
@@ -97,8 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   """
   config_lib.check_keys(config)
   train_step_lib.check_platform(config)
-  setup = train_step_lib.setup(config)
-  losses.check_config(config.loss)
+  setup = train_step_lib.setup(config)  # Also checks config.loss (against the batch).
   tokenizer_lib.check_config(config.tokenizer)
   if config.tokenizer.kind == 'clip_bpe':
     # Before the workdir exists: a missing vocabulary must not leave a half-made run behind.
