@@ -3,3 +3,13 @@
 Method: Yang et al., "RILS: Masked Visual Reconstruction in Language Semantic Space", CVPR 2023
 (arXiv:2301.06958). See README.md for the entry points.
 """
+
+# Before any JAX backend starts: XLA reads XLA_FLAGS once (see rils_jax/xla_cpu.py).
+import sys as _sys
+
+from rils_jax import xla_cpu as _xla_cpu
+
+try:
+  _xla_cpu.apply_defaults()
+except ValueError as _e:  # A mistyped environment variable: say so, change nothing.
+  _sys.stderr.write(f'warning: {_e}; no XLA:CPU flags added\n')

@@ -7,8 +7,12 @@ after `--warmup`), `images_per_s`, `model_flops_per_step` (analytic, `rils_jax.f
 `model_tflops_per_s` (achieved), `matmul_tflops_per_s` (a large square matmul measured in the
 same process, in the compute dtype), `fraction_of_matmul` (achieved / matmul: the portable
 speed figure on shared machines), `mfu` (achieved / the chip's peak where the chip is known),
+`hardware_flops_per_step`, `hardware_tflops_per_s`, `hardware_fraction_of_matmul` and `hfu`
+(the same with the FLOPs the step executes: GradCache's extra forward pass when accumulating
+and the remat policy's recomputation, `flops.hardware_flops`),
 `peak_memory_bytes` (device peak where the runtime reports it, else the compiled step's
-arguments + outputs + temporaries) and `host_max_rss_bytes`.
+arguments + outputs + temporaries), `step_memory_bytes` (always the compiled step's: the figure
+of this config alone when one process benchmarks several) and `host_max_rss_bytes`.
 
 Batches are random uint8 images and token rows made on the host: this measures the model, not
 the input pipeline.
@@ -77,8 +81,36 @@ def random_batch(config, rng: np.random.Generator, eot_id: int):
   return batch
 
 
-def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
-  """Runs the benchmark and returns its figures (see the module docstring)."""
+class DoesNotFit(Exception):
+  """The compiled step needs more device memory than the limit given to `run`."""
+
+
+def step_memory_bytes(compiled) -> int:
+  """Device bytes of a compiled step's buffers: arguments + outputs - aliased (donated) + XLA's
+  temporaries, or -1 where the backend does not say."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return -1
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+
+
+def run(config, steps: int, warmup: int, matmul_size: int = 0, memory_limit_bytes: int = 0,
+        reference_tflops: float = 0.0) -> dict:
+  """Runs the benchmark and returns its figures (see the module docstring).
+
+  Args:
+    config: the run's config (`input.batch_size` is the global batch).
+    steps, warmup: timed and untimed steps after compilation.
+    matmul_size: side of the reference matmul (0: 4096 on CPU, 8192 elsewhere).
+    memory_limit_bytes: when > 0, raise `DoesNotFit` before running a step whose compiled
+      buffers exceed it (a batch search tries the next size instead of running out of memory).
+    reference_tflops: the reference matmul's TFLOP/s on one device when already measured in
+      this process (0: measure it).
+
+  Raises:
+    DoesNotFit: see `memory_limit_bytes`.
+  """
   setup = train_step_lib.setup(config)
   model = setup.model
   state = train_step_lib.create_train_state(setup, config.seed)
@@ -89,9 +121,13 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
+  step_memory = step_memory_bytes(compiled)
+  if memory_limit_bytes and step_memory > memory_limit_bytes:
+    raise DoesNotFit(f'the step needs {step_memory / 2**30:.1f} GiB, over the limit of '
+                     f'{memory_limit_bytes / 2**30:.1f} GiB')
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t = time.perf_counter()
@@ -102,18 +138,15 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
 
   device = jax.devices()[0]
   flops = flops_lib.train_step_flops(config)['total']
+  hardware = flops_lib.hardware_flops(config)['total']
   achieved = flops / step_s / 1e12
+  achieved_hardware = hardware / step_s / 1e12
   on_cpu = device.platform == 'cpu'
   size = matmul_size or (4096 if on_cpu else 8192)
   dtype = model.dtype
-  reference = matmul_tflops(size, dtype)
+  reference = reference_tflops or matmul_tflops(size, dtype)
   stats = device.memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    peak_memory = int(stats['peak_bytes_in_use'])
-  else:
-    mem = compiled.memory_analysis()
-    peak_memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                      + mem.temp_size_in_bytes) if mem is not None else -1
+  peak_memory = int(stats.get('peak_bytes_in_use', step_memory))
   peak = peak_flops(device) * jax.device_count()
   return dict(
       config=dict(variant=config.model.variant, image_size=config.model.image_size,
@@ -127,7 +160,10 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0) -> dict:
       matmul=f'{size}x{size} {jnp.dtype(dtype).name}',
       fraction_of_matmul=round(achieved / (reference * jax.device_count()), 4),
       mfu=round(achieved * 1e12 / peak, 4) if peak else None,
-      peak_memory_bytes=peak_memory,
+      hardware_flops_per_step=hardware, hardware_tflops_per_s=round(achieved_hardware, 4),
+      hardware_fraction_of_matmul=round(achieved_hardware / (reference * jax.device_count()), 4),
+      hfu=round(achieved_hardware * 1e12 / peak, 4) if peak else None,
+      peak_memory_bytes=peak_memory, step_memory_bytes=step_memory,
       host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       loss=float(metrics['loss']))
 

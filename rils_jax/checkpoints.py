@@ -28,9 +28,14 @@ shared with all processes); `config.keep_checkpoints` (the last K) and `config.k
 because orbax stores each array's global value. The workdir may be a local path or a URL
 (gs://...): orbax writes each array through tensorstore's driver for it (every process its own
 shards, together) and the rest through `etils.epath` (rils_jax/storage.py).
+
+`Checkpoints.restore` and `load_params` read either layout of the transformer layers
+(`config.model.scan_layers`, models/layout.py): a checkpoint of the other layout is read as it
+was saved and converted on the devices, values unchanged. `read_state` returns the saved layout.
 """
 
 import base64
+import functools
 import json
 from typing import Any, Dict, Optional
 
@@ -43,6 +48,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.models import layout
 
 ITEMS = ('state', 'data', 'config', 'tokenizer')
 # The tokenizer item's key for the file, by tokenizer kind.
@@ -60,6 +66,25 @@ _STATE_TYPES = ocp.type_handlers.create_type_handler_registry(
     (int, ocp.type_handlers.ScalarHandler()),
     (float, ocp.type_handlers.ScalarHandler()),
     (np.number, ocp.type_handlers.ScalarHandler()))
+
+
+def saved_layout(saved_tree, like) -> Optional[bool]:
+  """Whether the layers of a checkpoint's tree (`saved_tree`, e.g. its metadata) are stacked
+  (True) or unrolled (False) when that differs from the layout of `like`; None when they agree
+  or either holds no layers (see `layout.is_stacked`)."""
+  saved, want = layout.is_stacked(saved_tree), layout.is_stacked(like)
+  return saved if None not in (saved, want) and saved != want else None
+
+
+def relayout(tree, like):
+  """`tree` (arrays) in the layer layout of `like` (ShapeDtypeStructs or arrays), placed
+  with the shardings of `like` when all its leaves have one. Values are moved, not changed."""
+  leaves, treedef = jax.tree.flatten(like)
+  shardings = [getattr(x, 'sharding', None) for x in leaves]
+  placed = dict(out_shardings=jax.tree.unflatten(treedef, shardings)) if (
+      leaves and None not in shardings) else {}
+  return jax.jit(functools.partial(layout.to_layout, stacked=bool(layout.is_stacked(like))),
+                 **placed)(tree)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -131,15 +156,22 @@ class Checkpoints:
 
   def restore(self, step: int, initial_state, data_iterator=None):
     """Restores `step` into the shapes and shardings of `initial_state`, and the data iterator's
-    position in place when one is given. Returns the restored state.
+    position in place when one is given. Returns the restored state. A checkpoint saved in the
+    other layer layout (`config.model.scan_layers`) is read as saved and converted.
 
     Raises:
       ValueError: when the checkpoint does not fit this config's model or optimizer, or holds no
         data position for this number of processes.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
+    try:
+      saved_tree = self._manager.item_metadata(step)['state']
+    except (KeyError, TypeError, ValueError, FileNotFoundError):
+      saved_tree = None  # Restoring below says what is wrong.
+    stacked = saved_layout(saved_tree, abstract)
+    source = abstract if stacked is None else layout.to_layout(abstract, stacked)
     items = dict(state=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+        item=source, restore_args=ocp.checkpoint_utils.construct_restore_args(source)))
     if data_iterator is not None:
       count = jax.process_count()
       name = f'process_{jax.process_index()}-of-{count}.json'
@@ -157,7 +189,7 @@ class Checkpoints:
           f'the checkpoint at step {step} in {self.directory} does not fit the model or '
           'optimizer of this config (its own config is in the checkpoint\'s config/ folder); '
           f'use a new workdir or the same config. Orbax said: {type(e).__name__}: {e}') from e
-    return restored['state']
+    return restored['state'] if stacked is None else relayout(restored['state'], abstract)
 
   def read_json(self, step: int, item: str) -> Dict[str, Any]:
     """The `config` or `tokenizer` item of `step`."""
@@ -265,7 +297,8 @@ def read_state(path: str, step: Optional[int] = None) -> Any:
 
 def load_params(path: str, like) -> Any:
   """Parameters only from another run's checkpoint (warm start, `config.init_from`), laid out
-  like `like` (arrays with shardings, or ShapeDtypeStructs with shardings).
+  like `like` (arrays with shardings, or ShapeDtypeStructs with shardings), in the layer layout
+  of `like` whichever the checkpoint's (`config.model.scan_layers`).
 
   Raises:
     FileNotFoundError: when `path` holds no checkpoint (see `checkpoint_path`).
@@ -281,8 +314,11 @@ def load_params(path: str, like) -> Any:
   saved = metadata.tree.get('params')
   if saved is None:
     raise ValueError(f'{path} holds no "params"')
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  stacked = saved_layout(saved, abstract)
+  source = abstract if stacked is None else layout.to_layout(abstract, stacked)
   want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_flatten_with_path(like)[0]}
+          for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
   have = {jax.tree_util.keystr(k): tuple(v.shape)
           for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   if want != have:
@@ -292,11 +328,10 @@ def load_params(path: str, like) -> Any:
                     if want[k] != have[k])
     raise ValueError(f'the parameters in {path} do not fit this model: missing {missing[:5]}, '
                      f'unexpected {extra[:5]}, other shapes {shapes[:5]} (first 5 of each)')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   try:
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item={'params': abstract},
-        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
+        item={'params': source},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(source)},
         partial_restore=True))
   except Exception as e:  # tensorstore / orbax errors on damaged files.
     cause = e  # The innermost error names the damaged array and why (e.g. a truncated file).
@@ -304,4 +339,4 @@ def load_params(path: str, like) -> Any:
       cause = cause.__cause__ or cause.__context__
     raise ValueError(f'the parameters in {path} cannot be read (damaged checkpoint?): '
                      f'{type(cause).__name__}: {str(cause)[:500]}') from e
-  return restored['params']
+  return restored['params'] if stacked is None else relayout(restored['params'], abstract)

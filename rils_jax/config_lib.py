@@ -88,7 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512
   c.model.dtype = 'float32'   # Compute dtype: float32, bfloat16 or auto (bf16 unless on CPU).
   # Parameters are always float32.
-  c.model.remat = 'none'      # Per-block rematerialisation: none, block (keep matmuls), full.
+  c.model.remat = 'none'      # Per-block rematerialisation: none, block (keep matmuls), full,
+  #                             offload (as block, kept in host memory).
+  # Attention kernel (vit.attention_implementation): 'auto' (cuDNN's fused attention on GPU in
+  # bfloat16, XLA's elsewhere), 'xla' or 'cudnn'.
+  c.model.attention = 'auto'
+  # True: each tower's blocks are one nn.scan over stacked parameters (compiled once, not once
+  # per layer); checkpoints of either layout resume, warm-start and export (models/layout.py).
+  c.model.scan_layers = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'rils'        # 'rils' or 'clip' (baseline: no masked branch).
@@ -194,6 +201,8 @@ def finetune_base_config() -> ml_collections.ConfigDict:
   c.image_size = 0            # Fine-tuning resolution in pixels; 0: the checkpoint's.
   c.label_smoothing = 0.1
   c.drop_path = 0.0           # Stochastic depth of the last block, 0 at the first (MAE B: 0.1).
+  c.attention = 'auto'        # The encoder's attention kernel, as config.model.attention.
+  c.scan_layers = False       # The encoder's blocks as one nn.scan, as config.model.scan_layers.
   c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.05, grad_clip=0.0, layer_decay=0.65)
   # rand_augment: timm's spec, e.g. 'rand-m9-mstd0.5-inc1' (MAE / BEiT); '' off.

@@ -15,6 +15,8 @@ shapes of parameters, optimizer state and batch, same collectives. It prints one
                                   (model) plus the whole batch's loss, under the config's remat
                                   policy, batch-led residuals divided over the data-parallel
                                   devices (others, e.g. bfloat16 weight copies, counted whole);
+  host_offload_bytes              the part of those residuals that `remat='offload'` keeps in
+                                  host memory instead (not in activation_bytes or the estimate);
   estimate_bytes                  params + opt_state + grads + activations (+ the cached
                                   micro-batch outputs when accumulating);
   device_memory_bytes, fits       the preset's memory per device; whether the estimate fits in
@@ -33,6 +35,8 @@ Nothing is allocated; compiling ViT-L takes a few minutes on 2 cores.
 import json
 import math
 import time
+
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -55,26 +59,32 @@ def _define_flags():
   flags.mark_flags_as_required(['config'])
 
 
-def _residual_bytes(fn, args, batch_size: int, shards: int) -> int:
+def _residual_bytes(fn, args, batch_size: int, shards: int) -> Tuple[int, int]:
   """Bytes per device of what `jax.vjp(fn, *args)` keeps for the backward pass, not counting
-  the arguments themselves. An array with a dimension of `batch_size` (activations) is split
-  over `shards` devices, unless it has the shape of an argument that has none (e.g. a bfloat16
-  copy of a weight matrix whose width happens to equal the batch)."""
+  the arguments themselves, as (in device memory, in host memory): residuals that a remat
+  policy offloads (`remat='offload'`) carry the host memory space in their type. An array with
+  a dimension of `batch_size` (activations) is split over `shards` devices, unless it has the
+  shape of an argument that has none (e.g. a bfloat16 copy of a weight matrix whose width
+  happens to equal the batch)."""
   closed, shapes = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a), return_shape=True)(*args)
   jaxpr = closed.jaxpr
   residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
   inputs = {id(v) for v in jaxpr.invars}
   argument_shapes = {tuple(v.aval.shape) for v in jaxpr.invars
                      if batch_size not in v.aval.shape}
-  total, seen = 0, set()
+  total, host, seen = 0, 0, set()
   for v in residuals:
     if hasattr(v, 'val') or id(v) in inputs or id(v) in seen:  # Literals, arguments, repeats.
       continue
     seen.add(id(v))
     shape = tuple(v.aval.shape)
     size = math.prod(shape) * v.aval.dtype.itemsize
-    total += size // shards if batch_size in shape and shape not in argument_shapes else size
-  return total
+    size = size // shards if batch_size in shape and shape not in argument_shapes else size
+    if getattr(v.aval, 'memory_space', None) == jax.memory.Space.Host:
+      host += size
+    else:
+      total += size
+  return total, host
 
 
 def activation_bytes(model, config, mesh) -> dict:
@@ -94,14 +104,15 @@ def activation_bytes(model, config, mesh) -> dict:
     return losses.rils_loss(outputs, config.loss)[0]
 
   if accum == 1:
-    return dict(model=_residual_bytes(lambda p: loss(features(p, batch)), (params,), batch,
-                                      shards), cached_outputs=0)
+    model_bytes, host = _residual_bytes(lambda p: loss(features(p, batch)), (params,), batch,
+                                        shards)
+    return dict(model=model_bytes, host=host, cached_outputs=0)
   outputs = jax.eval_shape(lambda p: features(p, batch), params)
-  model_bytes = _residual_bytes(lambda p: features(p, micro), (params,), micro, shards)
-  loss_bytes = _residual_bytes(loss, (outputs,), batch, shards)
+  model_bytes, host = _residual_bytes(lambda p: features(p, micro), (params,), micro, shards)
+  loss_bytes, _ = _residual_bytes(loss, (outputs,), batch, shards)
   cached = sum(math.prod(x.shape) * x.dtype.itemsize // shards
                for x in jax.tree.leaves(outputs) if x.shape)
-  return dict(model=model_bytes + loss_bytes, cached_outputs=cached)
+  return dict(model=model_bytes + loss_bytes, host=host, cached_outputs=cached)
 
 
 def dry_run(config, compile_step: bool = True) -> dict:
@@ -132,6 +143,7 @@ def dry_run(config, compile_step: bool = True) -> dict:
       opt_state_bytes=sharding.describe(state.opt_state)['per_device_bytes'])
   out['grads_bytes'] = out['params_bytes']  # float32, sharded like the parameters.
   out['activation_bytes'] = activations['model']
+  out['host_offload_bytes'] = activations['host']  # remat='offload': not in device memory.
   out['cached_output_bytes'] = activations['cached_outputs']
   out['estimate_bytes'] = (out['params_bytes'] + out['opt_state_bytes'] + out['grads_bytes'] +
                            out['activation_bytes'] + out['cached_output_bytes'])

@@ -78,6 +78,7 @@ from rils_jax import console
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.evals import restore as restore_lib
+from rils_jax.models import layout
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
@@ -170,7 +171,8 @@ def timm_state_dict(params: Dict[str, Any], config: ml_collections.ConfigDict,
   """timm `VisionTransformer` state dict of the vision encoder.
 
   Args:
-    params: the RILS parameter tree (`visual`, `image_projection`, ...), arrays on the host.
+    params: the RILS parameter tree (`visual`, `image_projection`, ...), arrays on the host,
+      blocks in either layout (`config.model.scan_layers`, models/layout.py).
     config: the run's config (for the patch grid of the position embedding).
     head: 'none' or 'projection' (`head.weight` = image_projection^T, `head.bias` = 0).
 
@@ -184,7 +186,7 @@ def timm_state_dict(params: Dict[str, Any], config: ml_collections.ConfigDict,
     raise ValueError(f'head must be one of {HEADS}, got {head!r}')
   if 'visual' not in params:
     raise ValueError(f'no vision encoder (`visual`) among the parameters {sorted(params)}')
-  v = params['visual']
+  v = layout.unstack_layers(params['visual'])
   width, depth, heads, patch = rils_lib.vision_dims(config.model)
   grid = vit.grid_size(_image_size(config), patch)
   out = {
@@ -226,13 +228,14 @@ def open_clip_text_state_dict(params: Dict[str, Any]) -> Dict[str, np.ndarray]:
   `in_proj_weight` (3W, W) is the qkv kernel (W, 3, heads, head_dim) flattened and transposed
   (nn.MultiheadAttention's q, k, v row blocks); `text_projection` (W, E) is used as
   `x @ text_projection` in both; `logit_scale` is the log of the inverse temperature in both.
+  The blocks may be in either layout (models/layout.py).
 
   Raises:
     ValueError: for a tree without the text tower.
   """
   if 'text' not in params:
     raise ValueError(f'no text tower (`text`) among the parameters {sorted(params)}')
-  t = params['text']
+  t = layout.unstack_layers(params['text'])
   width = _np(t['positional_embedding']).shape[1]
   out = {
       'token_embedding.weight': _np(t['token_embedding']['embedding']),

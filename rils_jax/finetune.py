@@ -38,8 +38,9 @@ index. Restoring that needs a learned table in vit.Encoder, which rils_jax does 
 Workdir. It gets `config.json`, `metrics.jsonl` and TensorBoard events (train loss, test top-1
 / top-5 every `eval_every` steps and at the end), orbax checkpoints of the training state and the
 data position under `checkpoints/` (rils_jax/checkpoints.py: every `checkpoint_every` steps and
-at the end, asynchronous and atomic) and at the end the parameters in `params/`. Running the
-same command again in the workdir of an unfinished run resumes from its last checkpoint (the
+at the end, asynchronous and atomic) and at the end the parameters in `params/` (blocks
+unrolled, `blocks_<i>`, whatever `scan_layers`). Running the same command again in the workdir
+of an unfinished run resumes from its last checkpoint, of either layer layout (the
 data position, the per-step random draws and the state are restored, so the result equals an
 uninterrupted run bitwise); SIGTERM saves a checkpoint after the current step and exits 0
 (rils_jax/preemption.py). A workdir that holds anything else (a finished run, another config's
@@ -82,18 +83,22 @@ from rils_jax.data import pipeline
 from rils_jax.data import transforms
 from rils_jax.evals import datasets
 from rils_jax.evals import restore as restore_lib
+from rils_jax.models import layout
 from rils_jax.models import rils as rils_lib
 from rils_jax.models import vit
 
 # What a fine-tuning workdir holds (`params` only once finished).
 RUN_FILES = ('config.json', 'metrics.jsonl', 'tensorboard', 'checkpoints')
-# Config keys that do not change what is computed: a resumed run may change them.
+# Config keys that do not change what is computed: a resumed run may change them (the layer
+# layout too: the checkpoint is converted, models/layout.py).
 RESUME_MAY_CHANGE = ('log_every', 'eval_every', 'eval_batch_size', 'checkpoint_every',
-                     'checkpoint_minutes', 'keep_checkpoints', 'keep_every')
+                     'checkpoint_minutes', 'keep_checkpoints', 'keep_every', 'attention',
+                     'scan_layers')
 
 
 class Classifier(nn.Module):
-  """ViT encoder (named `visual`, as in `RILS`) + mean of the patch tokens + linear `head`."""
+  """ViT encoder (named `visual`, as in `RILS`) + mean of the patch tokens + linear `head`.
+  `drop_path`, `attention`, `scan_layers`: see `vit.Encoder`."""
   patch_size: int
   width: int
   depth: int
@@ -101,13 +106,16 @@ class Classifier(nn.Module):
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   drop_path: float = 0.0
+  attention: str = 'auto'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     """float (B, H, W, 3) normalised pixels -> float32 (B, num_classes) logits. `train` turns
     drop path on (needs a 'dropout' rng)."""
     tokens = vit.Encoder(self.patch_size, self.width, self.depth, self.num_heads,
-                         dtype=self.dtype, drop_path=self.drop_path,
+                         dtype=self.dtype, drop_path=self.drop_path, attention=self.attention,
+                         scan_layers=self.scan_layers,
                          name='visual')(images, deterministic=not train)
     pooled = tokens[:, 1:].mean(axis=1).astype(jnp.float32)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(2e-5),
@@ -192,9 +200,15 @@ def train_batches(data: datasets.LabelledImages, config: ml_collections.ConfigDi
 
 
 def init_params(model: Classifier, pretrained_visual, image_size: int, seed: int):
-  """The classifier's parameters: `pretrained_visual` for the encoder, a fresh head."""
+  """The classifier's parameters: `pretrained_visual` (either layer layout, see
+  models/layout.py) for the encoder, in the classifier's layout, and a fresh head.
+
+  Raises:
+    ValueError: when the encoder's shapes differ from the classifier's.
+  """
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))
   params = nn.unbox(params['params'])
+  pretrained_visual = layout.to_layout(pretrained_visual, model.scan_layers)
   have = jax.tree.map(jnp.shape, params['visual'])
   got = jax.tree.map(jnp.shape, pretrained_visual)
   if have != got:
@@ -236,8 +250,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: for an unknown key, a missing `init_from`, non-positive sizes, a layer decay
-      outside (0, 1], a drop path outside [0, 1), probabilities outside [0, 1], negative mixup
-      alphas, an odd batch with mixing on, a bad RandAugment spec or checkpoint setting.
+      outside (0, 1], a drop path outside [0, 1), an unknown attention, probabilities outside
+      [0, 1], negative mixup alphas, an odd batch with mixing on, a bad RandAugment spec or
+      checkpoint setting.
     FileNotFoundError: for an `init_from` that holds no checkpoint.
   """
   if not config.init_from:
@@ -249,6 +264,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.eval_every} and image_size={config.image_size} >= 0')
   if not 0 <= config.drop_path < 1:
     raise ValueError(f'config.drop_path={config.drop_path} must be in [0, 1)')
+  if config.attention not in vit.ATTENTIONS:
+    raise ValueError(f'config.attention must be one of {vit.ATTENTIONS}, got {config.attention!r}')
   if not 0 <= config.input.random_erasing <= 1:
     raise ValueError(f'config.input.random_erasing={config.input.random_erasing} must be a '
                      'probability in [0, 1]')
@@ -435,8 +452,11 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, logs: storage.Mir
   if image_size % patch:
     raise ValueError(f'config.image_size={image_size} must be a multiple of the patch size '
                      f'{patch}')
-  model = Classifier(patch, width, depth, heads, len(train_data.classes),
-                     dtype=rils_lib.compute_dtype(pre.model.dtype), drop_path=config.drop_path)
+  dtype = rils_lib.compute_dtype(pre.model.dtype)
+  vit.attention_implementation(config.attention, dtype, width // heads)  # Raises if it can't run.
+  model = Classifier(patch, width, depth, heads, len(train_data.classes), dtype=dtype,
+                     drop_path=config.drop_path, attention=config.attention,
+                     scan_layers=bool(config.scan_layers))
   mesh = restore_lib.data_parallel_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f'batch_size={config.batch_size} must be a multiple of the {mesh.size} '
@@ -490,8 +510,9 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, logs: storage.Mir
     writer.write(config.total_steps, results)
     console.say(f'Evaluation at step {config.total_steps}:', json.dumps(results, sort_keys=True))
     checkpointer = ocp.StandardCheckpointer()
+    # One layout for every reader: the blocks unrolled, whatever `scan_layers` trained with.
     checkpointer.save(storage.join(storage.absolute(workdir), 'params'),
-                      jax.device_get(state['params']))
+                      layout.unstack_layers(jax.device_get(state['params'])))
     checkpointer.wait_until_finished()  # The save is asynchronous.
     checkpointer.close()
     console.say(f'Fine-tuning done: steps {start_step + 1}-{config.total_steps} in '

@@ -7,10 +7,14 @@ convention of PaLM's MFU (Chowdhery et al. 2022, App. B) and big_vision.
 
 A train step costs 3x the forward FLOPs of what receives gradients (forward + backward w.r.t.
 activations and weights) and 1x for what is stop-gradiented (the teacher's projection and its
-patch-to-caption logits).
+patch-to-caption logits). These are *model* FLOPs, the numerator of MFU.
+
+`hardware_flops` adds what the step executes on top of them (PaLM's "hardware FLOPs"):
+GradCache's second forward pass of the per-example part when accumulating (Gao et al. 2021,
+Sec. 3.2), and the recomputation of the rematerialisation policy in the backward pass.
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import ml_collections
 
@@ -27,8 +31,69 @@ def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: fl
   return int(depth * per_block)
 
 
+def attention_forward_flops(tokens: int, width: int, depth: int) -> int:
+  """Forward FLOPs of the attention matmuls alone (QK^T and AV, 4 T^2 W per block): what the
+  'block' and 'offload' remat policies recompute, since they keep only weight matmuls."""
+  return int(depth * 4 * tokens ** 2 * width)
+
+
+def _sizes(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+  """(patches N, visible K, masked N - K) of `config.model`, K as `vit.random_masking`'s."""
+  m = config.model
+  _, _, _, patch = rils_lib.vision_dims(m)
+  rows, cols = vit.grid_size(m.image_size, patch)
+  n = rows * cols
+  kept = n * (1.0 - m.mask_ratio)
+  keep = int(round(kept)) if m.get('keep_rounding', 'floor') == 'round' else int(kept)
+  return n, keep, n - keep
+
+
+def _blocks(config: ml_collections.ConfigDict) -> Dict[str, Tuple[int, int, int]]:
+  """(tokens, width, depth) per sample of each transformer the step runs, by component name."""
+  m = config.model
+  width, depth, _, _ = rils_lib.vision_dims(m)
+  n, keep, _ = _sizes(config)
+  out = {'encoder_full': (n + 1, width, depth),
+         'text': (m.text.context_length, m.text.width, m.text.num_layers)}
+  if config.loss.kind == 'rils':
+    out['encoder_masked'] = (keep + 1, width, depth)
+    out['decoder'] = (n + 1, m.decoder.width or width, m.decoder.depth)
+  return out
+
+
+def hardware_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
+  """FLOPs one train step executes beyond `train_step_flops` (its module docstring says why).
+
+  Returns:
+    dict with `grad_cache` (accumulation: one more forward pass of every per-example part, the
+    no-gradient teacher projection included; 0 when `config.optim.accum_steps` is 1), `remat`
+    (forward recomputation in the backward pass: the whole transformer blocks for 'full', their
+    attention matmuls for 'block' and 'offload', 0 for 'none'), `model` (`train_step_flops`'s
+    total) and `total` (the sum).
+  """
+  model = train_step_flops(config)
+  batch = config.input.batch_size
+  out = {'grad_cache': 0, 'remat': 0}
+  if config.optim.get('accum_steps', 1) > 1:
+    # Everything but the batch-coupled logits: the gradient parts (3x) once more at 1x, and the
+    # stop-gradient teacher projection, which the re-run forward pass recomputes.
+    per_example = [k for k in model if k not in ('total', 'clip_logits', 'student_logits',
+                                                  'teacher_logits')]
+    out['grad_cache'] = sum(model[k] // (1 if k == 'teacher_projection' else 3)
+                            for k in per_example)
+  remat = config.model.get('remat', 'none')
+  if remat == 'full':
+    out['remat'] = batch * sum(transformer_forward_flops(*b) for b in _blocks(config).values())
+  elif remat in ('block', 'offload'):
+    out['remat'] = batch * sum(attention_forward_flops(*b) for b in _blocks(config).values())
+  out['model'] = model['total']
+  out['total'] = out['model'] + out['grad_cache'] + out['remat']
+  return out
+
+
 def train_step_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
-  """FLOPs of one train step at the global batch `config.input.batch_size`, per component.
+  """Model FLOPs of one train step at the global batch `config.input.batch_size`, per
+  component.
 
   Returns:
     dict of component -> FLOPs (already multiplied by 3 or 1, see the module docstring) with
@@ -36,10 +101,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
   """
   m = config.model
   width, depth, _, patch = rils_lib.vision_dims(m)
-  rows, cols = vit.grid_size(m.image_size, patch)
-  n = rows * cols
-  keep = int(round(n * (1 - m.mask_ratio)))
-  masked = n - keep
+  n, keep, masked = _sizes(config)
   dec_width = m.decoder.width or width
   text, d, batch = m.text, m.embed_dim, config.input.batch_size
   patch_embed = 2 * n * patch * patch * 3 * width

@@ -17,6 +17,8 @@ Fault tolerance:
 - Re-running with the same DIR resumes from the latest complete checkpoint exactly: parameters,
   optimizer state, step, RNG and the position of every process in the data stream, so the
   resumed run sees the examples and computes the parameters the uninterrupted one would have.
+  `config.model.scan_layers` may change on resume: the checkpoint is converted (the same holds
+  for `config.init_from`; rils_jax/models/layout.py).
 - SIGTERM (or a TPU maintenance notice on multi-host runs) saves a checkpoint at the end of
   the current step and exits 0 (rils_jax/preemption.py).
 - A NaN or Inf loss or gradient skips that step's update; `config.max_consecutive_nonfinite`

@@ -15,6 +15,7 @@ Which parameters are weight-decayed (`config.optim.weight_decay_mask`):
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -110,9 +111,20 @@ def layer_id(path, num_blocks: int) -> int:
 
 def layerwise_lr_scales(params, layer_decay: float, num_blocks: int):
   """Tree like `params` of learning-rate multipliers layer_decay ** (num_blocks + 1 - layer_id):
-  1 for the head, layer_decay ** (num_blocks + 1) for the patch embedding (BEiT / MAE)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(layer_decay ** (num_blocks + 1 - layer_id(path, num_blocks))), params)
+  1 for the head, layer_decay ** (num_blocks + 1) for the patch embedding (BEiT / MAE).
+
+  A leaf under stacked blocks (`blocks`, `config.scan_layers`, models/layout.py) gets a float32
+  array (num_blocks, 1, ...) of the blocks' multipliers, which broadcasts over its layers: the
+  same float32 products as the unrolled layout's Python floats."""
+
+  def scale(path, leaf):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if 'blocks' in names:
+      per_layer = [layer_decay ** (num_blocks - i) for i in range(num_blocks)]
+      return np.asarray(per_layer, np.float32).reshape((num_blocks,) + (1,) * (np.ndim(leaf) - 1))
+    return float(layer_decay ** (num_blocks + 1 - layer_id(path, num_blocks)))
+
+  return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:

@@ -32,8 +32,9 @@ MESH_AXES = ('slice', 'data', 'fsdp', 'tensor')
 BATCH_AXES = ('slice', 'data', 'fsdp')
 
 # Logical name -> mesh axes. Parameter names: embed (model width), mlp (MLP hidden), heads,
-# kv (head dim), vocab, joint (the joint image-text space). Activation names: batch, length
-# (tokens), act_embed, act_mlp, act_heads.
+# kv (head dim), vocab, joint (the joint image-text space), layers (the stacked layers of
+# `config.model.scan_layers`: never sharded, each step of the loop needs its whole layer).
+# Activation names: batch, length (tokens), act_embed, act_mlp, act_heads.
 DEFAULT_RULES = (
     ('batch', BATCH_AXES),
     ('embed', 'fsdp'),
@@ -42,6 +43,7 @@ DEFAULT_RULES = (
     ('kv', None),
     ('vocab', None),
     ('joint', None),
+    ('layers', None),
     ('length', None),
     ('act_embed', None),
     ('act_mlp', 'tensor'),

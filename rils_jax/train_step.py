@@ -138,6 +138,24 @@ def check_platform(config: ml_collections.ConfigDict, *, backend: Optional[str] 
                      'machine, or none (then set config.mesh and config.optim.accum_steps)')
 
 
+def check_offload(remat: str, devices: Sequence[Any]) -> None:
+  """Refuses `config.model.remat='offload'` on devices without a host memory space to offload
+  activations to ('pinned_host' in `device.addressable_memories()`; XLA:CPU has one, so the
+  dry run can show the policy's numbers, though offloading there moves nothing).
+
+  Raises:
+    ValueError: naming the memory kinds the devices do offer.
+  """
+  if remat != 'offload':
+    return
+  for device in devices:
+    kinds = [m.kind for m in device.addressable_memories()]
+    if 'pinned_host' not in kinds:
+      raise ValueError(f"config.model.remat='offload' keeps activations in host memory, but "
+                       f'{device.device_kind} ({device.platform}) offers only memory kinds '
+                       f"{kinds}; use remat='full' (least device memory) or 'block'")
+
+
 def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None,
           eot_id: int = tokenizer_lib.EOS_ID) -> Setup:
   """Builds the mesh, model, optimizer, state shardings and abstract state of `config`,
@@ -163,6 +181,7 @@ def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = 
                     'device; preset %s is sized for %d', config.input.batch_size, accum,
                     per_device, platform.name, platform.per_device_batch)
   model = rils_lib.build_model(config, eot_id)
+  check_offload(config.model.get('remat', 'none'), mesh.devices.flat)
   masking_for(model, config, jax.random.PRNGKey(0), 1)  # Raises for a degenerate mask ratio.
   optimizer = optim.make_optimizer(config)
 

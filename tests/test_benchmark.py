@@ -1,4 +1,10 @@
-"""The analytic FLOP count against XLA's own count, and the benchmark's JSON figures."""
+"""The analytic FLOP count against XLA's own count, the benchmark's JSON figures, and the
+accelerator benchmark script run on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -18,20 +24,48 @@ def _config(kind):
   return c
 
 
-@pytest.mark.parametrize('kind', ['rils', 'clip'])
-def test_analytic_flops_match_xla_cost_analysis(kind):
-  config = _config(kind)
+def _xla_cost(config):
+  """XLA's cost analysis of the compiled train step of `config` on one device."""
   setup = train_step_lib.setup(config, jax.devices()[:1])
   state = train_step_lib.create_train_state(setup, config.seed)
   step = train_step_lib.make_train_step(setup, config)
   batch = sharding.put_batch(train_step_lib.dummy_batch(config, 32), setup.mesh)
   cost = step.lower(state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  return cost[0] if isinstance(cost, list) else cost
+
+
+@pytest.mark.parametrize('kind', ['rils', 'clip'])
+def test_analytic_flops_match_xla_cost_analysis(kind):
+  config = _config(kind)
+  cost = _xla_cost(config)
   analytic = flops.train_step_flops(config)
   # XLA also counts element-wise work, which the analytic (matmul-only) count leaves out.
   assert 0.95 <= cost['flops'] / analytic['total'] <= 1.1, (cost['flops'], analytic)
   if kind == 'clip':
     assert 'decoder' not in analytic and 'teacher_logits' not in analytic
+
+
+@pytest.mark.parametrize('kind,overrides', [
+    ('rils', {'optim.accum_steps': 2}), ('clip', {'optim.accum_steps': 4}),
+    ('rils', {'model.remat': 'full'})])
+def test_hardware_flops_match_xla_cost_analysis(kind, overrides):
+  config = _config(kind)
+  for key, value in overrides.items():
+    group, name = key.split('.')
+    config[group][name] = value
+  cost = _xla_cost(config)
+  model, hardware = flops.train_step_flops(config), flops.hardware_flops(config)
+  coupled = sum(v for k, v in model.items() if k.endswith('_logits'))
+  accum = config.optim.accum_steps
+  # XLA counts a loop's body once, and GradCache loops over the micro-batches (its forward pass
+  # and its re-run forward + backward), so XLA sees 1 / accum of the per-example work.
+  expected = coupled + (hardware['total'] - coupled) / accum
+  assert 0.95 <= cost['flops'] / expected <= 1.1, (cost['flops'], hardware)
+  if accum > 1:  # The extra forward pass: a third of the gradient parts' model FLOPs, and more.
+    assert hardware['grad_cache'] >= (model['total'] - coupled) / 3
+    assert hardware['remat'] == 0
+  else:
+    assert hardware['grad_cache'] == 0 and hardware['remat'] > 0.2 * model['total']
 
 
 def test_benchmark_reports_consistent_figures():
@@ -46,3 +80,29 @@ def test_benchmark_reports_consistent_figures():
   assert out['fraction_of_matmul'] == pytest.approx(
       out['model_tflops_per_s'] / out['matmul_tflops_per_s'], rel=0.01)
   assert out['peak_memory_bytes'] > 0 and out['mfu'] is None  # CPU: no known peak.
+  # Without accumulation or remat the step executes its model FLOPs.
+  assert out['hardware_flops_per_step'] == out['model_flops_per_step']
+  assert out['hardware_fraction_of_matmul'] == out['fraction_of_matmul']
+
+
+def test_accelerator_script_runs_the_grid_on_cpu(tmp_path):
+  """benchmarks/accelerator.sh on this CPU with the embedded default config: the XLA row runs at
+  its batch, the cuDNN row says why it cannot, and --out holds the same rows as stdout."""
+  out = tmp_path / 'grid.jsonl'
+  r = subprocess.run(
+      ['benchmarks/accelerator.sh', '--config=configs/default.py', '--config.input.batch_size=8',
+       '--kinds=rils', '--remat=offload', '--attention=xla,cudnn', '--steps=1', '--warmup=0',
+       '--matmul_size=256', f'--out={out}'],
+      cwd=tiny.REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'PYTHON': sys.executable, 'XLA_FLAGS': ''})
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(x['attention'], x['remat']) for x in rows] == [('xla', 'offload'),
+                                                         ('cudnn', 'offload')]
+  xla, cudnn = rows
+  assert xla['config']['variant'] == 'Ti/4' and xla['per_device_batch'] == 8  # CPU: config's.
+  assert xla['images_per_s'] == pytest.approx(8 / xla['step_s'], rel=0.01)
+  # Offload recomputes the attention matmuls: more hardware than model FLOPs.
+  assert xla['hardware_flops_per_step'] > xla['model_flops_per_step']
+  assert 'needs a GPU' in cudnn['error']
+  assert '| rils | xla | offload | 8 |' in r.stdout and '| rils | cudnn | offload | config' in r.stdout

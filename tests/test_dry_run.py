@@ -35,14 +35,22 @@ def test_dry_run_reports_fsdp_savings_and_remat_savings():
   block = dry_run.dry_run(_config(**{'model.remat': 'block'}), compile_step=False)
   full = dry_run.dry_run(_config(**{'model.remat': 'full'}), compile_step=False)
   assert full['activation_bytes'] < block['activation_bytes'] < 0.5 * dp['activation_bytes']
+  # Offload keeps what 'block' keeps, its matmul outputs in host memory instead of the device's.
+  offload = dry_run.dry_run(_config(**{'model.remat': 'offload'}), compile_step=False)
+  assert block['host_offload_bytes'] == 0 and offload['host_offload_bytes'] > 0
+  assert (offload['activation_bytes'] + offload['host_offload_bytes'] ==
+          block['activation_bytes'])
+  assert offload['activation_bytes'] < 0.5 * block['activation_bytes']
+  assert offload['estimate_bytes'] == (offload['params_bytes'] + offload['opt_state_bytes'] +
+                                       offload['grads_bytes'] + offload['activation_bytes'])
 
 
 def test_activation_count_matches_a_hand_count_and_shrinks_with_accumulation():
   # y = sin(x @ w): the backward pass keeps cos(x @ w), (B, 5); x and w are arguments.
   fn = lambda w, x: jnp.sin(x @ w).sum()
   args = (jnp.zeros((3, 5)), jnp.zeros((8, 3)))
-  assert dry_run._residual_bytes(fn, args, batch_size=8, shards=1) == 8 * 5 * 4
-  assert dry_run._residual_bytes(fn, args, batch_size=8, shards=4) == 2 * 5 * 4
+  assert dry_run._residual_bytes(fn, args, batch_size=8, shards=1) == (8 * 5 * 4, 0)
+  assert dry_run._residual_bytes(fn, args, batch_size=8, shards=4) == (2 * 5 * 4, 0)
   whole = dry_run.dry_run(_config(), compile_step=False)
   accum = dry_run.dry_run(_config(**{'optim.accum_steps': 2}), compile_step=False)
   assert accum['micro_batch_per_device'] == 1 and accum['config']['accum_steps'] == 2

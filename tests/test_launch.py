@@ -28,7 +28,8 @@ JOBSET = LAUNCH / 'jobset.sh'
 POD_RUN = LAUNCH / 'pod_run.sh'
 DOCKERFILE = LAUNCH / 'Dockerfile'
 SCRIPTS = [TPU, SLURM, SBATCH, MULTINODE, XPK, JOBSET]
-ALL_SCRIPTS = sorted(LAUNCH.glob('*.sh')) + sorted(LAUNCH.glob('*.sbatch'))
+ALL_SCRIPTS = (sorted(LAUNCH.glob('*.sh')) + sorted(LAUNCH.glob('*.sbatch'))
+               + sorted((LAUNCH.parent / 'benchmarks').glob('*.sh')))
 
 V4_CONFIG = 'configs/vit_b16.py:platform=tpu_v4_32,data=shared'
 V5E_CONFIG = 'configs/vit_b16.py:platform=tpu_v5e_256'

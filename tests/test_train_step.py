@@ -61,12 +61,30 @@ def test_logit_scale_is_clamped_after_the_update_and_comes_down_from_the_cap():
   assert scales[-1] < scales[1] <= 14.0 + 1e-4
 
 
-def test_remat_gives_the_same_training():
+@pytest.mark.parametrize('remat', ['full', 'offload'])
+def test_remat_gives_the_same_training(remat):
   batches = [tiny.random_batch(8)]
-  # 'full' recomputes every block; the dry-run test shows what each policy keeps.
+  # 'full' recomputes every block, 'offload' round-trips the kept matmuls through host memory;
+  # the dry-run test shows what each policy keeps.
   base = tiny.train(_config(), jax.devices()[:1], 2, batches)
-  tiny.assert_same_run(base, tiny.train(_config(**{'model.remat': 'full'}), jax.devices()[:1], 2,
+  tiny.assert_same_run(base, tiny.train(_config(**{'model.remat': remat}), jax.devices()[:1], 2,
                                 batches), atol=1e-6)
+
+
+def test_offload_is_refused_on_devices_without_host_memory():
+  class Memory:
+    kind = 'device'
+
+  class Device:
+    device_kind, platform = 'Some accelerator', 'tpu'
+
+    def addressable_memories(self):
+      return [Memory()]
+
+  train_step_lib.check_offload('block', [Device()])  # Other policies need no host memory.
+  with pytest.raises(ValueError, match=r"remat='offload'.*only memory kinds \['device'\]"):
+    train_step_lib.check_offload('offload', [Device()])
+  train_step_lib.check_offload('offload', jax.devices())  # XLA:CPU has 'pinned_host'.
 
 
 def test_bfloat16_moments_and_compute_track_float32():

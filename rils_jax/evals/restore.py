@@ -3,7 +3,8 @@
 The model is rebuilt from the config saved in the checkpoint and the text tower's tokenizer from
 the file saved with it (a sentencepiece model, or CLIP's BPE vocabulary for clip_bpe runs, so
 open_clip need not be installed here); the parameters are read whole (orbax stores each array's
-global value), so a checkpoint written under any mesh or number of hosts restores here. Only
+global value), so a checkpoint written under any mesh or number of hosts restores here, and in
+either layer layout (`config.model.scan_layers`: `checkpoints.load_params` converts). Only
 the parameters are read, not the optimizer state.
 """
 
@@ -62,7 +63,11 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
     f.write(tokenizer_bytes)
   atexit.register(lambda: os.path.exists(path) and os.remove(path))
   tokenizer = tokenizer_lib.load(path)
-  model = rils_lib.build_model(config, tokenizer.eot_id)
+  # The attention kernel suits the training machine ('cudnn' cannot run on a CPU host): this
+  # machine's own choice, 'auto', computes the same function.
+  here = ml_collections.ConfigDict(config.to_dict())
+  here.model.attention = 'auto'
+  model = rils_lib.build_model(here, tokenizer.eot_id)
   mesh = data_parallel_mesh()
   replicated = sharding.replicated(mesh)
   like = jax.eval_shape(lambda: rils_lib.init_params(model, jax.random.PRNGKey(0)))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rils_jax.models import layout
 from rils_jax.models import text as text_lib
 from rils_jax.models import vit
 
@@ -39,7 +40,8 @@ def l2_normalize(x, eps: float = 1e-6):
 
 
 class RILS(nn.Module):
-  """Image and text towers of RILS. Sizes are plain attributes; see `build_model`."""
+  """Image and text towers of RILS. Sizes are plain attributes; see `build_model`. `remat`,
+  `attention` and `scan_layers` apply to every tower (see `vit.Encoder`)."""
   image_size: int
   patch_size: int
   vision_width: int
@@ -59,18 +61,23 @@ class RILS(nn.Module):
   dtype: Any = jnp.float32
   remat: str = 'none'
   bias_init: str = 'release'
+  attention: str = 'auto'
+  scan_layers: bool = False
 
   def setup(self):
     self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
                               self.vision_heads, self.mlp_ratio, self.dtype, self.remat,
-                              bias_init=self.bias_init)
+                              bias_init=self.bias_init, attention=self.attention,
+                              scan_layers=self.scan_layers)
     self.decoder = vit.Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                                out_width=self.vision_width, mlp_ratio=self.mlp_ratio,
-                               dtype=self.dtype, remat=self.remat)
+                               dtype=self.dtype, remat=self.remat, attention=self.attention,
+                               scan_layers=self.scan_layers)
     self.text = text_lib.TextTransformer(self.vocab_size, self.context_length, self.text_width,
                                          self.text_layers, self.text_heads, self.eot_id,
                                          self.mlp_ratio, self.dtype, self.remat,
-                                         bias_init=self.bias_init)
+                                         bias_init=self.bias_init, attention=self.attention,
+                                         scan_layers=self.scan_layers)
     self.image_projection = self.param(
         'image_projection',
         vit.logical(nn.initializers.normal(self.vision_width ** -0.5), ('embed', 'joint')),
@@ -150,8 +157,12 @@ def boxed_params(model: RILS, rng: jax.Array):
   `nn.LogicallyPartitioned` leaves, which carry each parameter's logical axis names.
 
   The parameters depend on `rng` and the model's sizes only: the forward pass that creates them
-  runs on two blank images and captions.
+  runs on two blank images and captions. With `scan_layers` they are the unrolled model's,
+  stacked (`layout.stack_layers`): flax's `nn.scan` would draw each layer's init from a split
+  of one key, and a run must start from the same values in either layout.
   """
+  if model.scan_layers:
+    return layout.stack_layers(boxed_params(model.clone(scan_layers=False), rng))
   images = jnp.zeros((2, model.image_size, model.image_size, 3), jnp.float32)
   tokens = jnp.zeros((2, model.context_length), jnp.int32)
   masking = vit.random_masking(jax.random.PRNGKey(0), 2, math.prod(model.grid_shape()), 0.5)
@@ -192,7 +203,8 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   """Builds a `RILS` module from `config.model` (see configs/*.py for the fields).
 
   Raises:
-    ValueError: for an unknown variant, dtype, remat policy or bias init, or an image size not
+    ValueError: for an unknown variant, dtype, remat policy, bias init or attention, an
+      attention that cannot run here (`vit.attention_implementation`), or an image size not
       divisible by the patch.
   """
   m = config.model
@@ -200,15 +212,22 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   vit.release_bias(m.get('bias_init', 'release'), 1)  # Raises early for an unknown init.
   width, depth, heads, patch = vision_dims(m)
   vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
+  dtype = compute_dtype(m.dtype)
+  attention = m.get('attention', 'auto')
+  decoder_width, decoder_heads = m.decoder.width or width, m.decoder.num_heads or heads
+  for tower_width, tower_heads in ((width, heads), (decoder_width, decoder_heads),
+                                   (m.text.width, m.text.num_heads)):
+    # Raises early for an attention that cannot run here (the head dims of all towers).
+    vit.attention_implementation(attention, dtype, tower_width // tower_heads)
   return RILS(
       image_size=m.image_size, patch_size=patch,
       vision_width=width, vision_depth=depth, vision_heads=heads,
-      decoder_width=m.decoder.width or width, decoder_depth=m.decoder.depth,
-      decoder_heads=m.decoder.num_heads or heads,
+      decoder_width=decoder_width, decoder_depth=m.decoder.depth, decoder_heads=decoder_heads,
       text_width=m.text.width, text_layers=m.text.num_layers, text_heads=m.text.num_heads,
       vocab_size=m.text.vocab_size, context_length=m.text.context_length,
-      embed_dim=m.embed_dim, eot_id=eot_id, dtype=compute_dtype(m.dtype),
-      remat=m.get('remat', 'none'), bias_init=m.get('bias_init', 'release'))
+      embed_dim=m.embed_dim, eot_id=eot_id, dtype=dtype,
+      remat=m.get('remat', 'none'), bias_init=m.get('bias_init', 'release'),
+      attention=attention, scan_layers=bool(m.get('scan_layers', False)))
 
 
 def compute_dtype(name: str):

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rils_jax.models.vit import (TOKENS, constrain, dense, layer_norm, logical, release_bias,
-                                 remat_block)
+from rils_jax.models.vit import (TOKENS, attention_implementation, constrain, dense, layer_norm,
+                                 logical, release_bias, remat_block, scan_blocks)
 
 Dtype = Any
 
@@ -28,12 +28,14 @@ def quick_gelu(x):
 
 
 class TextBlock(nn.Module):
-  """Pre-norm causal block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+  """Pre-norm causal block: x + attn(ln_1(x)); x + mlp(ln_2(x)). `attention`: see
+  `vit.attention_implementation`."""
   num_heads: int
   num_layers: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   bias_init: str = 'release'  # The MLP biases (see `vit.release_bias`).
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -51,7 +53,9 @@ class TextBlock(nn.Module):
                           bias_init=logical(nn.initializers.zeros, (None, 'heads', 'kv')),
                           name='qkv')(y)
     qkv = constrain(qkv, ('batch', 'length', None, 'act_heads', None))
-    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
+    y = jax.nn.dot_product_attention(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True,
+        implementation=attention_implementation(self.attention, self.dtype, head_dim))
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                         kernel_init=logical(nn.initializers.normal(proj_std),
                                             ('heads', 'kv', 'embed')),
@@ -79,6 +83,9 @@ class TextTransformer(nn.Module):
     eot_id: id of the end-of-text token whose feature is pooled.
     remat: 'none', 'block' or 'full' (see `vit.remat_block`).
     bias_init: 'release' or 'zeros' (see `vit.release_bias`).
+    attention: 'auto', 'xla' or 'cudnn' (see `vit.attention_implementation`).
+    scan_layers: the blocks as one `nn.scan` with stacked parameters `blocks` (see
+      `vit.scan_blocks`), instead of `blocks_0` ... `blocks_{num_layers-1}`.
   """
   vocab_size: int
   context_length: int
@@ -90,6 +97,8 @@ class TextTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = 'none'
   bias_init: str = 'release'
+  attention: str = 'auto'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -110,10 +119,15 @@ class TextTransformer(nn.Module):
                      logical(nn.initializers.normal(0.01), (None, 'embed')),
                      (self.context_length, self.width))
     x = x + pos[:length].astype(self.dtype)
-    block = remat_block(TextBlock, self.remat)
-    for i in range(self.num_layers):
-      x = block(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype, self.bias_init,
-                name=f'blocks_{i}')(x)
+    if self.scan_layers:
+      x, _ = scan_blocks(TextBlock, self.remat, self.num_layers)(
+          self.num_heads, self.num_layers, self.mlp_ratio, self.dtype, self.bias_init,
+          self.attention, name='blocks')(x)
+    else:
+      block = remat_block(TextBlock, self.remat)
+      for i in range(self.num_layers):
+        x = block(self.num_heads, self.num_layers, self.mlp_ratio, self.dtype, self.bias_init,
+                  self.attention, name=f'blocks_{i}')(x)
     x = layer_norm(1e-5, self.dtype, 'ln_final')(x)
     eot = jnp.argmax(tokens == self.eot_id, axis=-1)
     return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

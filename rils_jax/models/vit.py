@@ -10,9 +10,12 @@ leaves it; `bias_init='zeros'` zeroes it), CLS / mask tokens ~ N(0, 0.02).
 All modules compute in `dtype` (float32 or bfloat16) and keep float32 parameters. Every
 parameter carries logical axis names (`rils_jax.sharding` maps them to the mesh), the block
 inputs and MLP / attention activations are pinned with `sharding.constrain`, and `remat` selects
-the rematerialisation of each block (see `remat_block`).
+the rematerialisation of each block (see `remat_block`). `attention` selects the attention kernel
+(`attention_implementation`), and `scan_layers` runs the blocks as one `nn.scan` over stacked
+parameters (`scan_blocks`; models/layout.py converts between the two layouts).
 """
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -34,12 +37,19 @@ REMAT_POLICIES = {
     'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Per block, keep only the block's input; recompute the whole block in the backward pass.
     'full': jax.checkpoint_policies.nothing_saveable,
+    # As 'block', but the kept matmul outputs wait for the backward pass in host memory
+    # (MaxText's offload policies): device memory of 'full', recompute of 'block', paid for in
+    # host transfers that XLA overlaps with compute where the backend can.
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 
-def remat_block(block_cls, remat: str):
-  """`block_cls`, rematerialised with policy `remat`: 'none' (keep every activation), 'block' or
-  'full' (see `REMAT_POLICIES`; `nn.remat` = `jax.checkpoint`, Chen et al. 2016).
+def remat_block(block_cls, remat: str, prevent_cse: bool = True):
+  """`block_cls`, rematerialised with policy `remat`: 'none' (keep every activation), 'block',
+  'full' or 'offload' (see `REMAT_POLICIES`; `nn.remat` = `jax.checkpoint`, Chen et al. 2016).
+
+  `prevent_cse=False` lets XLA share work between the forward and the recomputation: safe, and
+  faster, inside `nn.scan` (whose loop already keeps them apart; see `jax.checkpoint`).
 
   Raises:
     ValueError: for another name.
@@ -47,8 +57,93 @@ def remat_block(block_cls, remat: str):
   if remat == 'none':
     return block_cls
   if remat not in REMAT_POLICIES:
-    raise ValueError(f"config.model.remat must be 'none', 'block' or 'full', got {remat!r}")
-  return nn.remat(block_cls, policy=REMAT_POLICIES[remat])
+    raise ValueError(f"config.model.remat must be 'none', 'block', 'full' or 'offload', got "
+                     f'{remat!r}')
+  return nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+
+
+# Logical name of the leading axis of scanned layers' stacked parameters (`scan_blocks`).
+LAYERS = 'layers'
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_body(block_cls):
+  """`block_cls` with the loop-body signature of `nn.scan`: (x, *per-layer inputs) -> (x, None)."""
+
+  class Layer(block_cls):
+
+    @nn.compact
+    def __call__(self, x, *xs):
+      return super().__call__(x, *xs), None
+
+  Layer.__name__ = Layer.__qualname__ = block_cls.__name__
+  return Layer
+
+
+def scan_blocks(block_cls, remat: str, depth: int):
+  """`depth` layers of `block_cls` as one `nn.scan` (compiled once, not `depth` times), each
+  layer rematerialised with policy `remat` inside the loop (big_vision, MaxText).
+
+  The returned class is built with `block_cls`'s attributes; an instance is called as
+  `x, _ = stack(x, *xs)`, where each of `xs` holds one value per layer on its leading axis. Its
+  parameters are those of one layer with a leading axis of size `depth`, logical name `LAYERS`
+  (rils_jax/models/layout.py converts to and from the unrolled `<name>_<i>` layout). flax draws
+  each layer's init and 'dropout' keys from splits of one key, so the initial values differ
+  from an unrolled model's of the same seed; `rils.boxed_params` initialises the unrolled model
+  and stacks it instead.
+
+  Raises:
+    ValueError: for an unknown `remat`.
+  """
+  return nn.scan(remat_block(_scan_body(block_cls), remat, prevent_cse=False),
+                 variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 length=depth, metadata_params={nn.PARTITION_NAME: LAYERS})
+
+
+ATTENTIONS = ('auto', 'xla', 'cudnn')
+# cuDNN's fused attention takes head dims that are multiples of 8, up to 128 on every GPU it
+# supports (256 from Hopper on).
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def attention_implementation(attention: str, dtype, head_dim: int,
+                             backend: Optional[str] = None) -> str:
+  """The `implementation` of `jax.nn.dot_product_attention` that `config.model.attention`
+  selects: 'xla' (XLA's fused softmax(QK^T)V), 'cudnn' (cuDNN's flash attention), or 'auto':
+  'cudnn' on GPU for bfloat16 / float16 compute and a head dim it takes, else 'xla'.
+
+  TPU: JAX's `dot_product_attention` has no TPU implementation ('xla' and 'cudnn' only, JAX
+  0.10), and the Pallas TPU kernels (`jax.experimental.pallas.ops.tpu` flash_attention,
+  splash_attention) need sequence blocks that are multiples of 128, which RILS's lengths (197
+  tokens for ViT-B/16 at 224 px, 50 visible + CLS, 77 text) are not without padding and
+  masking; TPU runs use 'xla'.
+
+  Args:
+    attention: 'auto', 'xla' or 'cudnn'.
+    dtype: the compute dtype.
+    head_dim: channels per attention head.
+    backend: JAX's backend name (default: `jax.default_backend()`).
+
+  Raises:
+    ValueError: for another name, or 'cudnn' where it cannot run: not on a GPU, float32
+      compute, or a head dim that is not a multiple of 8 up to `CUDNN_MAX_HEAD_DIM`.
+  """
+  if attention not in ATTENTIONS:
+    raise ValueError(f"config.model.attention must be 'auto', 'xla' or 'cudnn', got "
+                     f'{attention!r}')
+  backend = jax.default_backend() if backend is None else backend
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  fits = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+  if attention == 'auto':
+    return 'cudnn' if backend == 'gpu' and half and fits else 'xla'
+  if attention == 'cudnn' and not (backend == 'gpu' and half):
+    raise ValueError(f"config.model.attention='cudnn' needs a GPU and bfloat16/float16 compute; "
+                     f"this run has {backend} / {jnp.dtype(dtype).name}: use 'auto' or 'xla'")
+  if attention == 'cudnn' and not fits:
+    raise ValueError(f"config.model.attention='cudnn' needs attention heads of a multiple of 8 "
+                     f'channels, at most {CUDNN_MAX_HEAD_DIM}; this model has {head_dim}: use '
+                     "'auto' or 'xla'")
+  return attention
 
 
 def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
@@ -190,10 +285,12 @@ class Attention(nn.Module):
   """Multi-head self-attention with BEiT-style bias: learned q and v biases, no k bias.
 
   Input/output: (B, T, width) in `dtype`. The qkv kernel is (width, 3, heads, head_dim), Xavier
-  uniform over the flattened (width, 3 * width) matrix as in the release.
+  uniform over the flattened (width, 3 * width) matrix as in the release. `attention`: 'auto',
+  'xla' or 'cudnn' (see `attention_implementation`).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -210,7 +307,8 @@ class Attention(nn.Module):
     q = qkv[:, :, 0] + q_bias.astype(self.dtype)
     k = qkv[:, :, 1]
     v = qkv[:, :, 2] + v_bias.astype(self.dtype)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(
+        q, k, v, implementation=attention_implementation(self.attention, self.dtype, head_dim))
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=logical(xavier_uniform, ('heads', 'kv', 'embed')),
                            bias_init=logical(zeros, ('embed',)), name='proj')(out)
@@ -253,25 +351,30 @@ class Block(nn.Module):
   `drop_path` > 0 with `deterministic=False` drops each residual branch per sample (see
   `drop_path`; needs a 'dropout' rng). Attributes rather than call arguments, so that
   `remat_block` needs no static arguments; at 0 (the default) the block is unchanged.
+  `attention`: see `attention_implementation`.
   """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   drop_path: float = 0.0
   deterministic: bool = True
+  attention: str = 'auto'
 
-  def _branch(self, y):
+  def _branch(self, y, rate):
     if self.drop_path == 0.0 or self.deterministic:
       return y
-    return drop_path(y, self.drop_path, self.make_rng('dropout'))
+    return drop_path(y, self.drop_path if rate is None else rate, self.make_rng('dropout'))
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_rate: Optional[jax.Array] = None):
+    """(B, T, width) -> (B, T, width) in `dtype`. `drop_rate`: this block's drop-path rate
+    in place of `drop_path`, which then only says whether to drop: a float32 scalar that
+    `scan_blocks` feeds per layer (a traced value cannot be an attribute)."""
     x = constrain(x, TOKENS)
-    x = x + self._branch(Attention(self.num_heads, self.dtype, name='attn')(
-        layer_norm(1e-6, self.dtype, 'norm1')(x)))
+    x = x + self._branch(Attention(self.num_heads, self.dtype, self.attention, name='attn')(
+        layer_norm(1e-6, self.dtype, 'norm1')(x)), drop_rate)
     x = x + self._branch(Mlp(self.mlp_ratio, self.dtype, name='mlp')(
-        layer_norm(1e-6, self.dtype, 'norm2')(x)))
+        layer_norm(1e-6, self.dtype, 'norm2')(x)), drop_rate)
     return constrain(x, TOKENS)
 
 
@@ -286,7 +389,10 @@ class Encoder(nn.Module):
     drop_path: stochastic-depth rate of the last block; block i drops at
       drop_path * i / (depth - 1) (timm / BEiT / MAE: `dpr = linspace(0, rate, depth)`). Used
       only with `deterministic=False` (fine-tuning); 0 (pre-training) leaves the blocks as they
-      were.
+      were. With `scan_layers` each layer's rate is a scanned input of the loop.
+    attention: 'auto', 'xla' or 'cudnn' (see `attention_implementation`).
+    scan_layers: the blocks as one `nn.scan` with stacked parameters `blocks` (see
+      `scan_blocks`), instead of `blocks_0` ... `blocks_{depth-1}`.
   """
   patch_size: int
   width: int
@@ -297,6 +403,8 @@ class Encoder(nn.Module):
   remat: str = 'none'
   bias_init: str = 'release'  # The patch embedding's bias (see `release_bias`).
   drop_path: float = 0.0
+  attention: str = 'auto'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, ids_keep: Optional[jax.Array] = None, deterministic: bool = True):
@@ -331,11 +439,18 @@ class Encoder(nn.Module):
     cls = jnp.broadcast_to(cls_token.astype(self.dtype) + pos_embed[:, :1],
                            (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
-    block = remat_block(Block, self.remat)
     rates = np.linspace(0.0, self.drop_path, self.depth)  # Stochastic depth decay rule (timm).
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, drop_path=float(rates[i]),
-                deterministic=deterministic, name=f'blocks_{i}')(x)
+    if self.scan_layers:
+      # The per-layer rates enter the loop as a scanned input; without drop path, nothing.
+      xs = (jnp.asarray(rates, jnp.float32),) if self.drop_path else ()
+      x, _ = scan_blocks(Block, self.remat, self.depth)(
+          self.num_heads, self.mlp_ratio, self.dtype, drop_path=self.drop_path,
+          deterministic=deterministic, attention=self.attention, name='blocks')(x, *xs)
+    else:
+      block = remat_block(Block, self.remat)
+      for i in range(self.depth):
+        x = block(self.num_heads, self.mlp_ratio, self.dtype, drop_path=float(rates[i]),
+                  deterministic=deterministic, attention=self.attention, name=f'blocks_{i}')(x)
     return layer_norm(1e-6, self.dtype, 'norm')(x)
 
 
@@ -344,6 +459,7 @@ class Decoder(nn.Module):
 
   decoder_embed (linear) -> fill masked positions with `mask_token` -> sin-cos pos embed ->
   `depth` blocks -> decoder_norm -> decoder_pred (linear back to the encoder width).
+  `remat`, `attention`, `scan_layers` (stacked parameters `decoder_blocks`): as `Encoder`'s.
   """
   width: int
   depth: int
@@ -352,6 +468,8 @@ class Decoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   remat: str = 'none'
+  attention: str = 'auto'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x, ids_restore, grid: Tuple[int, int],
@@ -377,9 +495,15 @@ class Decoder(nn.Module):
     tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], tokens], axis=1)
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid), self.dtype)
-    block = remat_block(Block, self.remat)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_blocks_{i}')(x)
+    if self.scan_layers:
+      x, _ = scan_blocks(Block, self.remat, self.depth)(
+          self.num_heads, self.mlp_ratio, self.dtype, attention=self.attention,
+          name='decoder_blocks')(x)
+    else:
+      block = remat_block(Block, self.remat)
+      for i in range(self.depth):
+        x = block(self.num_heads, self.mlp_ratio, self.dtype, attention=self.attention,
+                  name=f'decoder_blocks_{i}')(x)
     x = x[:, 1:]
     if ids_predict is not None:
       # Norm and prediction head are per-token: only the patches the loss uses are computed.
