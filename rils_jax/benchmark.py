@@ -151,7 +151,8 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0, memory_limit_byte
   return dict(
       config=dict(variant=config.model.variant, image_size=config.model.image_size,
                   batch_size=config.input.batch_size, dtype=jnp.dtype(model.dtype).name,
-                  loss=config.loss.kind),
+                  loss=config.loss.kind + ('+sigmoid' if config.loss.get('contrastive') ==
+                                           'sigmoid' else '')),
       device=f'{jax.device_count()}x {device.device_kind}',
       compile_s=round(compile_s, 3), step_s=round(step_s, 4),
       images_per_s=round(config.input.batch_size / step_s, 2),

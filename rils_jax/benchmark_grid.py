@@ -43,7 +43,7 @@ def _define_flags():
   # Defined only when run as a command, so that importing this module registers no flags.
   config_flags.DEFINE_config_file('config', 'configs/vit_b16.py', 'Config file.',
                                   lock_config=True)
-  flags.DEFINE_list('kinds', ['rils', 'clip'], 'config.loss.kind of each row.')
+  flags.DEFINE_list('kinds', ['rils', 'clip', 'flip', 'mae'], 'config.loss.kind of each row.')
   flags.DEFINE_list('attention', ['xla', 'cudnn'], 'config.model.attention of each row.')
   flags.DEFINE_list('remat', ['none', 'block', 'full', 'offload'], 'config.model.remat.')
   flags.DEFINE_integer('per_device_batch', 0, 'Batch per device (0: the largest that fits).')

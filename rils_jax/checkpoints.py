@@ -44,6 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from rils_jax import storage
@@ -295,15 +296,22 @@ def read_state(path: str, step: Optional[int] = None) -> Any:
   return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
-def load_params(path: str, like) -> Any:
-  """Parameters only from another run's checkpoint (warm start, `config.init_from`), laid out
-  like `like` (arrays with shardings, or ShapeDtypeStructs with shardings), in the layer layout
-  of `like` whichever the checkpoint's (`config.model.scan_layers`).
+def load_params(path: str, like, missing_ok: bool = False) -> Any:
+  """Parameters only from another run's checkpoint (warm start, `config.init_from`; evaluation),
+  laid out like `like` (arrays with shardings, or ShapeDtypeStructs with shardings), in the
+  layer layout of `like` whichever the checkpoint's (`config.model.scan_layers`).
+
+  Matching is by top-level entry (`visual`, `decoder`, `text`, `image_projection`, ...): entries
+  the checkpoint has and `like` lacks are not read (a RILS run's decoder into a CLIP model, a
+  LiT tower from any run); with `missing_ok`, entries `like` has and the checkpoint lacks keep
+  `like`'s values (`like` must then hold arrays: an MAE run's image tower into an image-text
+  model). Within a shared entry names and shapes must match exactly. What was left out is
+  logged.
 
   Raises:
     FileNotFoundError: when `path` holds no checkpoint (see `checkpoint_path`).
-    ValueError: when its parameters do not have the names and shapes of `like`, or the
-      checkpoint is incomplete or damaged.
+    ValueError: when its parameters do not have the names and shapes of `like` (a missing
+      top-level entry counts unless `missing_ok`), or the checkpoint is incomplete or damaged.
   """
   path = checkpoint_path(path)
   checkpointer = ocp.PyTreeCheckpointer()
@@ -314,6 +322,16 @@ def load_params(path: str, like) -> Any:
   saved = metadata.tree.get('params')
   if saved is None:
     raise ValueError(f'{path} holds no "params"')
+  unread = sorted(set(saved) - set(like))
+  absent = sorted(set(like) - set(saved))
+  if absent and not missing_ok:
+    absent = []  # Reported below as missing names.
+  if unread or absent:
+    logging.info('Parameters from %s: not read %s; not in the checkpoint (kept) %s', path,
+                 unread, absent)
+  saved = {k: v for k, v in saved.items() if k not in unread}
+  kept = {k: like[k] for k in absent}
+  like = {k: v for k, v in like.items() if k not in absent}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   stacked = saved_layout(saved, abstract)
   source = abstract if stacked is None else layout.to_layout(abstract, stacked)
@@ -339,4 +357,5 @@ def load_params(path: str, like) -> Any:
       cause = cause.__cause__ or cause.__context__
     raise ValueError(f'the parameters in {path} cannot be read (damaged checkpoint?): '
                      f'{type(cause).__name__}: {str(cause)[:500]}') from e
-  return restored['params'] if stacked is None else relayout(restored['params'], abstract)
+  params = restored['params'] if stacked is None else relayout(restored['params'], abstract)
+  return {**params, **kept}

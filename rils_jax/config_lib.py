@@ -96,9 +96,19 @@ def base_config() -> ml_collections.ConfigDict:
   # True: each tower's blocks are one nn.scan over stacked parameters (compiled once, not once
   # per layer); checkpoints of either layout resume, warm-start and export (models/layout.py).
   c.model.scan_layers = False
+  # LiT (Zhai et al. 2022): 'image' or 'text' locks that tower (and its projection) at the
+  # values of `init_from`: no gradient, no optimizer moments; '' trains everything.
+  c.model.freeze = ''
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.kind = 'rils'        # 'rils' or 'clip' (baseline: no masked branch).
+  # 'rils', or a baseline in the same code: 'clip' (no masked branch), 'flip' (CLIP on the
+  # visible patches, `flip`), 'mae' (pixel reconstruction, no text; `mae`).
+  c.loss.kind = 'rils'
+  # The image-text term of rils / clip / flip: 'softmax' (CLIP's InfoNCE) or 'sigmoid'
+  # (SigLIP's pairwise sigmoid with a learnable bias; logit scale starts at 10, bias at -10).
+  c.loss.contrastive = 'softmax'
+  c.loss.contrastive_chunk_size = 0  # sigmoid: image rows per chunk of logits; 0: all at once.
+  c.loss.norm_pix_loss = True  # mae: per-patch normalised pixel targets (MAE).
   c.loss.weight = 0.5         # lambda (release).
   c.loss.student_temperature = 0.1   # tau_s (release).
   c.loss.teacher_temperature = 0.04  # tau_t (release).
@@ -110,6 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
   # switches above); 0: exact global losses, the same for any device count.
   c.loss.release_gpus = 0
   c.loss.chunk_size = 0       # Masked patches per chunk of reconstruction logits; 0: all at once.
+
+  # FLIP (Li et al. 2023): the share of patches dropped, and the last steps trained unmasked
+  # (FLIP's unmasked tuning; 0: none).
+  c.flip = ml_collections.ConfigDict({'mask_ratio': 0.5, 'unmasked_steps': 0})
+  # MAE (He et al. 2022): its decoder (8 blocks of 512, 16 heads); masks config.model.mask_ratio.
+  c.mae = ml_collections.ConfigDict({'decoder': {'width': 512, 'depth': 8, 'num_heads': 16}})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4

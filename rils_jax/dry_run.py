@@ -103,8 +103,10 @@ def activation_bytes(model, config, mesh) -> dict:
   def loss(outputs):
     return losses.rils_loss(outputs, config.loss)[0]
 
-  if accum == 1:
-    model_bytes, host = _residual_bytes(lambda p: loss(features(p, batch)), (params,), batch,
+  if accum == 1 or config.loss.kind == 'mae':
+    # MAE accumulates by summing micro-batch gradients: one micro-batch's residuals, no cache.
+    size = batch if accum == 1 else micro
+    model_bytes, host = _residual_bytes(lambda p: loss(features(p, size)), (params,), size,
                                         shards)
     return dict(model=model_bytes, host=host, cached_outputs=0)
   outputs = jax.eval_shape(lambda p: features(p, batch), params)

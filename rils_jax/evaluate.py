@@ -67,6 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[
     raise ValueError('the config names no evaluator in config.evals (see '
                      'rils_jax/evals/runner.py)')
   restored = restore_lib.restore(checkpoint, step)
+  runner.check_model_kind(config.evals, restored.config.loss.kind)
   run_config = ml_collections.ConfigDict(restored.config.to_dict())
   run_config.evals = ml_collections.ConfigDict({'batch_size': config.evals.batch_size})
   run_config.input.num_workers = config.input.num_workers

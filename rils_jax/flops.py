@@ -7,7 +7,10 @@ convention of PaLM's MFU (Chowdhery et al. 2022, App. B) and big_vision.
 
 A train step costs 3x the forward FLOPs of what receives gradients (forward + backward w.r.t.
 activations and weights) and 1x for what is stop-gradiented (the teacher's projection and its
-patch-to-caption logits). These are *model* FLOPs, the numerator of MFU.
+patch-to-caption logits, a tower locked by `config.model.freeze`). These are *model* FLOPs, the
+numerator of MFU. Every `config.loss.kind` runs its own parts: 'clip' the full image and the
+text, 'flip' the visible patches and the text, 'rils' both image branches, the decoder and the
+text, 'mae' the visible patches and the pixel decoder.
 
 `hardware_flops` adds what the step executes on top of them (PaLM's "hardware FLOPs"):
 GradCache's second forward pass of the per-example part when accumulating (Gao et al. 2021,
@@ -38,26 +41,32 @@ def attention_forward_flops(tokens: int, width: int, depth: int) -> int:
 
 
 def _sizes(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
-  """(patches N, visible K, masked N - K) of `config.model`, K as `vit.random_masking`'s."""
+  """(patches N, visible K, masked N - K) of the config's kind, K as `vit.random_masking`'s
+  (K = N for 'clip')."""
   m = config.model
   _, _, _, patch = rils_lib.vision_dims(m)
   rows, cols = vit.grid_size(m.image_size, patch)
   n = rows * cols
-  kept = n * (1.0 - m.mask_ratio)
+  kept = n * (1.0 - rils_lib.mask_ratio(config))
   keep = int(round(kept)) if m.get('keep_rounding', 'floor') == 'round' else int(kept)
   return n, keep, n - keep
 
 
 def _blocks(config: ml_collections.ConfigDict) -> Dict[str, Tuple[int, int, int]]:
   """(tokens, width, depth) per sample of each transformer the step runs, by component name."""
-  m = config.model
+  m, kind = config.model, config.loss.kind
   width, depth, _, _ = rils_lib.vision_dims(m)
   n, keep, _ = _sizes(config)
-  out = {'encoder_full': (n + 1, width, depth),
-         'text': (m.text.context_length, m.text.width, m.text.num_layers)}
-  if config.loss.kind == 'rils':
+  out = {}
+  if kind in ('clip', 'rils'):
+    out['encoder_full'] = (n + 1, width, depth)
+  if kind in ('flip', 'rils', 'mae'):
     out['encoder_masked'] = (keep + 1, width, depth)
-    out['decoder'] = (n + 1, m.decoder.width or width, m.decoder.depth)
+  if kind in ('rils', 'mae'):
+    decoder = rils_lib.decoder_config(config)
+    out['decoder'] = (n + 1, decoder.width or width, decoder.depth)
+  if kind != 'mae':
+    out['text'] = (m.text.context_length, m.text.width, m.text.num_layers)
   return out
 
 
@@ -79,16 +88,25 @@ def hardware_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
     # stop-gradient teacher projection, which the re-run forward pass recomputes.
     per_example = [k for k in model if k not in ('total', 'clip_logits', 'student_logits',
                                                   'teacher_logits')]
-    out['grad_cache'] = sum(model[k] // (1 if k == 'teacher_projection' else 3)
+    frozen = _TOWER_PARTS.get(config.model.get('freeze', ''), ())
+    out['grad_cache'] = sum(model[k] // (1 if k == 'teacher_projection' or k in frozen else 3)
                             for k in per_example)
   remat = config.model.get('remat', 'none')
+  # A locked tower has no backward pass, so nothing of it is recomputed.
+  frozen = _TOWER_PARTS.get(config.model.get('freeze', ''), ())
+  trained = [b for name, b in _blocks(config).items() if name not in frozen]
   if remat == 'full':
-    out['remat'] = batch * sum(transformer_forward_flops(*b) for b in _blocks(config).values())
+    out['remat'] = batch * sum(transformer_forward_flops(*b) for b in trained)
   elif remat in ('block', 'offload'):
-    out['remat'] = batch * sum(attention_forward_flops(*b) for b in _blocks(config).values())
+    out['remat'] = batch * sum(attention_forward_flops(*b) for b in trained)
   out['model'] = model['total']
   out['total'] = out['model'] + out['grad_cache'] + out['remat']
   return out
+
+
+# Components of each LiT-lockable tower (`config.model.freeze`).
+_TOWER_PARTS = {'image': ('encoder_full', 'encoder_masked', 'decoder', 'image_projection'),
+                'text': ('text', 'text_projection')}
 
 
 def train_step_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
@@ -99,30 +117,36 @@ def train_step_flops(config: ml_collections.ConfigDict) -> Dict[str, int]:
     dict of component -> FLOPs (already multiplied by 3 or 1, see the module docstring) with
     `total`.
   """
-  m = config.model
-  width, depth, _, patch = rils_lib.vision_dims(m)
+  m, kind = config.model, config.loss.kind
+  width, _, _, patch = rils_lib.vision_dims(m)
   n, keep, masked = _sizes(config)
-  dec_width = m.decoder.width or width
   text, d, batch = m.text, m.embed_dim, config.input.batch_size
   patch_embed = 2 * n * patch * patch * 3 * width
+  blocks = _blocks(config)
 
-  fwd = {  # Per sample, forward, with gradient.
-      'encoder_full': patch_embed + transformer_forward_flops(n + 1, width, depth),
-      'text': transformer_forward_flops(text.context_length, text.width, text.num_layers),
-      'projections': 2 * width * d + 2 * text.width * d,
-  }
-  per_batch_fwd = {'clip_logits': 2 * batch * batch * d}
-  no_grad = {}
-  if config.loss.kind == 'rils':
-    fwd['encoder_masked'] = patch_embed + transformer_forward_flops(keep + 1, width, depth)
+  fwd = {}  # Per sample, forward, with gradient.
+  for name in ('encoder_full', 'encoder_masked'):
+    if name in blocks:
+      fwd[name] = patch_embed + transformer_forward_flops(*blocks[name])
+  if 'decoder' in blocks:
+    dec_width = blocks['decoder'][1]
+    out_width = patch * patch * 3 if kind == 'mae' else width
     fwd['decoder'] = (2 * (keep + 1) * width * dec_width
-                      + transformer_forward_flops(n + 1, dec_width, m.decoder.depth)
-                      + 2 * masked * dec_width * width)
-    fwd['projections'] += 2 * masked * width * d           # Student.
+                      + transformer_forward_flops(*blocks['decoder'])
+                      + 2 * masked * dec_width * out_width)
+  per_batch_fwd, no_grad = {}, {}
+  if kind != 'mae':
+    fwd['text'] = transformer_forward_flops(*blocks['text'])
+    fwd['image_projection'] = 2 * width * d
+    fwd['text_projection'] = 2 * text.width * d
+    per_batch_fwd['clip_logits'] = 2 * batch * batch * d
+  if kind == 'rils':
+    fwd['image_projection'] += 2 * masked * width * d           # Student.
     no_grad['teacher_projection'] = 2 * masked * width * d * batch
     per_batch_fwd['student_logits'] = 2 * batch * masked * batch * d
     no_grad['teacher_logits'] = 2 * batch * masked * batch * d
-  out = {k: 3 * v * batch for k, v in fwd.items()}
+  frozen = _TOWER_PARTS.get(config.model.get('freeze', ''), ())
+  out = {k: (1 if k in frozen else 3) * v * batch for k, v in fwd.items()}
   out.update({k: 3 * v for k, v in per_batch_fwd.items()})
   out.update(no_grad)
   out['total'] = sum(out.values())

@@ -1,12 +1,18 @@
-"""RILS losses as pure functions of embeddings (../shared/docs/RILS_METHOD.md "Losses").
+"""RILS losses and its baselines' as pure functions of model outputs
+(../shared/docs/RILS_METHOD.md "Losses").
 
 - `clip_loss`: symmetric InfoNCE over the batch (Radford et al. 2021, CLIP).
+- `sigmoid_loss`: pairwise sigmoid loss with a learnable bias (Zhai et al. 2023, SigLIP, eq. 1).
+- `mae_loss`: mean squared error of predicted pixels of the masked patches, against per-patch
+  normalised targets (He et al. 2022, MAE, Sec. 3 "Reconstruction target").
 - `retrieval_gate`: 1 for samples whose top-1 image->text retrieval in the batch is their own
   caption (RILS official release: the reconstruction loss applies to correctly retrieved samples).
 - `rils_reconstruction_loss`: KL(teacher || student) between patch-to-caption distributions,
   averaged over the weighted (masked and gated) patches (RILS paper Sec. 3, official release).
 - `rils_loss`: L_clip + lambda * L_rec with the switches of `config.loss`, including
-  `release_gpus`: the release's loss as N GPUs compute it (SLIP's DDP loop).
+  `release_gpus`: the release's loss as N GPUs compute it (SLIP's DDP loop); and the loss of
+  every other `config.loss.kind` (`KINDS`), with L_clip softmax or sigmoid
+  (`config.loss.contrastive`).
 - `check_config`: the rules of `config.loss`, checked before a run reads or compiles anything.
 
 All inputs are expected L2-normalised; all arithmetic is float32.
@@ -20,31 +26,45 @@ import ml_collections
 
 Metrics = Dict[str, jax.Array]
 
-KINDS = ('rils', 'clip')  # 'clip': the baseline, L_clip only (no masked branch).
+# 'rils': L_contrastive + lambda L_rec (RILS). Baselines: 'clip' L_contrastive on the full
+# images; 'flip' L_contrastive on the visible patches only (Li et al. 2023, FLIP); 'mae' pixel
+# reconstruction, no text (He et al. 2022).
+KINDS = ('rils', 'clip', 'flip', 'mae')
+CONTRASTIVE = ('softmax', 'sigmoid')  # CLIP's InfoNCE or SigLIP's pairwise sigmoid.
 
 
 def check_config(loss_config: ml_collections.ConfigDict, batch_size: Optional[int] = None
                  ) -> None:
-  """Checks `config.loss`: `kind` is one of `KINDS`, `chunk_size` >= 0, `release_gpus` >= 0
-  and, when `batch_size` is given, a divisor of it.
+  """Checks `config.loss`: `kind` is one of `KINDS`, `contrastive` one of `CONTRASTIVE`,
+  `chunk_size` and `contrastive_chunk_size` >= 0, `release_gpus` >= 0, 0 with 'sigmoid' (the
+  release has no sigmoid loss) and, when `batch_size` is given, a divisor of it.
 
   Raises:
     ValueError: naming the setting.
   """
   if loss_config.kind not in KINDS:
-    raise ValueError(f"config.loss.kind must be 'rils' or 'clip', got {loss_config.kind!r}")
+    raise ValueError(f'config.loss.kind must be one of {", ".join(map(repr, KINDS))}, got '
+                     f'{loss_config.kind!r}')
+  contrastive = loss_config.get('contrastive', 'softmax')
+  if contrastive not in CONTRASTIVE:
+    raise ValueError(f"config.loss.contrastive must be 'softmax' or 'sigmoid', got "
+                     f'{contrastive!r}')
   _check_chunk_size(loss_config.get('chunk_size', 0))
+  _check_chunk_size(loss_config.get('contrastive_chunk_size', 0), 'contrastive_chunk_size')
   gpus = loss_config.get('release_gpus', 0)
   if gpus < 0:
     raise ValueError(f'config.loss.release_gpus={gpus} must be >= 0 (0: exact global losses)')
+  if gpus and (contrastive == 'sigmoid' or loss_config.kind in ('flip', 'mae')):
+    raise ValueError(f'config.loss.release_gpus={gpus} reproduces the RILS release\'s softmax '
+                     f'losses; it has no {contrastive} / {loss_config.kind} form: set it to 0')
   if gpus and batch_size is not None and batch_size % gpus:
     raise ValueError(f'config.loss.release_gpus={gpus} must divide the global batch '
                      f'{batch_size}: each simulated GPU holds batch / release_gpus rows')
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _check_chunk_size(chunk_size: int, name: str = 'chunk_size') -> None:
   if chunk_size < 0:
-    raise ValueError(f'config.loss.chunk_size={chunk_size} must be >= 0 (0: no chunks)')
+    raise ValueError(f'config.loss.{name}={chunk_size} must be >= 0 (0: no chunks)')
 
 
 def clip_loss(image_embed, text_embed, logit_scale,
@@ -76,6 +96,84 @@ def clip_loss(image_embed, text_embed, logit_scale,
   loss_i2t = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels, 1).mean()
   loss_t2i = -jnp.take_along_axis(jax.nn.log_softmax(logits_t2i, axis=1), labels, 1).mean()
   return 0.5 * (loss_i2t + loss_t2i), logits
+
+
+def sigmoid_loss(image_embed, text_embed, logit_scale, logit_bias, chunk_size: int = 0
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023, eq. 1):
+
+  L = -(1/B) sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)),  z_ij = 1 if i == j else -1,
+
+  every image-text pair an independent binary classification, over the global batch with exact
+  gradients (the mesh shards the rows; no per-device approximation).
+
+  Args:
+    image_embed: (B, D) L2-normalised image embeddings x_i.
+    text_embed: (B, D) L2-normalised text embeddings y_j; row b is the caption of image b.
+    logit_scale: scalar t = exp(t'), already exponentiated (SigLIP init t' = ln 10).
+    logit_bias: scalar b (SigLIP init -10).
+    chunk_size: 0 forms the (B, B) logits at once; n > 0 forms them n image rows at a time
+      (`lax.scan` with `jax.checkpoint`), so that forward and backward hold (n, B) at a time
+      (the batch is zero-padded to whole chunks, padded rows masked out). Same value and
+      gradients.
+
+  Returns:
+    (loss, logits): scalar float32 loss and the (B, B) image->text logits t x_i . y_j + b
+    (formed whole for the metrics and the retrieval gate, without gradient when chunked).
+
+  Raises:
+    ValueError: for a negative `chunk_size`.
+  """
+  _check_chunk_size(chunk_size, 'contrastive_chunk_size')
+  image_embed = image_embed.astype(jnp.float32)
+  text_embed = text_embed.astype(jnp.float32)
+  logit_scale = jnp.asarray(logit_scale, jnp.float32)
+  logit_bias = jnp.asarray(logit_bias, jnp.float32)
+  batch = image_embed.shape[0]
+
+  def rows_loss(x, row_ids):  # (n, D), (n,) -> summed -log sigmoid over the n rows' pairs.
+    logits = logit_scale * x @ text_embed.T + logit_bias
+    signs = jnp.where(row_ids[:, None] == jnp.arange(batch)[None, :], 1.0, -1.0)
+    valid = (row_ids < batch).astype(jnp.float32)[:, None]
+    return -jnp.sum(valid * jax.nn.log_sigmoid(signs * logits))
+
+  ids = jnp.arange(batch)
+  if not chunk_size or chunk_size >= batch:
+    total = rows_loss(image_embed, ids)
+    logits = logit_scale * image_embed @ text_embed.T + logit_bias
+  else:
+    pad = -batch % chunk_size
+    x = jnp.pad(image_embed, ((0, pad), (0, 0))).reshape(-1, chunk_size, image_embed.shape[1])
+    row_ids = jnp.arange(batch + pad).reshape(-1, chunk_size)
+    body = jax.checkpoint(rows_loss)
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None), jnp.zeros(()),
+                            (x, row_ids))
+    logits = jax.lax.stop_gradient(logit_scale * image_embed @ text_embed.T + logit_bias)
+  return total / batch, logits
+
+
+def mae_loss(pred, target, norm_pix_loss: bool = True) -> jax.Array:
+  """MAE's reconstruction loss on the masked patches (He et al. 2022, Sec. 3; official MAE
+  `forward_loss`): with `norm_pix_loss` each target patch is normalised by its own mean and
+  variance (torch's unbiased `var`, + 1e-6), then
+
+  L = mean over masked patches of mean over the patch's values of (pred - target)^2.
+
+  Args:
+    pred: (B, M, P) predicted pixels of the M masked patches.
+    target: (B, M, P) the same patches of the (normalised) input images (`vit.patchify`).
+    norm_pix_loss: per-patch normalised targets (MAE's better setting, Table 1d).
+
+  Returns:
+    Scalar float32 loss.
+  """
+  pred = pred.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  if norm_pix_loss:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return jnp.mean((pred - target) ** 2)
 
 
 def retrieval_gate(logits) -> jax.Array:
@@ -161,16 +259,26 @@ def rils_reconstruction_loss(student, teacher, prototypes, weights, *, student_t
 
 def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigDict
               ) -> Tuple[jax.Array, Metrics]:
-  """Total loss L = L_clip + weight * L_rec and its metrics.
+  """The loss of `loss_config.kind` and its metrics:
+
+  - 'rils': L = L_con + weight * L_rec (RILS paper Sec. 3, official release);
+  - 'clip' and 'flip': L = L_con (the model's image embedding is the full image's for 'clip',
+    the visible patches' for 'flip');
+  - 'mae': L = `mae_loss` of the predicted pixels (`norm_pix_loss`).
+
+  L_con is `clip_loss` (`contrastive='softmax'`) or `sigmoid_loss` ('sigmoid', with the model's
+  `logit_bias`).
 
   Args:
-    outputs: the dict of `RILS.__call__` (`image_embed`, `text_embed`, `logit_scale`, and for
-      kind 'rils' `student`, `teacher` at the masked patches).
-    loss_config: `config.loss` with `kind` ('rils' or 'clip'), `weight` (lambda),
+    outputs: the dict of `RILS.__call__` (`image_embed`, `text_embed`, `logit_scale`, with
+      'sigmoid' `logit_bias`, for kind 'rils' `student`, `teacher` at the masked patches; for
+      'mae' `pred` and `target`).
+    loss_config: `config.loss` with `kind`, `contrastive`, `weight` (lambda),
       `student_temperature`, `teacher_temperature`, `gate` (bool: apply the retrieval gate),
       `stop_gradient_prototypes` (bool: captions as prototypes get no gradient from L_rec),
       `local_gradients` (bool, see `clip_loss`), `chunk_size` (see
-      `rils_reconstruction_loss`) and `release_gpus` (see below).
+      `rils_reconstruction_loss`), `contrastive_chunk_size` (see `sigmoid_loss`),
+      `norm_pix_loss` (see `mae_loss`) and `release_gpus` (see below).
 
   The logit scale is s = exp(logit_scale), unclamped (CLIP, SLIP): the train step clamps the
   parameter to [0, ln max_logit_scale] after each update, so its gradient never vanishes.
@@ -183,16 +291,26 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
   `rils_reconstruction_loss`). The value and every gradient equal the average of the N GPUs'
   losses, which is what DDP's gradient average optimises.
 
+  The retrieval gate takes the image->text arg-max of the logits of either L_con (for the
+  sigmoid, of t x.y + b: the same ranking as the cosine).
+
   Returns:
-    (loss, metrics) with float32 scalars `loss`, `clip_loss`, `recon_loss`, `clip_acc`
-    (image->text top-1 in batch), `gate_fraction` (fraction of samples whose reconstruction
-    weight is non-zero) and `logit_scale` (s).
+    (loss, metrics) with float32 scalars `loss`, `clip_loss` (L_con, softmax or sigmoid),
+    `recon_loss` (L_rec, or MAE's pixel loss), `clip_acc` (image->text top-1 in batch),
+    `gate_fraction` (fraction of samples whose reconstruction weight is non-zero) and
+    `logit_scale` (s); terms a kind does not have are 0.
 
   Raises:
     ValueError: for a `loss_config` that `check_config` refuses.
   """
-  batch = outputs['image_embed'].shape[0]
+  check_config(loss_config)
+  batch = outputs['pred' if loss_config.kind == 'mae' else 'image_embed'].shape[0]
   check_config(loss_config, batch)
+  zero = jnp.zeros((), jnp.float32)
+  if loss_config.kind == 'mae':
+    l_rec = mae_loss(outputs['pred'], outputs['target'], loss_config.get('norm_pix_loss', True))
+    return l_rec, dict(loss=l_rec, clip_loss=zero, recon_loss=l_rec, clip_acc=zero,
+                       gate_fraction=zero, logit_scale=zero)
   gpus = loss_config.get('release_gpus', 0)
   if gpus:
     local_gradients = stop_gradient_prototypes = gpus > 1
@@ -200,12 +318,17 @@ def rils_loss(outputs: Dict[str, jax.Array], loss_config: ml_collections.ConfigD
     local_gradients = loss_config.get('local_gradients', False)
     stop_gradient_prototypes = loss_config.stop_gradient_prototypes
   scale = jnp.exp(jnp.asarray(outputs['logit_scale'], jnp.float32))
-  l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale,
-                             local_gradients)
+  if loss_config.get('contrastive', 'softmax') == 'sigmoid':
+    l_clip, logits = sigmoid_loss(outputs['image_embed'], outputs['text_embed'], scale,
+                                  outputs['logit_bias'],
+                                  loss_config.get('contrastive_chunk_size', 0))
+  else:
+    l_clip, logits = clip_loss(outputs['image_embed'], outputs['text_embed'], scale,
+                               local_gradients)
   correct = retrieval_gate(jax.lax.stop_gradient(logits))
   metrics = dict(clip_loss=l_clip, clip_acc=correct.mean(), logit_scale=scale)
-  if loss_config.kind == 'clip':
-    metrics.update(loss=l_clip, recon_loss=jnp.zeros(()), gate_fraction=jnp.zeros(()))
+  if loss_config.kind in ('clip', 'flip'):
+    metrics.update(loss=l_clip, recon_loss=zero, gate_fraction=zero)
     return l_clip, metrics
   gate = correct if loss_config.gate else jnp.ones_like(correct)
   prototypes = outputs['text_embed']

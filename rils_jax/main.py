@@ -53,6 +53,7 @@ from rils_jax import console
 from rils_jax import distributed
 from rils_jax import health as health_lib
 from rils_jax import metric_writer
+from rils_jax import optim
 from rils_jax import preemption
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
@@ -120,6 +121,11 @@ def validate_config(config: ml_collections.ConfigDict) -> train_step_lib.Setup:
   if config.seed < 0:
     raise ValueError(f'config.seed={config.seed} must be >= 0')
   evals_lib.evaluator_specs(config.evals)
+  evals_lib.check_model_kind(config.evals, config.loss.kind)
+  if config.model.get('freeze') and not config.init_from:
+    raise ValueError(f'config.model.freeze={config.model.freeze!r} locks a tower at the values '
+                     'of config.init_from (LiT), which is empty: name the run or checkpoint '
+                     'that trained the tower')
   wandb_run.check_config(config.wandb)
   if config.tokenizer.model and not (os.path.isfile(config.tokenizer.model) and
                                      os.access(config.tokenizer.model, os.R_OK)):
@@ -253,7 +259,13 @@ def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_li
     return state
   state = train_step_lib.create_train_state(setup, config.seed)
   if config.init_from:
-    state = state.replace(params=checkpoints_lib.load_params(config.init_from, state.params))
+    params = checkpoints_lib.load_params(config.init_from, state.params, missing_ok=True)
+    frozen = optim.frozen_names(config.model.get('freeze', ''))
+    if any(params[k] is state.params[k] for k in frozen):
+      raise ValueError(f'config.model.freeze={config.model.freeze!r} locks {list(frozen)} at the '
+                       f'values of config.init_from={config.init_from!r}, which does not hold '
+                       'them all: name a run that trained that tower')
+    state = state.replace(params=params)
     logging.info('Parameters initialised from %s', config.init_from)
   return state
 
@@ -321,6 +333,9 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(setup.mesh.shape))
   train_step = train_step_lib.make_train_step(setup, config)
+  unmasked_from = train_step_lib.unmasked_from(config)
+  if unmasked_from <= config.total_steps:  # FLIP's unmasked tuning: whole images at the end.
+    unmasked_step = train_step_lib.make_train_step(setup, config, unmasked=True)
   embedder = embed_lib.Embedder(setup.model, config, setup.mesh, tokenizer,
                                 setup.shardings.params)
 
@@ -338,7 +353,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   for step in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)
     example_ids.write(step, batch.pop('example_id'))
-    state, metrics = train_step(state, batch)
+    state, metrics = (train_step if step < unmasked_from else unmasked_step)(state, batch)
     health.observe(step, metrics)
     window_images += config.input.batch_size
     if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:

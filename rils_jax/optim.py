@@ -12,6 +12,8 @@ Which parameters are weight-decayed (`config.optim.weight_decay_mask`):
   `make_finetune_optimizer`).
 """
 
+from typing import Any, Callable, NamedTuple, Tuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -53,6 +55,34 @@ def decay_mask_fn(rule: str):
   return slip_weight_decay_mask if rule == 'slip' else weight_decay_mask
 
 
+# LiT's locked towers (`config.model.freeze`): the top-level parameters of each.
+FROZEN_TOWERS = {
+    '': (),
+    'image': ('visual', 'decoder', 'image_projection'),
+    'text': ('text', 'text_projection'),
+}
+
+
+def frozen_names(freeze: str) -> Tuple[str, ...]:
+  """The top-level parameter names that `config.model.freeze` locks (LiT, Zhai et al. 2022).
+
+  Raises:
+    ValueError: for another value than '', 'image' or 'text'.
+  """
+  if freeze not in FROZEN_TOWERS:
+    raise ValueError(f"config.model.freeze must be '', 'image' or 'text', got {freeze!r}")
+  return FROZEN_TOWERS[freeze]
+
+
+def stop_frozen(params: Any, freeze: str) -> Any:
+  """`params` with the locked towers stop-gradiented: the step's gradient of them is a zero
+  constant, so XLA computes no backward pass through them (nor into what only they feed)."""
+  names = frozen_names(freeze)
+  if not names:
+    return params
+  return {k: jax.lax.stop_gradient(v) if k in names else v for k, v in params.items()}
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up from `config.optim.lr_start` (default 0) to `lr` over `warmup_steps`, then
   cosine decay to `lr * min_lr_ratio` at `config.total_steps` (SLIP's schedule: warm-up from
@@ -79,8 +109,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   The first moment is kept in `config.optim.mu_dtype` ('float32' or 'bfloat16', which halves
   its memory); the second moment and the parameters stay float32.
 
+  With `config.model.freeze` (LiT) the optimizer sees only the trained parameters
+  (`trained_only`): the locked towers get a zero update, no weight decay, and have no moments
+  in the optimizer state.
+
   Raises:
-    ValueError: for another `mu_dtype` or `weight_decay_mask`.
+    ValueError: for another `mu_dtype`, `weight_decay_mask` or `model.freeze`.
   """
   o = config.optim
   mask = decay_mask_fn(o.get('weight_decay_mask', 'kernels'))
@@ -92,7 +126,58 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   transforms.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                                 weight_decay=o.weight_decay, mask=mask,
                                 mu_dtype=jnp.dtype(o.mu_dtype)))
-  return optax.chain(*transforms)
+  optimizer = optax.chain(*transforms)
+  frozen = frozen_names(config.model.get('freeze', ''))
+  return trained_only(optimizer, frozen) if frozen else optimizer
+
+
+class TrainedOnlyState(NamedTuple):
+  """State of `trained_only`: the inner optimizer's state over the trained parameters."""
+  inner: Any
+
+
+def _without(tree, names):
+  return {k: v for k, v in tree.items() if k not in names}
+
+
+def trained_only(inner: optax.GradientTransformation, frozen: Tuple[str, ...]
+                 ) -> optax.GradientTransformation:
+  """`inner` over the top-level parameters not in `frozen`; the frozen ones get zero updates
+  and no state (optax's `multi_transform` with `set_to_zero` would do the same, but its
+  masked states do not go through `optax.tree_map_params`, which lays out the state)."""
+
+  def init(params):
+    return TrainedOnlyState(inner.init(_without(params, frozen)))
+
+  def update(updates, state, params=None):
+    trained, inner_state = inner.update(_without(updates, frozen), state.inner,
+                                        None if params is None else _without(params, frozen))
+    out = {k: trained[k] if k in trained else jax.tree.map(jnp.zeros_like, v)
+           for k, v in updates.items()}
+    return out, TrainedOnlyState(inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def map_state_params(config: ml_collections.ConfigDict, f: Callable, opt_state, like,
+                     non_params: Callable):
+  """`optax.tree_map_params` for `make_optimizer(config)`'s state: each parameter-shaped subtree
+  of `opt_state` (a moment) becomes `f(leaf, like's leaf)`, everything else
+  `non_params(leaf)` (e.g. the shardings of the state from the parameters')."""
+  frozen = frozen_names(config.model.get('freeze', ''))
+  if not frozen:
+    return optax.tree_map_params(make_optimizer(config), f, opt_state, like,
+                                 transform_non_params=non_params)
+  inner = make_optimizer(_unfrozen(config))
+  return TrainedOnlyState(optax.tree_map_params(inner, f, opt_state.inner,
+                                                _without(like, frozen),
+                                                transform_non_params=non_params))
+
+
+def _unfrozen(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.freeze = ''
+  return config
 
 
 def layer_id(path, num_blocks: int) -> int:

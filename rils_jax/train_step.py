@@ -7,7 +7,8 @@ state follow the logical-axis rules (replicated, FSDP-sharded and / or tensor-pa
 state buffers are donated. Losses are computed on the global batch inside the one SPMD program,
 so the CLIP logits and the reconstruction prototypes span all devices and hosts with exact
 gradients. Gradient accumulation (`config.optim.accum_steps` > 1) is GradCache
-(rils_jax/grad_cache.py), so the update is the full-batch one.
+(rils_jax/grad_cache.py) for the losses that couple the batch, plain summing for MAE's, so the
+update is the full-batch one.
 """
 
 import dataclasses
@@ -156,6 +157,20 @@ def check_offload(remat: str, devices: Sequence[Any]) -> None:
                        f"{kinds}; use remat='full' (least device memory) or 'block'")
 
 
+def check_freeze(config: ml_collections.ConfigDict) -> None:
+  """`config.model.freeze` must name a tower that the kind has ('mae' has no text tower, and
+  locking its only tower leaves nothing to train).
+
+  Raises:
+    ValueError: naming the setting.
+  """
+  freeze = config.model.get('freeze', '')
+  optim.frozen_names(freeze)
+  if freeze and config.loss.kind == 'mae':
+    raise ValueError(f"config.model.freeze={freeze!r} locks a tower of an image-text model; "
+                     "config.loss.kind='mae' has the image tower only: set freeze=''")
+
+
 def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None,
           eot_id: int = tokenizer_lib.EOS_ID) -> Setup:
   """Builds the mesh, model, optimizer, state shardings and abstract state of `config`,
@@ -181,6 +196,7 @@ def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = 
                     'device; preset %s is sized for %d', config.input.batch_size, accum,
                     per_device, platform.name, platform.per_device_batch)
   model = rils_lib.build_model(config, eot_id)
+  check_freeze(config)
   check_offload(config.model.get('remat', 'none'), mesh.devices.flat)
   masking_for(model, config, jax.random.PRNGKey(0), 1)  # Raises for a degenerate mask ratio.
   optimizer = optim.make_optimizer(config)
@@ -197,8 +213,8 @@ def setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = 
   param_shardings = sharding.tree_shardings(boxed, mesh, rules)
   shardings = TrainState(
       step=replicated, params=param_shardings,
-      opt_state=optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
-                                      transform_non_params=lambda _: replicated),
+      opt_state=optim.map_state_params(config, lambda _, s: s, opt_state, param_shardings,
+                                       lambda _: replicated),
       rng=replicated, skipped_examples=replicated, nonfinite_steps=replicated,
       consecutive_nonfinite=replicated)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -234,12 +250,26 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str,
 
 
 def masking_for(model: rils_lib.RILS, config: ml_collections.ConfigDict, rng: jax.Array,
-                batch: int):
-  """The masked branch's `vit.Masking` for `batch` images, or None for `loss.kind` 'clip'."""
-  if config.loss.kind != 'rils':
+                batch: int, unmasked: bool = False):
+  """The step's `vit.Masking` for `batch` images, or None for `loss.kind` 'clip' and for
+  `unmasked` (FLIP's unmasked tuning: 'flip' on whole images)."""
+  if config.loss.kind == 'clip' or (unmasked and config.loss.kind == 'flip'):
     return None
-  return vit.random_masking(rng, batch, math.prod(model.grid_shape()), config.model.mask_ratio,
+  return vit.random_masking(rng, batch, math.prod(model.grid_shape()),
+                            rils_lib.mask_ratio(config),
                             config.model.get('keep_rounding', 'floor'))
+
+
+def unmasked_from(config: ml_collections.ConfigDict) -> int:
+  """The first step (1-based) of FLIP's unmasked tuning: total_steps - flip.unmasked_steps + 1
+  for 'flip' with `flip.unmasked_steps` > 0, else never (total_steps + 1)."""
+  if config.loss.kind != 'flip' or not config.flip.get('unmasked_steps', 0):
+    return config.total_steps + 1
+  return config.total_steps - config.flip.unmasked_steps + 1
+
+
+# Parameters that the loss reads directly, beside the per-example outputs (GradCache).
+LOSS_PARAMS = ('logit_scale', 'logit_bias')
 
 
 def forward(model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh: Mesh, params,
@@ -249,9 +279,13 @@ def forward(model: rils_lib.RILS, config: ml_collections.ConfigDict, mesh: Mesh,
     return model.apply({'params': params}, images, tokens, masking)
 
 
-def make_train_step(setup: Setup, config: ml_collections.ConfigDict
+def make_train_step(setup: Setup, config: ml_collections.ConfigDict, unmasked: bool = False
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
-  """Builds the jitted train step `(state, batch) -> (new_state, metrics)`.
+  """Builds the jitted train step `(state, batch) -> (new_state, metrics)`; with `unmasked`
+  the step of FLIP's unmasked tuning (whole images; the same for other kinds).
+
+  `config.model.freeze` (LiT) stop-gradients the locked towers (`optim.stop_frozen`): their
+  gradient is zero and never computed, and the optimizer leaves them as they are.
 
   `batch` holds `image` uint8 (B, H, W, 3), `text` int32 (B, L) and `skipped` int32 (B,)
   (unreadable images dropped before each example), sharded over the data-parallel axes. The
@@ -272,21 +306,30 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
   max_log_scale = math.log(config.loss.max_logit_scale)
   nan_loss_steps = tuple(int(s) for s in config.debug.nan_loss_steps)
 
+  freeze = config.model.get('freeze', '')
+
   def loss_of(outputs, fault):
     loss, metrics = losses.rils_loss(outputs, config.loss)
     return loss * fault, {**metrics, 'loss': metrics['loss'] * fault}
 
-  def features(params, micro_batch):  # GradCache's per-example part: all but the logit scale.
-    out = dict(forward(model, config, mesh, params, *micro_batch))
-    del out['logit_scale']
-    return out
+  def features(params, micro_batch):  # GradCache's per-example part: all but the loss's params.
+    out = dict(forward(model, config, mesh, optim.stop_frozen(params, freeze), *micro_batch))
+    return {k: v for k, v in out.items() if k not in LOSS_PARAMS}
 
   def gradients(params, inputs, fault):
     if setup.accum_steps == 1:
       return jax.value_and_grad(
-          lambda p: loss_of(forward(model, config, mesh, p, *inputs), fault), has_aux=True)(params)
+          lambda p: loss_of(forward(model, config, mesh, optim.stop_frozen(p, freeze), *inputs),
+                            fault), has_aux=True)(params)
+    if config.loss.kind == 'mae':  # A mean over examples: plain accumulation is exact.
+      return grad_cache.summed_gradients(
+          lambda p, mb: loss_of(forward(model, config, mesh, p, *mb), fault), params, inputs,
+          setup.accum_steps,
+          micro_batch_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES)),
+          param_shardings=shardings.params)
     return grad_cache.grad_cache(
-        features, lambda p, o: loss_of({**o, 'logit_scale': p['logit_scale']}, fault), params,
+        features,
+        lambda p, o: loss_of({**o, **{k: p[k] for k in LOSS_PARAMS if k in p}}, fault), params,
         inputs, setup.accum_steps,
         micro_batch_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES)),
         param_shardings=shardings.params)
@@ -294,7 +337,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict
   def step_fn(state: TrainState, batch):
     images = transforms.normalize(batch['image'], config.input)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    masking = masking_for(model, config, rng, images.shape[0])
+    masking = masking_for(model, config, rng, images.shape[0], unmasked)
     fault = jnp.float32(1.0)
     if nan_loss_steps:
       fault = jnp.where(jnp.isin(state.step + 1, jnp.array(nan_loss_steps)), jnp.nan, 1.0)
@@ -324,7 +367,8 @@ def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: fl
   params = optax.apply_updates(state.params, updates)
   # SLIP's loop clamps the parameter after the step, so that 1 <= exp(logit_scale) <= 100 and
   # the forward's exp is never clipped: the scale's gradient never vanishes at the cap.
-  params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
+  if 'logit_scale' in params:  # MAE has none.
+    params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
   grad_norm = optax.tree.norm(grads)
   # One bad batch or overflow must not poison the run: keep the previous parameters and
   # moments (a NaN would otherwise spread into every weight through Adam's moments). The step

@@ -20,6 +20,7 @@ def _config(kind):
   c = tiny.tiny_config(**{'loss.kind': kind, 'model.image_size': 64, 'input.batch_size': 32})
   c.model.vision = dict(width=128, depth=2, num_heads=4)
   c.model.decoder = dict(width=128, depth=1, num_heads=4)
+  c.mae.decoder = dict(width=64, depth=2, num_heads=4)
   c.model.text = dict(width=128, num_layers=2, num_heads=4, context_length=16, vocab_size=64)
   return c
 
@@ -34,15 +35,19 @@ def _xla_cost(config):
   return cost[0] if isinstance(cost, list) else cost
 
 
-@pytest.mark.parametrize('kind', ['rils', 'clip'])
-def test_analytic_flops_match_xla_cost_analysis(kind):
-  config = _config(kind)
+@pytest.mark.parametrize('kind,overrides', [
+    ('rils', {}), ('clip', {}), ('flip', {}), ('mae', {}),
+    ('rils', {'loss.contrastive': 'sigmoid'}), ('clip', {'model.freeze': 'image'})])
+def test_analytic_flops_match_xla_cost_analysis(kind, overrides):
+  config = tiny.apply_overrides(_config(kind), **overrides)
   cost = _xla_cost(config)
   analytic = flops.train_step_flops(config)
   # XLA also counts element-wise work, which the analytic (matmul-only) count leaves out.
   assert 0.95 <= cost['flops'] / analytic['total'] <= 1.1, (cost['flops'], analytic)
-  if kind == 'clip':
+  if kind in ('clip', 'flip'):
     assert 'decoder' not in analytic and 'teacher_logits' not in analytic
+  if kind == 'mae':
+    assert 'text' not in analytic and 'clip_logits' not in analytic
 
 
 @pytest.mark.parametrize('kind,overrides', [

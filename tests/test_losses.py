@@ -150,7 +150,7 @@ def test_logit_scale_gradient_flows_below_at_and_above_the_cap(embeddings, offse
 
 def test_unknown_kind_raises(embeddings):
   img, txt, _, _ = embeddings
-  cfg = tiny.tiny_config(**{'loss.kind': 'mae'}).loss
+  cfg = tiny.tiny_config(**{'loss.kind': 'simclr'}).loss
   with pytest.raises(ValueError, match='rils'):
     losses.rils_loss(dict(image_embed=img, text_embed=txt, logit_scale=0.0), cfg)
 

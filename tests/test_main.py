@@ -169,8 +169,8 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
   with pytest.raises(FileNotFoundError, match='image folder dataset not found'):
     main_lib.train(_config(data_root, **{'evals.zeroshot.data.root': str(tmp_path / 'nope')}),
                    str(tmp_path / 'g'))
-  with pytest.raises(ValueError, match="'rils' or 'clip'"):
-    main_lib.train(_config(data_root, **{'loss.kind': 'mae'}), str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match="'rils', 'clip', 'flip', 'mae'"):
+    main_lib.train(_config(data_root, **{'loss.kind': 'simclr'}), str(tmp_path / 'b'))
   config = _config(data_root)
   config.model.text.vocab_size = 8
   with pytest.raises(ValueError, match='vocab_size=8'):

@@ -125,8 +125,8 @@ def test_rils_outputs_are_normalised_with_expected_shapes():
   for key in ('image_embed', 'text_embed', 'student', 'teacher'):
     np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(params['logit_scale'], np.log(1 / 0.07), rtol=1e-6)
-  # CLIP baseline: no masked branch.
-  assert set(model.apply({'params': params}, images, tokens)) == {
+  # CLIP baseline: no masked branch (the RILS parameters hold the CLIP model's and more).
+  assert set(model.clone(kind='clip').apply({'params': params}, images, tokens)) == {
       'image_embed', 'text_embed', 'logit_scale'}
 
 

@@ -32,6 +32,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.model.vision = dict(width=32, depth=2, num_heads=2)
   c.model.image_size = 32
   c.model.decoder = dict(width=32, depth=1, num_heads=2)
+  c.mae.decoder = dict(width=24, depth=1, num_heads=2)
   c.model.text = dict(width=32, num_layers=2, num_heads=2, context_length=8, vocab_size=64)
   c.model.embed_dim = 16
   c.optim.lr = 3e-3

@@ -50,6 +50,24 @@ from rils_jax.evals import zeroshot
 KINDS = {'zeroshot': zeroshot, 'retrieval': retrieval, 'linear_probe': linear,
          'fewshot': fewshot, 'lowshot': lowshot, 'knn': knn}
 _COMMON = dict(kind=None, every=0)
+# Kinds that embed text: a model without a text tower (`config.loss.kind='mae'`) cannot run them.
+TEXT_KINDS = ('zeroshot', 'retrieval')
+
+
+def check_model_kind(evals: ml_collections.ConfigDict, loss_kind: str) -> None:
+  """Refuses evaluators that need a text tower for a model that has none (MAE).
+
+  Raises:
+    ValueError: naming the evaluators and what an MAE model is evaluated with.
+  """
+  if loss_kind != 'mae':
+    return
+  names = sorted(name for name, value in _plain(evals).items()
+                 if isinstance(value, dict) and value.get('kind') in TEXT_KINDS)
+  if names:
+    raise ValueError(f'config.evals {", ".join(names)} embed text, and a '
+                     "config.loss.kind='mae' model has no text tower: evaluate it with "
+                     'linear_probe, fewshot, lowshot, knn or fine-tuning (rils_jax.finetune)')
 
 
 def _plain(value):

@@ -9,6 +9,17 @@ Forward pass (../shared/docs/RILS_METHOD.md "Forward pass", RILS official releas
 - student (decoder output) and teacher (full-branch patch tokens) go through the same
   `image_projection` and are L2-normalised.
 `logit_scale` is a learnable log-temperature initialised to ln(1/0.07) (CLIP).
+
+The same module builds the baselines (`kind`, `config.loss.kind`), each with only the parameters
+its loss uses:
+- 'clip': the full branch and the text tower (no decoder);
+- 'flip': the encoder on the visible patches only, image embedding = mean of the visible patch
+  tokens times `image_projection` (FLIP, Li et al. 2023, Sec. 3); without a masking (FLIP's
+  unmasked tuning) the full branch;
+- 'mae': the encoder on the visible patches and a decoder predicting the pixels of the masked
+  patches (MAE, He et al. 2022): no text tower, projections or logit scale.
+`contrastive='sigmoid'` (SigLIP, Zhai et al. 2023) adds a learnable `logit_bias` (init -10) and
+starts `logit_scale` at ln 10.
 """
 
 import math
@@ -20,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rils_jax.losses import check_config as check_loss_config
 from rils_jax.models import layout
 from rils_jax.models import text as text_lib
 from rils_jax.models import vit
@@ -41,7 +53,9 @@ def l2_normalize(x, eps: float = 1e-6):
 
 class RILS(nn.Module):
   """Image and text towers of RILS. Sizes are plain attributes; see `build_model`. `remat`,
-  `attention` and `scan_layers` apply to every tower (see `vit.Encoder`)."""
+  `attention` and `scan_layers` apply to every tower (see `vit.Encoder`). `kind` and
+  `contrastive`: see the module docstring; `decoder_out` is the decoder's output width per
+  patch (0: the encoder width, RILS; MAE: patch_size ** 2 * 3 pixels)."""
   image_size: int
   patch_size: int
   vision_width: int
@@ -63,6 +77,9 @@ class RILS(nn.Module):
   bias_init: str = 'release'
   attention: str = 'auto'
   scan_layers: bool = False
+  kind: str = 'rils'
+  contrastive: str = 'softmax'
+  decoder_out: int = 0
 
   def setup(self):
     self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
@@ -70,7 +87,8 @@ class RILS(nn.Module):
                               bias_init=self.bias_init, attention=self.attention,
                               scan_layers=self.scan_layers)
     self.decoder = vit.Decoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                               out_width=self.vision_width, mlp_ratio=self.mlp_ratio,
+                               out_width=self.decoder_out or self.vision_width,
+                               mlp_ratio=self.mlp_ratio,
                                dtype=self.dtype, remat=self.remat, attention=self.attention,
                                scan_layers=self.scan_layers)
     self.text = text_lib.TextTransformer(self.vocab_size, self.context_length, self.text_width,
@@ -78,6 +96,8 @@ class RILS(nn.Module):
                                          self.mlp_ratio, self.dtype, self.remat,
                                          bias_init=self.bias_init, attention=self.attention,
                                          scan_layers=self.scan_layers)
+    if self.kind == 'mae':  # Pixels only: no joint space.
+      return
     self.image_projection = self.param(
         'image_projection',
         vit.logical(nn.initializers.normal(self.vision_width ** -0.5), ('embed', 'joint')),
@@ -86,13 +106,21 @@ class RILS(nn.Module):
         'text_projection',
         vit.logical(nn.initializers.normal(self.text_width ** -0.5), ('embed', 'joint')),
         (self.text_width, self.embed_dim))
-    self.logit_scale = self.param('logit_scale', nn.initializers.constant(np.log(1 / 0.07)), ())
+    sigmoid = self.contrastive == 'sigmoid'
+    # SigLIP Sec. 3.2: t' = ln 10, b = -10, so that training starts near the prior of mostly
+    # negative pairs; CLIP: 1 / 0.07.
+    self.logit_scale = self.param('logit_scale', nn.initializers.constant(
+        np.log(10.0) if sigmoid else np.log(1 / 0.07)), ())
+    if sigmoid:
+      self.logit_bias = self.param('logit_bias', nn.initializers.constant(-10.0), ())
 
   def grid_shape(self):
     """Patch grid (rows, cols); callable on an unbound module."""
     return vit.grid_size(self.image_size, self.patch_size)
 
   def _project_image(self, x):
+    if self.kind == 'mae':  # No joint space: the pooled feature itself.
+      return x
     return x @ self.image_projection.astype(self.dtype)
 
   def encode_image(self, images):
@@ -102,7 +130,8 @@ class RILS(nn.Module):
       images: float (B, H, W, 3) normalised pixels.
 
     Returns:
-      embedding: (B, embed_dim) float32, L2-normalised.
+      embedding: (B, embed_dim) float32, L2-normalised (for kind 'mae', which has no joint
+        space, the L2-normalised (B, vision_width) mean patch token).
       patch_tokens: (B, N, vision_width) in `dtype`, after the encoder's final LayerNorm.
     """
     tokens = self.visual(images)[:, 1:]
@@ -121,28 +150,57 @@ class RILS(nn.Module):
     return l2_normalize(self._project_image(self.visual(images)[:, 1:]))
 
   def encode_text(self, tokens):
-    """Text embedding: (B, L) int32 token ids -> (B, embed_dim) float32, L2-normalised."""
+    """Text embedding: (B, L) int32 token ids -> (B, embed_dim) float32, L2-normalised.
+
+    Raises:
+      ValueError: for kind 'mae' (no text tower).
+    """
+    if self.kind == 'mae':
+      raise ValueError("a model of config.loss.kind='mae' has no text tower")
     return l2_normalize(self.text(tokens) @ self.text_projection.astype(self.dtype))
 
   def __call__(self, images, tokens, masking: Optional[vit.Masking] = None) -> Dict[str, jax.Array]:
-    """Both branches of one RILS step.
+    """One train step's forward pass of `kind`.
 
     Args:
       images: float (B, H, W, 3) normalised pixels.
-      tokens: int32 (B, L) caption token ids.
-      masking: a `vit.Masking` for the masked branch, or None to skip it (CLIP baseline).
+      tokens: int32 (B, L) caption token ids (unused by 'mae').
+      masking: a `vit.Masking`: needed by 'rils' and 'mae', used by 'flip' (None: FLIP's
+        unmasked tuning, the full branch), ignored by 'clip'.
 
     Returns:
-      dict with float32 `image_embed` (B, D), `text_embed` (B, D), `logit_scale` () (the raw
-      log-scale), and when `masking` is given `student` and `teacher` (B, M, D): L2-normalised
-      projections of the decoder prediction and of the full-branch patch token at each of the
-      M masked patches (in `masking.ids_masked` order). The teacher is not stop-gradiented here;
-      the loss does that.
+      'mae': dict with float32 `pred` (B, M, decoder_out), the decoder's pixels at the M masked
+      patches (in `masking.ids_masked` order), and `target` (B, M, p * p * 3), the same patches
+      of `images` (`vit.patchify`).
+      Otherwise dict with float32 `image_embed` (B, D), `text_embed` (B, D), `logit_scale` ()
+      (the raw log-scale), `logit_bias` () with 'sigmoid', and for 'rils' `student` and
+      `teacher` (B, M, D): L2-normalised projections of the decoder prediction and of the
+      full-branch patch token at each of the M masked patches. The teacher is not
+      stop-gradiented here; the loss does that.
+
+    Raises:
+      ValueError: for 'rils' or 'mae' without a masking.
     """
-    image_embed, patch_tokens = self.encode_image(images)
+    if masking is None and self.kind in ('rils', 'mae'):
+      raise ValueError(f'kind {self.kind!r} needs a masking')
+    if self.kind == 'mae':
+      visible = self.visual(images, masking.ids_keep)
+      pred = self.decoder(visible, masking.ids_restore, self.grid_shape(),
+                          ids_predict=masking.ids_masked)
+      target = jnp.take_along_axis(
+          vit.patchify(images.astype(jnp.float32), self.patch_size),
+          masking.ids_masked[..., None], axis=1)
+      return dict(pred=pred.astype(jnp.float32), target=target)
+    if self.kind == 'flip' and masking is not None:
+      visible = self.visual(images, masking.ids_keep)[:, 1:]
+      image_embed = l2_normalize(self._project_image(visible.mean(axis=1)))
+    else:
+      image_embed, patch_tokens = self.encode_image(images)
     out = dict(image_embed=image_embed, text_embed=self.encode_text(tokens),
                logit_scale=self.logit_scale)
-    if masking is not None:
+    if self.contrastive == 'sigmoid':
+      out['logit_bias'] = self.logit_bias
+    if self.kind == 'rils':
       visible = self.visual(images, masking.ids_keep)
       predicted = self.decoder(visible, masking.ids_restore, self.grid_shape(),
                                ids_predict=masking.ids_masked)
@@ -156,8 +214,9 @@ def boxed_params(model: RILS, rng: jax.Array):
   """Initial float32 parameters of `model` (masked branch included) as
   `nn.LogicallyPartitioned` leaves, which carry each parameter's logical axis names.
 
-  The parameters depend on `rng` and the model's sizes only: the forward pass that creates them
-  runs on two blank images and captions. With `scan_layers` they are the unrolled model's,
+  The parameters depend on `rng`, the model's sizes and its `kind` (which towers exist) only:
+  the forward pass that creates them runs on two blank images and captions. With
+  `scan_layers` they are the unrolled model's,
   stacked (`layout.stack_layers`): flax's `nn.scan` would draw each layer's init from a split
   of one key, and a run must start from the same values in either layout.
   """
@@ -214,7 +273,10 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   vit.grid_size(m.image_size, patch)  # Raises early for a bad image size.
   dtype = compute_dtype(m.dtype)
   attention = m.get('attention', 'auto')
-  decoder_width, decoder_heads = m.decoder.width or width, m.decoder.num_heads or heads
+  kind = config.loss.kind
+  check_loss_config(config.loss)  # Raises early for an unknown kind or contrastive loss.
+  decoder = decoder_config(config)
+  decoder_width, decoder_heads = decoder.width or width, decoder.num_heads or heads
   for tower_width, tower_heads in ((width, heads), (decoder_width, decoder_heads),
                                    (m.text.width, m.text.num_heads)):
     # Raises early for an attention that cannot run here (the head dims of all towers).
@@ -222,12 +284,32 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
   return RILS(
       image_size=m.image_size, patch_size=patch,
       vision_width=width, vision_depth=depth, vision_heads=heads,
-      decoder_width=decoder_width, decoder_depth=m.decoder.depth, decoder_heads=decoder_heads,
+      decoder_width=decoder_width, decoder_depth=decoder.depth, decoder_heads=decoder_heads,
       text_width=m.text.width, text_layers=m.text.num_layers, text_heads=m.text.num_heads,
       vocab_size=m.text.vocab_size, context_length=m.text.context_length,
       embed_dim=m.embed_dim, eot_id=eot_id, dtype=dtype,
       remat=m.get('remat', 'none'), bias_init=m.get('bias_init', 'release'),
-      attention=attention, scan_layers=bool(m.get('scan_layers', False)))
+      attention=attention, scan_layers=bool(m.get('scan_layers', False)), kind=kind,
+      contrastive=config.loss.get('contrastive', 'softmax'),
+      decoder_out=patch * patch * 3 if kind == 'mae' else 0)
+
+
+def mask_ratio(config: ml_collections.ConfigDict) -> float:
+  """The share of patches `config.loss.kind` masks: `config.flip.mask_ratio` for 'flip' (FLIP:
+  0.5), `config.model.mask_ratio` for 'rils' and 'mae' (0.75 in both papers), 0 for 'clip'."""
+  kind = config.loss.kind
+  if kind == 'clip':
+    return 0.0
+  return config.flip.mask_ratio if kind == 'flip' else config.model.mask_ratio
+
+
+def decoder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The decoder's (width, depth, num_heads) of `config.loss.kind`: `config.mae.decoder` for
+  'mae' (MAE's 8 x 512, 16 heads by default), else `config.model.decoder` (RILS: one block of
+  the encoder's width); width / heads 0 mean the encoder's."""
+  if config.loss.kind == 'mae' and 'mae' in config:
+    return config.mae.decoder
+  return config.model.decoder
 
 
 def compute_dtype(name: str):

@@ -232,6 +232,15 @@ def sincos_pos_embed_2d(width: int, grid: Tuple[int, int], cls_token: bool = Tru
   return emb[None].astype(np.float32)
 
 
+def patchify(images, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, N, p * p * C) patches in raster order, each flattened as (row, column,
+  channel): MAE's `patchify` order ('nchpwq->nhwpqc'), the order of `vit.Encoder`'s patches."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
 class Masking(NamedTuple):
   """Indices of one per-sample random masking (see `random_masking`)."""
   ids_keep: jax.Array     # int32 (B, K): visible patches, in noise order.
