@@ -129,7 +129,7 @@ def compare(config, evals_config, workdir: str, variants: List[str], speed_steps
     rates = [m['images_per_sec'] for m in logged if 'images_per_sec' in m][1:]  # After compile.
     losses = [m['loss'] for m in logged if 'loss' in m]
     results[variant].update({'final loss': losses[-1] if losses else None,
-                             'training images/s (logged)':
+                             'training images per s (logged)':
                                  sum(rates) / len(rates) if rates else None})
     evals = evals_for(evals_config, configs[variant].loss.kind)
     for name, metrics in evaluate_lib.evaluate(evals, storage.join(workdir, variant)).items():
@@ -141,9 +141,9 @@ def compare(config, evals_config, workdir: str, variants: List[str], speed_steps
     console.say(f'== {variant}: timing {speed_steps} train steps')
     speed = benchmark.run(configs[variant], speed_steps, 1, reference_tflops=reference)
     reference = speed['matmul_tflops_per_s'] / jax.device_count()
-    results[variant].update({'step images/s (same process)': speed['images_per_s'],
+    results[variant].update({'step images per s (same process)': speed['images_per_s'],
                              'model GFLOP per step': speed['model_flops_per_step'] / 1e9,
-                             'model FLOP/s / matmul FLOP/s': speed['fraction_of_matmul']})
+                             'model FLOP rate over matmul rate': speed['fraction_of_matmul']})
   return results
 
 

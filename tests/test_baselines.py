@@ -228,7 +228,7 @@ def test_compare_trains_evaluates_and_times_each_variant(tmp_path):
   workdir = str(tmp_path / 'compare')
   results = compare.compare(config, evals, workdir, ['siglip', 'mae'], speed_steps=1)
   for variant in ('siglip', 'mae'):
-    assert results[variant]['step images/s (same process)'] > 0
+    assert results[variant]['step images per s (same process)'] > 0
     assert np.isfinite(results[variant]['final loss'])
     assert results[variant]['model GFLOP per step'] > 0
   assert 0 <= results['siglip']['zeroshot/top1'] <= 1
