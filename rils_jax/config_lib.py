@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (SigLIP's pairwise sigmoid with a learnable bias; logit scale starts at 10, bias at -10).
   c.loss.contrastive = 'softmax'
   c.loss.contrastive_chunk_size = 0  # sigmoid: image rows per chunk of logits; 0: all at once.
+  # sigmoid: the bias's init (SigLIP: -10, for long runs; Adam moves it by about lr per step, so
+  # a run of a few hundred steps wants it near its optimum, about -log(batch)).
+  c.loss.sigmoid_bias_init = -10.0
   c.loss.norm_pix_loss = True  # mae: per-patch normalised pixel targets (MAE).
   c.loss.weight = 0.5         # lambda (release).
   c.loss.student_temperature = 0.1   # tau_s (release).

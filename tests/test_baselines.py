@@ -156,6 +156,16 @@ def test_every_kind_on_eight_devices_and_accumulated_matches_one_device(kind, ov
   assert one[1][-1]['loss'] > 0
 
 
+def test_sigmoid_starts_at_siglips_init_or_the_configured_bias():
+  _, _, params = _model_and_params('clip', **{'loss.contrastive': 'sigmoid'})
+  np.testing.assert_allclose([params['logit_scale'], params['logit_bias']], [np.log(10.0), -10.0])
+  _, _, params = _model_and_params('clip', **{'loss.contrastive': 'sigmoid',
+                                              'loss.sigmoid_bias_init': -4.0})
+  assert float(params['logit_bias']) == -4.0
+  _, _, params = _model_and_params('clip')
+  assert 'logit_bias' not in params
+
+
 def test_flip_unmasked_tuning_is_the_clip_step():
   flip = tiny.tiny_config(**{'loss.kind': 'flip'})
   clip = tiny.tiny_config(**{'loss.kind': 'clip'})

@@ -18,7 +18,8 @@ its loss uses:
   unmasked tuning) the full branch;
 - 'mae': the encoder on the visible patches and a decoder predicting the pixels of the masked
   patches (MAE, He et al. 2022): no text tower, projections or logit scale.
-`contrastive='sigmoid'` (SigLIP, Zhai et al. 2023) adds a learnable `logit_bias` (init -10) and
+`contrastive='sigmoid'` (SigLIP, Zhai et al. 2023) adds a learnable `logit_bias` (init
+`logit_bias_init`, SigLIP's -10) and
 starts `logit_scale` at ln 10.
 """
 
@@ -80,6 +81,7 @@ class RILS(nn.Module):
   kind: str = 'rils'
   contrastive: str = 'softmax'
   decoder_out: int = 0
+  logit_bias_init: float = -10.0
 
   def setup(self):
     self.visual = vit.Encoder(self.patch_size, self.vision_width, self.vision_depth,
@@ -112,7 +114,8 @@ class RILS(nn.Module):
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(
         np.log(10.0) if sigmoid else np.log(1 / 0.07)), ())
     if sigmoid:
-      self.logit_bias = self.param('logit_bias', nn.initializers.constant(-10.0), ())
+      self.logit_bias = self.param('logit_bias',
+                                   nn.initializers.constant(self.logit_bias_init), ())
 
   def grid_shape(self):
     """Patch grid (rows, cols); callable on an unbound module."""
@@ -291,6 +294,7 @@ def build_model(config: ml_collections.ConfigDict, eot_id: int) -> RILS:
       remat=m.get('remat', 'none'), bias_init=m.get('bias_init', 'release'),
       attention=attention, scan_layers=bool(m.get('scan_layers', False)), kind=kind,
       contrastive=config.loss.get('contrastive', 'softmax'),
+      logit_bias_init=float(config.loss.get('sigmoid_bias_init', -10.0)),
       decoder_out=patch * patch * 3 if kind == 'mae' else 0)
 
 
