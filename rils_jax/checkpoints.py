@@ -323,9 +323,8 @@ def load_params(path: str, like, missing_ok: bool = False) -> Any:
   if saved is None:
     raise ValueError(f'{path} holds no "params"')
   unread = sorted(set(saved) - set(like))
-  absent = sorted(set(like) - set(saved))
-  if absent and not missing_ok:
-    absent = []  # Reported below as missing names.
+  # Without `missing_ok` an absent entry stays in `like`: reported below as missing names.
+  absent = sorted(set(like) - set(saved)) if missing_ok else []
   if unread or absent:
     logging.info('Parameters from %s: not read %s; not in the checkpoint (kept) %s', path,
                  unread, absent)

@@ -116,6 +116,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   Raises:
     ValueError: for another `mu_dtype`, `weight_decay_mask` or `model.freeze`.
   """
+  optimizer = _adamw(config)
+  frozen = frozen_names(config.model.get('freeze', ''))
+  return trained_only(optimizer, frozen) if frozen else optimizer
+
+
+def _adamw(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """`make_optimizer`'s transformation of the trained parameters."""
   o = config.optim
   mask = decay_mask_fn(o.get('weight_decay_mask', 'kernels'))
   if o.mu_dtype not in ('float32', 'bfloat16'):
@@ -126,9 +133,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   transforms.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                                 weight_decay=o.weight_decay, mask=mask,
                                 mu_dtype=jnp.dtype(o.mu_dtype)))
-  optimizer = optax.chain(*transforms)
-  frozen = frozen_names(config.model.get('freeze', ''))
-  return trained_only(optimizer, frozen) if frozen else optimizer
+  return optax.chain(*transforms)
 
 
 class TrainedOnlyState(NamedTuple):
@@ -166,18 +171,11 @@ def map_state_params(config: ml_collections.ConfigDict, f: Callable, opt_state, 
   `non_params(leaf)` (e.g. the shardings of the state from the parameters')."""
   frozen = frozen_names(config.model.get('freeze', ''))
   if not frozen:
-    return optax.tree_map_params(make_optimizer(config), f, opt_state, like,
+    return optax.tree_map_params(_adamw(config), f, opt_state, like,
                                  transform_non_params=non_params)
-  inner = make_optimizer(_unfrozen(config))
-  return TrainedOnlyState(optax.tree_map_params(inner, f, opt_state.inner,
+  return TrainedOnlyState(optax.tree_map_params(_adamw(config), f, opt_state.inner,
                                                 _without(like, frozen),
                                                 transform_non_params=non_params))
-
-
-def _unfrozen(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.freeze = ''
-  return config
 
 
 def layer_id(path, num_blocks: int) -> int:
