@@ -31,6 +31,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from rils_jax import benchmark
+from rils_jax import console
 from rils_jax import dry_run as dry_run_lib
 from rils_jax.models import rils as rils_lib
 
@@ -192,4 +193,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

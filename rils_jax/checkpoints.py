@@ -37,7 +37,7 @@ was saved and converted on the devices, values unchanged. `read_state` returns t
 import base64
 import functools
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import grain
 import jax
@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from rils_jax import config_lib
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.models import layout
@@ -77,6 +78,23 @@ def saved_layout(saved_tree, like) -> Optional[bool]:
   return saved if None not in (saved, want) and saved != want else None
 
 
+def params_mismatch(saved_tree, like, limit: int = 4) -> List[str]:
+  """What differs between the `params` of a checkpoint's tree (`saved_tree`, its metadata) and
+  of `like` (in the saved layer layout): 'PATH: SHAPE in the checkpoint, SHAPE here' for each
+  parameter missing on either side or of another shape, at most `limit` lines and a count of
+  the rest; empty when they agree or the saved tree cannot be read."""
+  try:
+    saved = {jax.tree_util.keystr(p): tuple(x.shape)
+             for p, x in jax.tree_util.tree_flatten_with_path(saved_tree['params'])[0]}
+  except (KeyError, TypeError, AttributeError):
+    return []
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(like.params)[0]}
+  out = [f'{k}: {saved.get(k, "absent")} in the checkpoint, {want.get(k, "absent")} here'
+         for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+  return out[:limit] + ([f'and {len(out) - limit} more'] if len(out) > limit else [])
+
+
 def relayout(tree, like):
   """`tree` (arrays) in the layer layout of `like` (ShapeDtypeStructs or arrays), placed
   with the shardings of `like` when all its leaves have one. Values are moved, not changed."""
@@ -92,8 +110,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks the checkpoint settings of `config` (intervals, keep policies, `init_from`).
 
   Raises:
-    ValueError: for a non-positive `checkpoint_every` or `keep_checkpoints`, or a negative
-      `keep_every` or `checkpoint_minutes`.
+    ValueError: for a non-positive `checkpoint_every` or `keep_checkpoints`, a negative
+      `keep_every` or `checkpoint_minutes`, or a `keep_best` that names no periodic evaluator.
     FileNotFoundError: for an `init_from` that holds no checkpoint.
   """
   for key in ('checkpoint_every', 'keep_checkpoints'):
@@ -104,6 +122,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{key}={config[key]} must be >= 0 (0 turns it off)')
   if config.init_from:
     checkpoint_path(config.init_from)
+  if config.keep_best_mode not in ('max', 'min'):
+    raise ValueError(f"config.keep_best_mode={config.keep_best_mode!r} must be 'max' or 'min'")
+  if config.keep_best:
+    name, _, metric = config.keep_best.partition('/')
+    periodic = sorted(k for k, v in config.evals.items()
+                      if isinstance(v, ml_collections.ConfigDict) and v.get('every'))
+    if name not in periodic or not metric:
+      raise ValueError(f'config.keep_best={config.keep_best!r} must be NAME/METRIC of an '
+                       'evaluator that runs during training (config.evals.NAME.every > 0); '
+                       f'those are {periodic}, e.g. {(periodic or ["zeroshot"])[0]}/top1')
 
 
 class Checkpoints:
@@ -155,14 +183,18 @@ class Checkpoints:
         tokenizer=ocp.args.JsonSave(tokenizer))
     return self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, initial_state, data_iterator=None):
+  def restore(self, step: int, initial_state, data_iterator=None, config=None):
     """Restores `step` into the shapes and shardings of `initial_state`, and the data iterator's
     position in place when one is given. Returns the restored state. A checkpoint saved in the
     other layer layout (`config.model.scan_layers`) is read as saved and converted.
 
+    `config` (this run's) names, in those errors, the settings where the checkpoint's own config
+    differs.
+
     Raises:
-      ValueError: when the checkpoint does not fit this config's model or optimizer, or holds no
-        data position for this number of processes.
+      ValueError: when the checkpoint does not fit this config's model or optimizer, holds no
+        data position for this number of processes, or a position that does not fit this
+        config's input pipeline.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
     try:
@@ -173,6 +205,17 @@ class Checkpoints:
     source = abstract if stacked is None else layout.to_layout(abstract, stacked)
     items = dict(state=ocp.args.PyTreeRestore(
         item=source, restore_args=ocp.checkpoint_utils.construct_restore_args(source)))
+
+    def changed(sections):
+      if config is None:
+        return ''
+      try:
+        saved = self.read_json(step, 'config')
+      except (KeyError, ValueError, FileNotFoundError):
+        return ''
+      lines = config_lib.differences(saved, config.to_dict(), sections)
+      return f' It differs from the checkpoint\'s config in: {"; ".join(lines)}.' if lines else ''
+
     if data_iterator is not None:
       count = jax.process_count()
       name = f'process_{jax.process_index()}-of-{count}.json'
@@ -182,14 +225,30 @@ class Checkpoints:
             f'{count} process(es) ({name}): it was written by another number of processes. '
             'Resume with that number, or pass --config.input.resume_position=false to restore '
             'the model and optimizer and restart the data stream from a new seed')
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    refusal = (f'the checkpoint at step {step} in {self.directory} does not fit the model or '
+               'optimizer of this config.' + changed(('model', 'loss', 'optim', 'mae', 'flip')))
+    advice = (' Resume with the config the run started with (config.json beside checkpoints/), '
+              'or give a new --workdir.')
+    # Checked before orbax reads anything: a failed read leaves orbax's threads failing at exit.
+    mismatch = params_mismatch(saved_tree, source)
+    if mismatch:
+      raise ValueError(f'{refusal} Parameters: {"; ".join(mismatch)}.{advice}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise ValueError(
-          f'the checkpoint at step {step} in {self.directory} does not fit the model or '
-          'optimizer of this config (its own config is in the checkpoint\'s config/ folder); '
-          f'use a new workdir or the same config. Orbax said: {type(e).__name__}: {e}') from e
+      raise ValueError(f'{refusal}{advice} Orbax said: {type(e).__name__}: '
+                       f'{str(e)[:300]}') from e
+    if data_iterator is not None:  # After the state: a model mismatch is named first.
+      try:
+        self._manager.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(
+            f'the checkpoint at step {step} in {self.directory} holds a data position that '
+            'does not fit the input pipeline of this config.' +
+            changed(('input', 'seed', 'mesh')) + ' Resume with the same input settings, or pass '
+            '--config.input.resume_position=false to keep the model and optimizer and restart '
+            'the data stream from a new seed.') from e
     return restored['state'] if stacked is None else relayout(restored['state'], abstract)
 
   def read_json(self, step: int, item: str) -> Dict[str, Any]:
@@ -208,6 +267,46 @@ class Checkpoints:
 
   def close(self) -> None:
     """Waits for the save in flight, then releases the manager."""
+    self._manager.close()
+
+
+class BestCheckpoint:
+  """WORKDIR/best: the parameters (with the run's config and tokenizer) of the evaluation step
+  with the best `config.keep_best`, through orbax's best-checkpoint policy (`best_fn`,
+  `best_mode`, one kept). `rils_jax.evaluate`, `export` and `init_from` read it as any
+  checkpoint: --checkpoint=WORKDIR/best. It holds no optimizer state or data position: runs
+  resume from WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.metric, self.mode = config.keep_best, config.keep_best_mode
+    self.directory = storage.join(storage.absolute(workdir), 'best')
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=('state', 'config', 'tokenizer'),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_STATE_TYPES)},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: metrics[self.metric], best_mode=self.mode,
+            keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True, create=True,
+            enable_async_checkpointing=False))
+
+  def offer(self, step: int, params, metrics: Dict[str, float], config: ml_collections.ConfigDict,
+            tokenizer_path: str) -> bool:
+    """Saves `params` of `step` with its `metrics[keep_best]` (all processes call it together);
+    orbax then keeps whichever of it and the kept one is better. Returns whether `step` is now
+    the best."""
+    if self.metric not in metrics:
+      return False
+    with open(tokenizer_path, 'rb') as f:
+      tokenizer = tokenizer_item(f.read())
+    self._manager.save(step, metrics={self.metric: float(metrics[self.metric])}, force=True,
+                       args=ocp.args.Composite(
+                           state=ocp.args.PyTreeSave({'params': params}),
+                           config=ocp.args.JsonSave(
+                               json.loads(json.dumps(config.to_dict(), default=str))),
+                           tokenizer=ocp.args.JsonSave(tokenizer)))
+    self._manager.wait_until_finished()
+    return self._manager.best_step() == step
+
+  def close(self) -> None:
     self._manager.close()
 
 
@@ -246,6 +345,9 @@ def checkpoint_path(path: str, step: Optional[int] = None) -> str:
   path = storage.absolute(storage.check_path(path, 'the checkpoint path')).rstrip('/')
   if storage.basename(path) == 'state' and storage.is_dir(path):
     path = storage.dirname(path)  # The state item's own folder was given.
+  if not storage.is_dir(path):
+    raise FileNotFoundError(f'{path} does not exist (or is not a folder): give a run\'s workdir '
+                            'or one of its WORKDIR/checkpoints/<step> folders')
   if storage.is_dir(storage.join(path, 'state')):
     if step is not None and storage.basename(path) != str(step):
       raise FileNotFoundError(f'no checkpoint {step} at {path}, which is one checkpoint (step '

@@ -152,10 +152,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
   f = flags.FLAGS
-  try:
-    results = compare(f.config, f.evals_config, f.workdir, f.variants, f.speed_steps)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from e
+  results = compare(f.config, f.evals_config, f.workdir, f.variants, f.speed_steps)
   markdown = table(results, f.variants)
   storage.write_text(storage.join(f.workdir, 'comparison.json'),
                      json.dumps(results, indent=1, sort_keys=True))
@@ -166,4 +163,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -8,7 +8,8 @@ share live beside them, in configs/common.py.
 """
 
 import difflib
-from typing import Optional, Sequence
+import json
+from typing import Any, Dict, List, Optional, Sequence
 
 import ml_collections
 
@@ -64,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_minutes = 0.0  # Also save when this many minutes passed since the last; 0: off.
   c.keep_checkpoints = 2      # Keep the last K...
   c.keep_every = 0            # ...and those whose step is a multiple of M (0: none).
+  # Also keep the parameters of the best periodic evaluation under WORKDIR/best, by this metric
+  # ('NAME/metric' of config.evals, e.g. 'zeroshot/top1'; '' : off), highest ('max') or lowest.
+  c.keep_best = ''
+  c.keep_best_mode = 'max'
   c.init_from = ''            # Warm start: parameters only, from a run's workdir or checkpoint.
   c.max_consecutive_nonfinite = 10  # NaN/Inf steps in a row (updates skipped) that stop the run.
   # Device mesh (rils_jax/sharding.py): axis -> size, -1 takes the remaining devices. `slice`
@@ -286,3 +291,29 @@ def check_finetune_keys(config: ml_collections.ConfigDict) -> None:
   """
   check_keys(config, finetune_base_config(), free_form=('data.train', 'data.test'), optional=(),
              where='rils_jax/config_lib.py:finetune_base_config')
+
+
+def differences(saved: Dict[str, Any], current: Dict[str, Any], sections: Sequence[str],
+                limit: int = 6) -> List[str]:
+  """'KEY: SAVED -> CURRENT' for the leaves under `sections` (dotted prefixes, e.g. 'model',
+  'input.sources') where two configs as dicts (a checkpoint's saved config, this run's
+  `config.to_dict()`) differ; at most `limit` lines, then a count of the rest."""
+
+  def leaves(tree, prefix=''):
+    if isinstance(tree, dict):
+      for k, v in tree.items():
+        yield from leaves(v, f'{prefix}{k}.')
+    else:
+      yield prefix[:-1], tree
+
+  def plain(v):  # Tuples and lists compare (and print) alike; JSON turned tuples into lists.
+    return json.dumps(v, default=str, sort_keys=True)
+
+  a, b = dict(leaves(saved)), dict(leaves(current))
+  keys = [k for k in sorted(set(a) | set(b))
+          if any(k == s or k.startswith(s + '.') for s in sections)
+          and plain(a.get(k, '(none)')) != plain(b.get(k, '(none)'))]
+  out = [f'{k}: {plain(a.get(k, "(none)"))} -> {plain(b.get(k, "(none)"))}' for k in keys[:limit]]
+  if len(keys) > limit:
+    out.append(f'and {len(keys) - limit} more')
+  return out

@@ -1,14 +1,25 @@
-"""What the commands show the user: the absl log without the libraries' chatter, and the lines
-that process 0 prints.
+"""What the commands show the user: the absl log without the libraries' chatter, the lines that
+process 0 prints, and a user's mistake as one line.
 
-Every command installs `quiet_libraries()` first; multi-host runs print through `say`, so that
-each line appears once, not once per host.
+Every command starts with `run(main)` instead of absl's `app.run(main)`: a mistake on the
+command line or in a config file (a mistyped key, a config file that does not exist or raises)
+and the user errors that `main` raises (`USER_ERRORS`) print `error: ...` on one line or two and
+exit 1, without a traceback; RILS_JAX_TRACEBACK=1 in the environment shows the traceback. Every
+`main` installs `quiet_libraries()` first; multi-host runs print through `say`, so that each
+line appears once, not once per host.
 """
 
 import os
+import sys
+from typing import Callable, List
 
 import jax
+from absl import app
+from absl import flags
 from absl import logging
+
+# Set to 1 for the traceback of a user error (a bug report, a config file that raises).
+TRACEBACK_ENV = 'RILS_JAX_TRACEBACK'
 
 # Libraries whose INFO lines are dropped (matched as a folder in the logging call's path).
 QUIET_LIBRARIES = ('orbax', 'grain', 'jax', 'gcsfs', 'fsspec')
@@ -41,3 +52,79 @@ def say(*parts) -> None:
   and a preempted run must not lose it in a buffer)."""
   if jax.process_index() == 0:
     print(*parts, flush=True)
+
+
+def _is_user_error(e: BaseException) -> bool:
+  """A mistake of the user's (config, paths, data, a diverged run), whose message says what to
+  do: ValueError, OSError (not found, exists, permission, disk full), and rils_jax's plain
+  RuntimeErrors and their own subclasses (health.NonFiniteError); XLA's and other libraries'
+  RuntimeError subclasses are crashes and keep their traceback."""
+  if isinstance(e, (ValueError, OSError)):
+    return True
+  return isinstance(e, RuntimeError) and (
+      type(e) is RuntimeError or type(e).__module__.startswith('rils_jax'))  # pylint: disable=unidiomatic-typecheck
+
+
+def describe(e: BaseException) -> str:
+  """The message of `e` as a person reads it. ml_collections reports a mistyped key as an
+  AttributeError around a KeyError holding "'KEY'\\nDid you mean ...": one line here."""
+  while len(e.args) == 1 and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  if isinstance(e, (KeyError, AttributeError)) and e.args and isinstance(e.args[0], str):
+    key, _, hint = e.args[0].partition('\n')
+    return f'no config key {key.strip(chr(39))!r}' + (f'. {hint}' if hint else '')
+  message = str(e)
+  if 'Failed loading config file' in message:  # ml_collections: the cause is the last line.
+    return 'cannot load the config file: ' + message.strip().splitlines()[-1].strip()
+  return message
+
+
+def _fail(e: BaseException, where: str = '') -> None:
+  if os.environ.get(TRACEBACK_ENV) == '1':
+    raise e
+  sys.stderr.write(f'error: {where}{describe(e)}\n(set {TRACEBACK_ENV}=1 for the traceback)\n')
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def _parse_flags(argv: List[str]) -> List[str]:
+  # The config file is loaded and --config.KEY=VALUE applied while the flags are parsed: any
+  # error there comes from the user's command line or config file.
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # A missing or malformed flag: absl's message says which.
+    message = str(e)
+    if 'Error whilst parsing config file' in message and os.environ.get(TRACEBACK_ENV) != '1':
+      # ml_collections puts the config file's traceback in the message: its last line is why.
+      flag = message.split(':', 1)[0]
+      message = (f'{flag}: the config file raised '
+                 f'{message.strip().splitlines()[-1].strip()}\n(set {TRACEBACK_ENV}=1 for the '
+                 'traceback)')
+    else:
+      message += '\n(--helpfull lists the flags)'
+    sys.stderr.write(f'error: {message}\n')
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(e, 'in the config (file or --config.KEY=VALUE): ')
+  return []  # Not reached.
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+  """`absl.app.run(main)` with a user's mistakes as one line and exit status 1 (see the module
+  docstring); other exceptions keep their traceback."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except app.UsageError as e:  # absl would print the module's whole docstring.
+      sys.stderr.write(f'error: {e}\n(--help shows the usage)\n')
+      sys.exit(1)
+    except KeyboardInterrupt:
+      sys.stderr.write('error: interrupted\n')
+      sys.exit(130)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_user_error(e):
+        raise
+      _fail(e)
+
+  app.run(guarded, flags_parser=_parse_flags)

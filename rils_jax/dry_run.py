@@ -44,6 +44,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rils_jax import console
 from rils_jax import losses
 from rils_jax import sharding
 from rils_jax import train_step as train_step_lib
@@ -183,4 +184,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

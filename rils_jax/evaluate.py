@@ -1,4 +1,4 @@
-r"""Evaluates a checkpoint with the evaluators of a config; prints one JSON line per evaluator.
+r"""Evaluates a checkpoint with the evaluators of a config; prints a table of the results.
 
   python -m rils_jax.evaluate --config=configs/evals_shared.py --checkpoint=/tmp/rils_real
 
@@ -6,12 +6,16 @@ r"""Evaluates a checkpoint with the evaluators of a config; prints one JSON line
 (WORKDIR/checkpoints/<step>). The model, its input normalisation and its tokenizer come from the
 checkpoint; `--config` supplies `config.evals` (the evaluators, see rils_jax/evals/runner.py)
 and `config.input.num_workers`, so a training config evaluates its own evaluators and an
-evaluation-only config such as configs/evals_shared.py runs a transfer suite. Each line is
-{"evaluator": NAME, "kind": KIND, METRIC: VALUE, ..., "step": STEP, "checkpoint": PATH},
-printed as soon as that evaluator is done; `--output=FILE` also appends the lines to FILE (a
-local path or a URL such as gs://bucket/run/evals.jsonl; `--checkpoint` may be one too). An
-evaluator that fails prints {"evaluator": NAME, "kind": KIND, "error": MESSAGE}, the others still
-run, and the command exits 1.
+evaluation-only config such as configs/evals_shared.py runs a transfer suite.
+
+The table (accuracies and recalls in percent beside their chance levels, counts as counts;
+rils_jax/evals/table.py) is printed once all evaluators are done. The exact values are JSON
+lines, one per evaluator, {"evaluator": NAME, "kind": KIND, METRIC: VALUE, ..., "step": STEP,
+"checkpoint": PATH}: `--output=FILE` appends them to FILE (a local path or a URL such as
+gs://bucket/run/evals.jsonl; `--checkpoint` may be one too), and `--print=json` prints them
+instead of the table, each as soon as its evaluator is done. An evaluator that fails gives
+{"evaluator": NAME, "kind": KIND, "error": MESSAGE} (and a line under the table), the others
+still run, and the command exits 1.
 """
 
 import json
@@ -28,6 +32,7 @@ from rils_jax import storage
 from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import restore as restore_lib
 from rils_jax.evals import runner
+from rils_jax.evals import table
 
 
 def _define_flags():
@@ -35,7 +40,9 @@ def _define_flags():
                                   lock_config=True)
   flags.DEFINE_string('checkpoint', None, "A run's workdir or one checkpoint folder.")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_string('output', '', 'Also append the JSON lines to this file.')
+  flags.DEFINE_string('output', '', 'Append the exact results as JSON lines to this file.')
+  flags.DEFINE_enum('print', 'table', ['table', 'json'], 'What to print: one table at the end, '
+                    'or a JSON line per evaluator as it finishes.')
   flags.mark_flags_as_required(['config', 'checkpoint'])
 
 
@@ -82,7 +89,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, step: Optional[
         raise
       on_error(name, e)
       continue
-    results[name] = dict(metrics, step=restored.step, checkpoint=restored.path)
+    results[name] = dict(table.exact_metrics(metrics), step=restored.step,
+                         checkpoint=restored.path)
     if on_result:
       on_result(name, results[name])
   return results
@@ -100,7 +108,8 @@ def main(argv):
   failed = []
 
   def emit(line: str) -> None:
-    print(line, flush=True)
+    if f.print == 'json':
+      print(line, flush=True)
     if out:
       out.write_line(line)
 
@@ -108,21 +117,22 @@ def main(argv):
     emit(json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, **metrics)))
 
   def on_error(name, error):
-    failed.append(name)
+    failed.append(f'{name}: {error}')
     emit(json.dumps(dict(evaluator=name, kind=f.config.evals[name].kind, error=str(error))))
 
   try:
-    evaluate(f.config, f.checkpoint, f.step, on_result, on_error)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from e
+    results = evaluate(f.config, f.checkpoint, f.step, on_result, on_error)
   finally:
     if out:
       out.close()
+  if f.print == 'table' and results:
+    first = next(iter(results.values()))
+    print(f'Step {first["step"]} of {first["checkpoint"]}:\n{table.table(results)}', flush=True)
   if failed:
-    raise SystemExit(f'error: {len(failed)} evaluator(s) failed: {", ".join(failed)} (their '
-                     'lines above hold the error; the others completed)')
+    raise SystemExit(f'error: {len(failed)} evaluator(s) failed (the others completed):\n  ' +
+                     '\n  '.join(failed))
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

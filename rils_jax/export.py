@@ -180,12 +180,16 @@ def timm_state_dict(params: Dict[str, Any], config: ml_collections.ConfigDict,
     name -> float32 array in PyTorch layout (Linear weights (out, in), Conv2d (out, in, kh, kw)).
 
   Raises:
-    ValueError: for an unknown `head`, or a tree without the vision encoder.
+    ValueError: for an unknown `head`, a tree without the vision encoder, or
+      head='projection' without `image_projection` (MAE).
   """
   if head not in HEADS:
     raise ValueError(f'head must be one of {HEADS}, got {head!r}')
   if 'visual' not in params:
     raise ValueError(f'no vision encoder (`visual`) among the parameters {sorted(params)}')
+  if head == 'projection' and 'image_projection' not in params:
+    raise ValueError("--head=projection needs image_projection, which a config.loss.kind='mae' "
+                     'run does not have: export with --head=none')
   v = layout.unstack_layers(params['visual'])
   width, depth, heads, patch = rils_lib.vision_dims(config.model)
   grid = vit.grid_size(_image_size(config), patch)
@@ -352,7 +356,7 @@ def left_out(params: Dict[str, Any], fmt: str) -> List[str]:
     lines.append(f'decoder ({count(params["decoder"]):,} parameters): the masked-reconstruction '
                  'decoder serves only the pre-training loss; timm and open_clip have no module '
                  'for it')
-  if fmt == 'timm':
+  if fmt == 'timm' and 'text' in params:  # MAE has no text tower.
     text = {k: params[k] for k in ('text', 'text_projection', 'logit_scale') if k in params}
     lines.append(f'text tower, text_projection, logit_scale ({count(text):,} parameters): '
                  'use --format=open_clip')
@@ -536,6 +540,9 @@ def _export(fmt: str, checkpoint: str, step: Optional[int], out: str, head: str)
                      'encoder and a classification head): only pre-training checkpoints '
                      '(WORKDIR or WORKDIR/checkpoints/<step>) are exported')
   restored = restore_lib.restore(checkpoint, step)
+  if fmt == 'open_clip' and 'text' not in restored.params:
+    raise ValueError(f'{checkpoint} is a config.loss.kind={restored.config.loss.kind!r} run, '
+                     'which has no text tower: export its image encoder with --format=timm')
   params = jax.device_get(restored.params)
   source = f'step {restored.step} of {restored.path}'
   if fmt == 'timm':
@@ -598,4 +605,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -536,12 +536,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
-  try:
-    finetune(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    raise SystemExit(f'error: {e}') from e
+  finetune(flags.FLAGS.config, flags.FLAGS.workdir)  # User errors: one line (console.run).
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

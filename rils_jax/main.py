@@ -55,6 +55,7 @@ from rils_jax import health as health_lib
 from rils_jax import metric_writer
 from rils_jax import optim
 from rils_jax import preemption
+from rils_jax import report
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax import train_step as train_step_lib
@@ -63,6 +64,7 @@ from rils_jax.data import pipeline
 from rils_jax.data import records
 from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import runner as evals_lib
+from rils_jax.evals import table
 
 
 def _define_flags():
@@ -230,15 +232,61 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step) -
                      json.dumps(config.to_dict(), indent=2, default=str))
 
 
-def progress_line(step, total, metrics, images_per_s, first_step_time, first_step) -> str:
-  # The rate excludes the first step, which includes compilation.
-  eta = 'ETA n/a'
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+# Besides every `log_every` steps, the first steps after a start are logged (relative to it), so
+# that the speed and the ETA show within seconds, not after `log_every` steps.
+EARLY_LOG_STEPS = (1, 2, 5, 10)
+
+
+def should_log(step: int, start_step: int, config) -> bool:
+  """Whether `step` (1-based) of a run that started (or resumed) after `start_step` is logged:
+  the early steps, every `config.log_every`, and the last."""
+  return (step - start_step in EARLY_LOG_STEPS or step % config.log_every == 0 or
+          step == config.total_steps)
+
+
+def progress_line(step, total, metrics, images_per_s, start_time, first_step_time,
+                  first_step) -> str:
+  """'step S/T  loss ...  N img/s  elapsed H:MM:SS  ETA H:MM:SS'; the terms a kind has (MAE has
+  no clip term, CLIP no reconstruction). The ETA's rate excludes the first step (it compiles)."""
+  now = time.time()
+  eta = 'ETA after step 2'
   if step > first_step:
-    per_step = (time.time() - first_step_time) / (step - first_step)
-    eta = f'ETA {per_step * (total - step) / 60:.1f} min'
-  return (f'step {step}/{total}  loss {metrics["loss"]:.4f}  clip {metrics["clip_loss"]:.4f}  '
-          f'recon {metrics["recon_loss"]:.4f}  clip_acc {metrics["clip_acc"]:.3f}  '
-          f'{images_per_s:.1f} img/s  {eta}')
+    per_step = (now - first_step_time) / (step - first_step)
+    eta = f'ETA {_clock(per_step * (total - step))}'
+  terms = ''.join(f'  {label} {metrics[key]:.4f}' for key, label in (
+      ('clip_loss', 'clip'), ('recon_loss', 'recon')) if key in metrics)
+  accuracy = f'  clip_acc {metrics["clip_acc"]:.3f}' if 'clip_acc' in metrics else ''
+  return (f'step {step}/{total}  loss {metrics["loss"]:.4f}{terms}{accuracy}  '
+          f'{images_per_s:.1f} img/s  elapsed {_clock(now - start_time)}  {eta}')
+
+
+# The settings that define the learning rate at each step (optim.learning_rate_schedule).
+SCHEDULE_KEYS = ('total_steps', 'optim.lr', 'optim.lr_start', 'optim.warmup_steps',
+                 'optim.min_lr_ratio')
+
+
+def warn_schedule_change(config, saved: dict, step: int) -> Optional[str]:
+  """Says (and returns) how the learning rate continues when a run resumes at `step` with
+  schedule settings other than those of its checkpoint's config `saved` (e.g. a longer
+  `total_steps`): it follows the new config from step + 1 (the schedule is a function of the
+  step and the config, as in big_vision and MaxText), which may jump. None when they agree."""
+  changes = config_lib.differences(saved, config.to_dict(), SCHEDULE_KEYS)
+  if not changes:
+    return None
+  old = ml_collections.ConfigDict(saved)
+  before = float(optim.learning_rate_schedule(old)(step - 1))
+  after = float(optim.learning_rate_schedule(config)(step))
+  message = (f'Resuming at step {step} with another learning-rate schedule ({"; ".join(changes)}): '
+             f'the learning rate follows the new config from step {step + 1} ({after:.3g}; it was '
+             f'{before:.3g} at step {step}). To keep the old schedule, resume with the values of '
+             f'the checkpoint\'s config instead.')
+  console.say(message)
+  return message
 
 
 def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_lib.Checkpoints,
@@ -253,14 +301,14 @@ def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_li
   if resume_step is not None:
     restore_position = config.input.resume_position
     state = checkpoints.restore(resume_step, setup.abstract_state,
-                                batches if restore_position else None)
+                                batches if restore_position else None, config)
     logging.info('Resumed from the checkpoint at step %d%s', resume_step,
                  '' if restore_position else ' (data stream restarted with a new seed)')
     return state
   state = train_step_lib.create_train_state(setup, config.seed)
   if config.init_from:
     params = checkpoints_lib.load_params(config.init_from, state.params, missing_ok=True)
-    frozen = optim.frozen_names(config.model.get('freeze', ''))
+    frozen = [k for k in optim.frozen_names(config.model.get('freeze', '')) if k in params]
     if any(params[k] is state.params[k] for k in frozen):
       raise ValueError(f'config.model.freeze={config.model.freeze!r} locks {list(frozen)} at the '
                        f'values of config.init_from={config.init_from!r}, which does not hold '
@@ -270,10 +318,11 @@ def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_li
   return state
 
 
-def periodic_evaluation(evaluations, params, embedder, names, step: int, writer) -> None:
-  """Runs the evaluators due at `step` and logs their metrics. A failing evaluator is logged
-  with its error and training goes on: the final evaluation runs it again and raises."""
-  cache = {}
+def periodic_evaluation(evaluations, params, embedder, names, step: int, writer) -> dict:
+  """Runs the evaluators due at `step`, logs their metrics and returns them flat
+  ('NAME/metric'). A failing evaluator is logged with its error and training goes on: the final
+  evaluation runs it again and raises."""
+  cache, out = {}, {}
   for name in names:
     try:
       results = evals_lib.flatten(evaluations.run(params, embedder, [name], cache))
@@ -282,7 +331,19 @@ def periodic_evaluation(evaluations, params, embedder, names, step: int, writer)
       console.say(f'Evaluation at step {step} failed (training continues): {e}')
       continue
     writer.write(step, results)
-    console.say(f'Evaluation at step {step}:', json.dumps(results, sort_keys=True))
+    out.update(results)
+    console.say(f'Evaluation at step {step}:\n{table.table(table.unflatten(results))}')
+  return out
+
+
+def keep_if_best(best: Optional[checkpoints_lib.BestCheckpoint], step: int, params, results,
+                 config, tokenizer_path: str) -> None:
+  """Offers the parameters of an evaluated step to WORKDIR/best (`config.keep_best`)."""
+  if best is None or config.keep_best not in results:
+    return
+  if best.offer(step, params, results, config, tokenizer_path):
+    console.say(f'Best {config.keep_best} so far ({results[config.keep_best]:.4g}) at step '
+                f'{step}: parameters kept in {best.directory}')
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -298,6 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: when too many images cannot be read.
   """
   setup = validate_config(config)
+  before = set(storage.listdir(workdir))
   storage.prepare_workdir(workdir)
   # Installed first, so that a notice during the (long) set-up is not lost.
   watcher = preemption.Watcher()
@@ -306,16 +368,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
                         continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
                         (ids_file,), interval=config.log_upload_seconds)
+  started = []  # Holds True once training starts: from then on, what was written is kept.
   try:
-    return _train(config, workdir, setup, watcher, checkpoints, logs)
+    results = _train(config, workdir, setup, watcher, checkpoints, logs, started)
   finally:
     checkpoints.close()  # Waits for a save in flight: an error never loses it.
     logs.close()  # The last upload of the logs, also after an error.
     watcher.close()
+    if not started and jax.process_index() == 0:
+      # A run refused before its first step (data smaller than a batch, a checkpoint that does
+      # not fit) leaves the workdir as it found it.
+      for name in set(storage.listdir(workdir)) - before:
+        storage.remove(storage.join(workdir, name))
+  if jax.process_index() == 0:
+    try:  # A picture of the run; a failure here must not fail a finished run.
+      out = report.write_report(workdir)
+      console.say(f'Report: {out["html"]} and {out["png"]}')
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Could not write the report (python -m rils_jax.report --workdir=%s '
+                      'retries): %s', workdir, e)
+  return results
 
 
 def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Watcher,
-           checkpoints: checkpoints_lib.Checkpoints, logs: storage.Mirror) -> dict:
+           checkpoints: checkpoints_lib.Checkpoints, logs: storage.Mirror, started: list) -> dict:
   is_main = jax.process_index() == 0
   resume_step = checkpoints.latest_step()
   if is_main:
@@ -329,6 +405,8 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
 
   start_step = resume_step or 0
   state = start_state(config, setup, checkpoints, resume_step, batches)
+  if resume_step is not None:
+    warn_schedule_change(config, checkpoints.read_json(resume_step, 'config'), resume_step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(setup.mesh.shape))
@@ -347,7 +425,9 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
                 f'{config.total_steps}: nothing to train (this workdir holds a finished run; '
                 'give a new --workdir to train from scratch).')
   health = health_lib.Health(config, checkpoints)
+  best = checkpoints_lib.BestCheckpoint(workdir, config) if config.keep_best else None
   example_ids = health_lib.ExampleIds(logs.local, config.input.log_example_ids)
+  started.append(True)
   start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
@@ -356,7 +436,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
     state, metrics = (train_step if step < unmasked_from else unmasked_step)(state, batch)
     health.observe(step, metrics)
     window_images += config.input.batch_size
-    if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
+    if should_log(step, start_step, config):
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()
       metrics['images_per_sec'] = window_images / (now - window_time)
@@ -364,7 +444,7 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
       window_time, window_images = now, 0
       writer.write(step, metrics)
       console.say(progress_line(step, config.total_steps, metrics, metrics['images_per_sec'],
-                                first_step_time, start_step + 1))
+                                start_time, first_step_time, start_step + 1))
     if step == start_step + 1:
       first_step_time = time.time()
     preempted = watcher.reached(step)
@@ -374,7 +454,8 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
     due = evaluations.due(step) if step < config.total_steps and not preempted else []
     if due:
       eval_start = time.time()
-      periodic_evaluation(evaluations, state.params, embedder, due, step, writer)
+      results = periodic_evaluation(evaluations, state.params, embedder, due, step, writer)
+      keep_if_best(best, step, state.params, results, config, tokenizer.model_path)
       window_time += time.time() - eval_start  # Keeps images_per_sec a training rate.
     if preempted:
       checkpoints.wait()
@@ -384,6 +465,8 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
                   'again to resume from it.')
       example_ids.close()
       writer.close()
+      if best is not None:
+        best.close()
       return {}
   health.finish()
   example_ids.close()
@@ -395,11 +478,16 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
     console.say(f'Training done: {config.total_steps - start_step} steps in '
                 f'{time.time() - start_time:.1f} s')
 
-  results = evals_lib.flatten(evaluations.run(state.params, embedder))
+  results = table.exact_metrics(evals_lib.flatten(evaluations.run(state.params, embedder)))
+  keep_if_best(best, int(state.step), state.params, results, config, tokenizer.model_path)
+  if best is not None:
+    best.close()
   if results:
     writer.write(int(state.step), results)
     writer.summary(results)
-    console.say('Final evaluation:', json.dumps(results, sort_keys=True))
+    console.say(f'Final evaluation (step {int(state.step)}; exact values in '
+                f'{storage.join(workdir, "metrics.jsonl")}):\n'
+                f'{table.table(table.unflatten(results))}')
   else:
     console.say('No final evaluation: config.evals names no evaluator (see '
                 'rils_jax/evals/runner.py).')
@@ -412,23 +500,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
   f = flags.FLAGS
-  try:
-    distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
-  except (ValueError, RuntimeError) as e:
-    raise SystemExit(f'error: {e}') from e
-  try:
-    train(f.config, f.workdir)
-  except (ValueError, FileNotFoundError, health_lib.NonFiniteError) as e:
-    # A user's mistake (config, data, workdir) or a diverged run: its message says what to do.
-    raise SystemExit(f'error: {e}') from e
-  except RuntimeError as e:
-    # rils_jax raises plain RuntimeErrors for unreadable data (their message says what to do);
-    # subclasses (XLA's runtime errors) are crashes and keep their traceback.
-    if type(e) is not RuntimeError:  # pylint: disable=unidiomatic-typecheck
-      raise
-    raise SystemExit(f'error: {e}') from e
+  # A user's mistake (config, data, workdir) or a diverged run raises an error whose message
+  # says what to do: console.run prints it as one line.
+  distributed.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+  train(f.config, f.workdir)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -15,6 +15,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from rils_jax import wandb_run
+from rils_jax.evals import table
 
 
 class MetricWriter:
@@ -34,7 +35,8 @@ class MetricWriter:
     """Writes scalar metrics (numbers or 0-d arrays) for `step`."""
     if not self.enabled:
       return
-    values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    values = {k: table.exact(np.asarray(v)[()]) for k, v in metrics.items()}
+    values = {k: float(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
     for name, value in values.items():

@@ -2,7 +2,9 @@
 
 Selected with a config argument, e.g. `--config=configs/vit_b16.py:platform=tpu_v4_32`. The
 global batch stays the config's (the recipe's 4096); the preset's per-device micro-batch sets
-the gradient accumulation: accum_steps = batch / (per_device_batch x devices). Check a preset
+the gradient accumulation: accum_steps = batch / (per_device_batch x devices), computed from
+the final batch size, so `--config.input.batch_size=16384` on the command line gives 4x the
+accumulation, not 4x the images per device (`--config.optim.accum_steps` still overrides it). Check a preset
 before paying for the machine with the memory dry run:
 
   python -m rils_jax.dry_run --config=configs/vit_l16.py:platform=tpu_v4_64
@@ -39,21 +41,20 @@ def apply_platform(config: ml_collections.ConfigDict, name: str) -> None:
   """Sets `config.mesh`, `model.dtype` (bfloat16), `model.remat`, `optim.accum_steps` and
   `config.platform` (the preset, for the dry run and the launch scripts) for preset `name`.
 
+  `optim.accum_steps` is a reference to `input.batch_size` // (per-device batch x devices),
+  resolved when read: a batch set later (on the command line) sets the accumulation; a batch
+  that is not a multiple is refused by `train_step.check_batch`.
+
   Raises:
-    ValueError: for an unknown name, or a global batch that the preset's devices and
-      per-device batch do not divide.
+    ValueError: for an unknown name.
   """
   if name not in PLATFORMS:
     raise ValueError(f'unknown platform {name!r}; known: {sorted(PLATFORMS)}')
   p = PLATFORMS[name]
   per_step = p['per_device_batch'] * p['num_devices']
-  batch = config.input.batch_size
-  if batch % per_step:
-    raise ValueError(f'config.input.batch_size={batch} is not a multiple of platform {name}: '
-                     f'{p["per_device_batch"]} per device x {p["num_devices"]} devices')
   config.mesh = ml_collections.ConfigDict({'slice': 1, 'data': 1, 'fsdp': 1, 'tensor': 1,
                                            **p['mesh']})
   config.model.dtype = 'bfloat16'
   config.model.remat = p['remat']
-  config.optim.accum_steps = batch // per_step
+  config.optim.accum_steps = config.input.get_ref('batch_size') // per_step
   config.platform = dict(name=name, **{k: v for k, v in p.items() if k != 'mesh'})

@@ -162,6 +162,21 @@ def prepare_workdir(workdir: str) -> None:
                      "machine's credentials)") from e
 
 
+def listdir(folder: str) -> Sequence[str]:
+  """The names in `folder` (local or URL), sorted; empty when it does not exist."""
+  path = epath.Path(folder)
+  return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def remove(path: str) -> None:
+  """Removes a file or a folder with everything in it (local or URL); nothing if missing."""
+  p = epath.Path(path)
+  if p.is_dir():
+    p.rmtree()
+  elif p.exists():
+    p.unlink()
+
+
 def _one_line(error: BaseException) -> str:
   return ' '.join(str(error).split())[:300]
 

@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 
 from rils_jax import clip_bpe
+from rils_jax import console
 from rils_jax.data import records
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
@@ -226,11 +227,8 @@ def main(argv):
   f = flags.FLAGS
   if not f.captions or not f.out:
     raise app.UsageError('--captions and --out are required')
-  try:
-    captions = [c for path in f.captions for c in read_captions(path)]
-    train_tokenizer(captions, f.vocab_size, f.out)
-  except (FileNotFoundError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+  captions = [c for path in f.captions for c in read_captions(path)]  # Errors: console.run.
+  train_tokenizer(captions, f.vocab_size, f.out)
   tok = Tokenizer(f.out)
   print(json.dumps(dict(out=f.out, vocab_size=tok.vocab_size, eot_id=tok.eot_id,
                         captions=sum(1 for c in captions if c.strip()))))
@@ -238,4 +236,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

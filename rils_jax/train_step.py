@@ -113,7 +113,8 @@ def check_platform(config: ml_collections.ConfigDict, *, backend: Optional[str] 
   `local_devices` replace JAX's backend, device count and this process's device count (tests).
 
   Raises:
-    ValueError: when the preset is for another number of devices; on GPUs, first when each
+    ValueError: when the batch is not a multiple of the preset's images per micro-batch, or the
+      preset is for another number of devices; on GPUs, first when each
       process uses fewer GPUs than a node of the preset has and the job is short of devices
       (one process per node under SLURM gets one GPU), naming the launch that fixes it.
   """
@@ -137,6 +138,12 @@ def check_platform(config: ml_collections.ConfigDict, *, backend: Optional[str] 
     raise ValueError(f'platform preset {platform.name} is for {platform.num_devices} devices '
                      f'({platform.accelerator}); this job has {devices}. Use the preset of this '
                      'machine, or none (then set config.mesh and config.optim.accum_steps)')
+  per_step = platform.per_device_batch * platform.num_devices
+  if config.input.batch_size % per_step:
+    raise ValueError(f'config.input.batch_size={config.input.batch_size} is not a multiple of '
+                     f'{per_step}, the images per micro-batch of platform preset {platform.name} '
+                     f'({platform.per_device_batch} per device x {platform.num_devices} devices; '
+                     'the accumulation is the batch / that)')
 
 
 def check_offload(remat: str, devices: Sequence[Any]) -> None:

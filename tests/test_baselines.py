@@ -247,3 +247,61 @@ def test_compare_trains_evaluates_and_times_each_variant(tmp_path):
   markdown = compare.table(results, ['siglip', 'mae'])
   assert markdown.splitlines()[0] == '| figure | siglip | mae |'
   assert '| zeroshot/top1 | ' in markdown and ' | n/a |' in markdown
+
+
+def _final_params(workdir):
+  from rils_jax.evals import restore as restore_lib
+  restored = restore_lib.restore(workdir)
+  return restored.step, jax.device_get(restored.params)
+
+
+def _train_then_resume(config, workdir):
+  """Trains `config` in `workdir` (checkpoints at steps 2 and 4), then again in a copy that
+  lost its step-4 checkpoint, so that it resumes at step 2. Returns both final parameter trees
+  (the resumed run's must be the uninterrupted run's, bitwise)."""
+  import shutil
+  main_lib.train(config, workdir)
+  copy = workdir + '_resumed'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(f'{copy}/checkpoints/4')
+  main_lib.train(config, copy)
+  (step, straight), (resumed_step, resumed) = _final_params(workdir), _final_params(copy)
+  assert step == resumed_step == 4
+  assert jax.tree.structure(straight) == jax.tree.structure(resumed)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+  return straight
+
+
+def test_kinds_resume_exactly_lit_locks_a_trained_tower_and_mae_exports_its_encoder(tmp_path):
+  from rils_jax import export
+  root = tmp_path / 'data'
+  run = lambda **o: tiny.apply_overrides(  # noqa: E731
+      tiny.get_config(f'root={root},steps=4,every=2,evals=false'), **o)
+  # MAE (no text tower, its own decoder) and FLIP with the sigmoid term (logit_bias, and the
+  # unmasked step at the end) resume where they stopped.
+  mae = _train_then_resume(run(**{'loss.kind': 'mae'}), str(tmp_path / 'mae'))
+  assert 'text' not in mae and 'logit_bias' not in mae
+  flip_dir = str(tmp_path / 'flip')
+  flip = _train_then_resume(run(**{'loss.kind': 'flip', 'loss.contrastive': 'sigmoid',
+                                   'flip.unmasked_steps': 1}), flip_dir)
+  # LiT through main: a text tower trained against FLIP's locked image tower, resumed too.
+  lit = _train_then_resume(run(**{'loss.kind': 'clip', 'model.freeze': 'image',
+                                  'init_from': flip_dir}), str(tmp_path / 'lit'))
+  for name in ('visual', 'image_projection'):
+    for a, b in zip(jax.tree.leaves(flip[name]), jax.tree.leaves(lit[name])):
+      np.testing.assert_array_equal(b, a)
+  assert not np.array_equal(lit['text']['token_embedding']['embedding'],
+                            flip['text']['token_embedding']['embedding'])
+  # An MAE run has no image_projection to lock: refused with what to do.
+  with pytest.raises(ValueError, match='does not hold them all'):
+    main_lib.train(run(**{'loss.kind': 'clip', 'model.freeze': 'image',
+                          'init_from': str(tmp_path / 'mae')}), str(tmp_path / 'lit_mae'))
+  # MAE's encoder exports to timm (test_export loads such a file into timm); open_clip, which
+  # needs a text tower, is refused before anything is written.
+  out = str(tmp_path / 'mae_vit.safetensors')
+  printed = export._export('timm', str(tmp_path / 'mae'), None, out, 'none')
+  assert 'decoder (' in printed and 'text tower' not in printed
+  with pytest.raises(ValueError, match='no text tower'):
+    export._export('open_clip', str(tmp_path / 'mae'), None, str(tmp_path / 'oc'), 'none')
+  assert not (tmp_path / 'oc').exists()

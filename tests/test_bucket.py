@@ -147,7 +147,8 @@ def test_two_processes_write_one_checkpoint_that_one_process_evaluates_and_expor
   evaluate = subprocess.run(
       [sys.executable, '-m', 'rils_jax.evaluate',
        f'--config=tests/tiny.py:root={setup["root"]},steps={STEPS}', f'--checkpoint={workdir}',
-       f'--output={out}'], cwd=tiny.REPO_ROOT, text=True, capture_output=True, timeout=600,
+       f'--output={out}', '--print=json'], cwd=tiny.REPO_ROOT, text=True, capture_output=True,
+      timeout=600,
       env={**os.environ, **setup['gcs'].env})
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   printed = [json.loads(line) for line in evaluate.stdout.splitlines() if line.startswith('{')]

@@ -276,3 +276,23 @@ def test_clip_bpe_run_export_uses_open_clips_own_tokenizer(tmp_path_factory, tmp
       rng.integers(0, 256, (len(captions), size, size, 3), dtype=np.uint8), restored.config.input))
   image_embed, _, text_embed = _jax_embeddings(restored.model, params, pixels, tokens)
   _check_open_clip(folder, pixels, tokens, image_embed, text_embed, float(params['logit_scale']))
+
+
+def test_mae_encoder_exports_to_timm(tmp_path):
+  # An MAE run's parameters: the encoder, its own decoder, no text tower or projections.
+  config = tiny.tiny_config(**{
+      'loss.kind': 'mae', 'model.variant': 'Ti/16',
+      'model.vision': dict(width=0, depth=0, num_heads=0), 'model.image_size': 224})
+  model = rils_lib.build_model(config, eot_id=2)
+  params = _random_params(model, config)
+  assert 'text' not in params and 'image_projection' not in params
+  pixels = np.asarray(transforms.normalize(
+      np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8), config.input))
+  _, patch_tokens = model.apply({'params': params}, pixels, method=rils_lib.RILS.encode_image)
+  path = str(tmp_path / 'mae.safetensors')
+  export.export_timm(params, config, path)
+  with torch.no_grad():
+    out = _timm_model(path)(_nchw(pixels)).numpy()
+  np.testing.assert_allclose(out, np.asarray(patch_tokens).mean(axis=1), atol=ATOL)
+  with pytest.raises(ValueError, match='image_projection'):
+    export.export_timm(params, config, str(tmp_path / 'head.safetensors'), head='projection')

@@ -20,10 +20,19 @@ def test_platform_presets_set_mesh_accumulation_and_dtype():
   assert c.optim.accum_steps == 1 and c.platform.accelerator == 'v5litepod-256'
   with pytest.raises(ValueError, match='unknown platform'):
     test_configs._load('vit_b16', 'platform=tpu_v9')
+  # The batch set on the command line (after the preset) sets the accumulation: the preset's
+  # 256 images per device stay, whatever the batch.
+  c = test_configs._load('vit_b16', 'platform=gpu_8xh100')
+  c.input.batch_size = 16384  # As --config.input.batch_size=16384 does.
+  assert c.optim.accum_steps == 8
+  c.optim.accum_steps = 4  # An explicit --config.optim.accum_steps still wins.
+  assert c.optim.accum_steps == 4 and c.input.batch_size == 16384
   c = config_lib.base_config()
+  platforms.apply_platform(c, 'gpu_8xh100')
   c.input.batch_size = 1000
-  with pytest.raises(ValueError, match='not a multiple of platform gpu_8xh100'):
-    platforms.apply_platform(c, 'gpu_8xh100')
+  with pytest.raises(ValueError, match='not a multiple of 2048, the images per micro-batch of '
+                     'platform preset gpu_8xh100'):
+    train_step.check_platform(c, devices=8)
 
 
 def test_a_preset_for_another_machine_or_with_a_dtype_is_refused():

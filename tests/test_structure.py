@@ -13,8 +13,9 @@ from rils_jax.evals import runner
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'rils_jax')
 BOTTOM = ('rils_jax.models', 'rils_jax.losses', 'rils_jax.sharding', 'rils_jax.grad_cache')
 # Imported inside a function on purpose: seconds of start-up, needed by TFDS inputs only.
-# wandb is optional: imported only when config.wandb.mode turns it on.
-LAZY_FOR_START_UP = {'tensorflow_datasets', 'wandb'}
+# wandb is optional: imported only when config.wandb.mode turns it on. matplotlib: only the
+# report at the end of a run draws.
+LAZY_FOR_START_UP = {'tensorflow_datasets', 'wandb', 'matplotlib'}
 
 
 def _modules():

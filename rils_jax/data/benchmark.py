@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rils_jax import console
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import pipeline
 from rils_jax.data import records
@@ -188,4 +189,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 from absl import app
 from absl import flags
 
+from rils_jax import console
 from rils_jax.data import arrayrecord
 from rils_jax.data import records as records_lib
 from rils_jax.data import sources
@@ -250,4 +251,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -312,7 +312,8 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
 
   if weights is None:
     concat = records.ConcatSource(parts)
-    _check_size(len(concat), batch_size, 'the sources')
+    _check_size(len(concat), batch_size, 'the sources', advice=(
+        f'; set --config.input.batch_size to {len(concat)} or less (README, "Your own data")'))
     ds = prepare(concat, 0).shuffle(seed=seed).repeat(None)
   else:
     ds = grain.MapDataset.mix([prepare(part, offset).shuffle(seed=seed + i).repeat(None)
@@ -330,9 +331,10 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
   return it
 
 
-def _check_size(size: int, needed: int, what: str, unit: str = 'one batch of') -> None:
+def _check_size(size: int, needed: int, what: str, unit: str = 'one batch of',
+                advice: str = '') -> None:
   if size < needed:
-    raise ValueError(f'{size} training records in {what}, fewer than {unit} {needed}')
+    raise ValueError(f'{size} training records in {what}, fewer than {unit} {needed}{advice}')
 
 
 class PutOnDevice(grain.transforms.Map):

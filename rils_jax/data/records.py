@@ -60,6 +60,12 @@ class SourceStats:
   non_utf8_lines: int = 0  # CSV lines decoded as Windows-1252.
   damaged_shards: int = 0  # WebDataset shards read only up to a cut or damaged header.
 
+  def __str__(self) -> str:
+    """'64 images, 192 captions' and the other non-zero counts, e.g. ', 2 empty captions'."""
+    return ', '.join(f'{v:,} {f.name.replace("_", " ")}' for f, v in zip(
+        dataclasses.fields(self), dataclasses.astuple(self))
+                     if v or f.name in ('images', 'captions'))
+
   def add(self, other: 'SourceStats') -> 'SourceStats':
     return SourceStats(*(a + b for a, b in zip(dataclasses.astuple(self),
                                                 dataclasses.astuple(other))))
@@ -135,6 +141,9 @@ class RecordSource(abc.ABC):
   @abc.abstractmethod
   def __len__(self) -> int:
     """The number of records."""
+
+  def __repr__(self) -> str:  # Logged: a name and a size, not an object address.
+    return f'{self.name or type(self).__name__} ({len(self):,} records)'
 
   @abc.abstractmethod
   def __getitem__(self, index: int):

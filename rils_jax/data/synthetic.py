@@ -26,9 +26,10 @@ import tempfile
 from typing import Dict, Tuple
 
 import numpy as np
-from absl import app
 from absl import flags
 from PIL import Image, ImageDraw
+
+from rils_jax import console
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 90, 230),
@@ -167,4 +168,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('image_size', 32, 'Model input size; pictures are drawn at twice this.')
   flags.DEFINE_integer('num_train', 4000, 'Training images (3 captions each).')
   flags.DEFINE_integer('seed', 0, 'Generator seed.')
-  app.run(main)
+  console.run(main)

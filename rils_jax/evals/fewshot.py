@@ -139,4 +139,4 @@ def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
   train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
   out = fewshot_accuracy(train['features'], train['label'], test['features'], test['label'],
                          classes, tuple(spec['shots']), spec['seeds'], spec['l2'])
-  return dict(out, **extra)
+  return dict(out, chance_top1=settings.chance_levels(classes)['chance_top1'], **extra)

@@ -65,4 +65,4 @@ def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
   train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
   out = knn_accuracy(train['features'], train['label'], test['features'], test['label'],
                      classes, spec['k'], spec['temperature'])
-  return dict(out, **extra)
+  return dict(out, **settings.chance_levels(classes), **extra)

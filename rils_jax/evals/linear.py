@@ -170,4 +170,4 @@ def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
   out = fit_probe(train['features'], train['label'], test['features'], test['label'],
                   classes, tuple(spec['l2']), spec['val_fraction'], spec['seed'],
                   spec['max_steps'])
-  return dict(out, **extra)
+  return dict(out, **settings.chance_levels(classes), **extra)

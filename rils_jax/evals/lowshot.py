@@ -30,7 +30,7 @@ def check_settings(name: str, spec: settings.Spec) -> None:
 def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
   """Low-shot top-1 per fraction (see the module docstring)."""
   train, test, classes, extra = ev.train_test(spec, params, embedder, cache)
-  out = dict(extra)
+  out = dict(extra, chance_top1=settings.chance_levels(classes)['chance_top1'])
   for fraction in spec['fractions']:
     accs = []
     for seed in range(spec['seeds']):

@@ -193,10 +193,7 @@ def main(argv: List[str]):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
   f = flags.FLAGS
-  try:
-    probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)
-  except (ValueError, FileNotFoundError, transforms.BadImageError) as e:
-    raise SystemExit(f'error: {e}') from e
+  probs = patch_text_map(f.checkpoint, f.images, f.phrases, f.out, f.step, f.temperature)
   share = np.bincount(probs.argmax(-1).reshape(-1), minlength=len(f.phrases)) / probs[..., 0].size
   print(f'Wrote {f.out}: {probs.shape[0]} images x {len(f.phrases)} phrases on a '
         f'{probs.shape[1]}x{probs.shape[2]} patch grid; share of patches whose most probable '
@@ -205,4 +202,4 @@ def main(argv: List[str]):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  console.run(main)

@@ -46,7 +46,7 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray,
     # P(no own caption in K random draws without replacement), averaged over images.
     miss = [math.comb(n_texts - c, k) / math.comb(n_texts, k) if k <= n_texts else 0.0
             for c in captions_per_image]
-    out[f'chance_i2t_r{k}'] = round(float(1.0 - np.mean(miss)), 9)
+    out[f'chance_i2t_r{k}'] = float(1.0 - np.mean(miss))
     out[f'chance_t2i_r{k}'] = min(1.0, k / n_images)
   return out
 

@@ -181,13 +181,13 @@ class Evaluations:
     for name in self.specs if names is None else names:
       spec = self.specs[name]
       start = time.time()
+      logging.info('Evaluating %s (%s)...', name, spec['kind'])
       try:
         results[name] = KINDS[spec['kind']].run(self, spec, params, embedder, cache)
       except Exception as e:
         raise EvaluationError(f'evaluator {name!r} ({spec["kind"]}) failed: '
                               f'{type(e).__name__}: {e}') from e
-      logging.info('Evaluation %s (%s) in %.1f s: %s', name, spec['kind'], time.time() - start,
-                   results[name])
+      logging.info('Evaluated %s in %.1f s', name, time.time() - start)
     return results
 
   def data(self, spec):

@@ -48,3 +48,9 @@ def numbers(name: str, spec: Spec, key: str, low: float = 0.0, high: float = np.
   check(isinstance(v, (list, tuple)) and len(v) > 0 and all(
       is_number(x) and (x > low if open_low else x >= low) and x <= high for x in v),
       name, key, f'a non-empty list of numbers in {"(" if open_low else "["}{low}, {high}]', v)
+
+
+def chance_levels(num_classes: int) -> Dict[str, float]:
+  """The top-1 and top-5 accuracy of a uniformly random classifier over `num_classes` classes:
+  1 / C and min(5, C) / C (the same top-min(5, C) as the evaluators' top5)."""
+  return dict(chance_top1=1.0 / num_classes, chance_top5=min(5, num_classes) / num_classes)

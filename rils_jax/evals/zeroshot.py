@@ -45,7 +45,8 @@ def zeroshot_accuracy(image_embeds: np.ndarray, labels: np.ndarray,
     class_embeds: float (C, D) L2-normalised class embeddings.
 
   Returns:
-    dict with `top1`, `top5` (top-min(5, C)) in [0, 1] and `chance_top1` = 1 / C. A tie with
+    dict with `top1`, `top5` (top-min(5, C)) in [0, 1], `chance_top1` = 1 / C and
+    `chance_top5` = min(5, C) / C. A tie with
     the true class counts against it (its rank is the number of classes scoring higher or
     equal, other than itself).
   """
@@ -57,7 +58,7 @@ def zeroshot_accuracy(image_embeds: np.ndarray, labels: np.ndarray,
     true = sim[np.arange(sim.shape[0]), labels[start:start + IMAGES_PER_BLOCK]]
     rank[start:start + sim.shape[0]] = np.sum(sim >= true[:, None], axis=1) - 1
   return dict(top1=float(np.mean(rank == 0)), top5=float(np.mean(rank < k)),
-              chance_top1=1.0 / class_embeds.shape[0])
+              chance_top1=1.0 / class_embeds.shape[0], chance_top5=k / class_embeds.shape[0])
 
 
 # The `zeroshot` evaluator kind (rils_jax/evals/runner.py).
@@ -83,7 +84,7 @@ def check_data(spec: settings.Spec, data: Dict[str, Any]) -> None:
 
 
 def run(ev, spec: settings.Spec, params, embedder, cache) -> Dict[str, float]:
-  """top1, top5, chance_top1, images and skipped_images of the zero-shot evaluator."""
+  """top1, top5, their chance levels, images and skipped_images of the zero-shot evaluator."""
   data = ev.images(spec['data'], params, embedder, cache)
   classes = list(spec['class_names'] or data['classes'])
   class_embeds = class_embeddings(embedder, params, classes,

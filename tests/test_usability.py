@@ -1,0 +1,224 @@
+"""What a user sees when something is wrong (rils_jax/console.py): every command prints a
+mistake as one or two `error:` lines and exits 1 without a traceback (RILS_JAX_TRACEBACK=1 shows
+it), and a refused training run leaves its workdir as it found it. Also how a resumed run with a
+longer schedule continues, and the results table."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rils_jax import main as main_lib
+from rils_jax import optim
+from rils_jax.evals import table
+from tests import tiny
+
+TYPO = '--config.total_step=10'  # total_steps.
+
+
+def _run(module, *args, env=None):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=tiny.REPO_ROOT, text=True,
+                        capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def _user_lines(stderr: str):
+  # absl's own log lines (I/W + date) are the log, not the message.
+  return [line for line in stderr.splitlines()
+          if line.strip() and not (line[:1] in 'IWE' and line[1:5].isdigit())]
+
+
+def _assert_one_line_error(result, pattern):
+  lines = _user_lines(result.stderr)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert lines and lines[0].startswith('error: '), lines
+  assert len(lines) <= 2, lines
+  assert pattern in lines[0], lines
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+  root = tmp_path_factory.mktemp('shapes')
+  tiny.generate_data(str(root / 'data'), str(root / 'tokenizer.model'))
+  return root
+
+
+@pytest.mark.parametrize('module,args', [
+    ('rils_jax.main', ['--config=configs/default.py', '--workdir={tmp}/w']),
+    ('rils_jax.evaluate', ['--config=configs/default.py', '--checkpoint={tmp}/none']),
+    ('rils_jax.finetune', ['--config=configs/finetune_cifar10.py', '--workdir={tmp}/w']),
+    ('rils_jax.dry_run', ['--config=configs/vit_b16.py']),
+    ('rils_jax.benchmark', ['--config=configs/default.py']),
+    ('rils_jax.data.benchmark', ['--config=configs/default.py']),
+])
+def test_a_mistyped_config_key_is_one_line_with_the_closest_key(module, args, tmp_path):
+  result = _run(module, *[a.format(tmp=tmp_path) for a in args], TYPO)
+  _assert_one_line_error(result, "no config key 'total_step'. Did you mean \"total_steps\"")
+  assert not os.listdir(tmp_path)
+
+
+def test_config_file_errors_and_the_traceback_on_request(tmp_path):
+  _assert_one_line_error(_run('rils_jax.main', '--config=configs/nope.py', f'--workdir={tmp_path}/w'),
+                         "cannot load the config file: [Errno 2] No such file or directory")
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config(arg=None):\n  raise ValueError("my config is wrong")\n')
+  _assert_one_line_error(_run('rils_jax.main', f'--config={bad}', f'--workdir={tmp_path}/w'),
+                         'the config file raised ValueError: my config is wrong')
+  shown = _run('rils_jax.main', f'--config={bad}', f'--workdir={tmp_path}/w',
+               env={'RILS_JAX_TRACEBACK': '1'})
+  assert shown.returncode == 1 and 'Traceback' in shown.stderr
+  assert sorted(os.listdir(tmp_path)) == ['bad.py']
+
+
+@pytest.mark.parametrize('module,args,pattern', [
+    ('rils_jax.export', ['--checkpoint={tmp}/none', '--format=timm', '--out={tmp}/v.safetensors'],
+     'none does not exist (or is not a folder)'),
+    ('rils_jax.evals.patch_text', ['--checkpoint={tmp}/none', '--images=a.png', '--phrases=a',
+                                   '--out={tmp}/m.png'], 'none does not exist'),
+    ('rils_jax.tokenizer', ['train', '--captions={tmp}/none.csv', '--out={tmp}/t.model'],
+     'none.csv'),
+    ('rils_jax.tokenizer', ['--captions={tmp}/none.csv'], 'usage: python -m rils_jax.tokenizer'),
+    ('rils_jax.data.convert', ['--kind=csv', '--captions={tmp}/none.csv', '--images={tmp}',
+                               '--output={tmp}/out'], 'none.csv'),
+])
+def test_a_missing_path_is_one_line(module, args, pattern, tmp_path):
+  result = _run(module, *[a.format(tmp=tmp_path) for a in args])
+  lines = _user_lines(result.stderr)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert len(lines) <= 2 and pattern in lines[0], lines
+  assert not os.listdir(tmp_path)
+
+
+def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  config = tiny.get_config(f'root={shapes / "data"},steps=2,evals=false')
+  config.input.batch_size = 128  # 64 training records: fewer than one batch.
+  with pytest.raises(ValueError, match='fewer than one batch of 128; set '
+                     '--config.input.batch_size to 64 or less'):
+    main_lib.train(config, str(workdir))
+  assert os.listdir(workdir) == ['notes.txt']
+  # A finished run, then the same workdir with a model that does not fit its checkpoint: the
+  # refusal names the setting and the parameters, and the workdir keeps only what it had.
+  config.input.batch_size = 8
+  main_lib.train(config, str(workdir))
+  before = sorted(os.listdir(workdir))
+  wider = tiny.get_config(f'root={shapes / "data"},steps=4,evals=false')
+  wider.model.vision.width = 48
+  with pytest.raises(ValueError) as e:
+    main_lib.train(wider, str(workdir))
+  assert 'model.vision.width: 32 -> 48' in str(e.value)
+  assert "['image_projection']: (32, 16) in the checkpoint, (48, 16) here" in str(e.value)
+  assert sorted(os.listdir(workdir)) == before  # No config.resume_2.json left behind.
+
+  # A longer run on resume continues with the new schedule, and says so.
+  longer = tiny.get_config(f'root={shapes / "data"},steps=4,evals=false')
+  saved = json.loads((workdir / 'config.json').read_text())
+  message = main_lib.warn_schedule_change(longer, saved, 2)
+  assert message.startswith('Resuming at step 2 with another learning-rate schedule '
+                            '(total_steps: 2 -> 4): the learning rate follows the new config')
+  assert main_lib.warn_schedule_change(config, saved, 2) is None
+  main_lib.train(longer, str(workdir))
+  logged = tiny.logged_metrics(str(workdir))
+  np.testing.assert_allclose(logged[3]['learning_rate'],
+                             float(optim.learning_rate_schedule(longer)(2)), rtol=1e-6)
+
+
+def test_the_results_table_is_in_percent_beside_the_chance_levels():
+  results = {
+      'zeroshot': dict(top1=0.375, top5=0.8125, chance_top1=0.05, chance_top5=0.25, images=400,
+                       skipped_images=0),
+      'fewshot': {'5shot_top1': 0.33660000000000007, '5shot_top1_std': 0.01, 'chance_top1': 0.1},
+      'retrieval': dict(i2t_r5=0.545, chance_i2t_r5=np.float32(0.024833334), step=300),
+  }
+  assert table.table(results).splitlines() == [
+      'evaluator  metric           result   chance',
+      'zeroshot   top1            37.50 %   5.00 %',
+      'zeroshot   top5            81.25 %  25.00 %',
+      'zeroshot   images              400',
+      'zeroshot   skipped_images        0',
+      'fewshot    5shot_top1      33.66 %  10.00 %',
+      'fewshot    5shot_top1_std   1.00 %',
+      'retrieval  i2t_r5          54.50 %   2.48 %',
+  ]
+  assert table.exact(0.33660000000000007) == 0.3366
+  assert table.exact(np.float32(0.7)) == 0.7 and table.exact(np.int64(3)) == 3
+  assert table.unflatten({'a/top1': 1, 'b/top1': 2, 'a/top5': 3}) == {
+      'a': {'top1': 1, 'top5': 3}, 'b': {'top1': 2}}
+
+
+def test_keep_best_keeps_the_best_evaluated_step_for_evaluate_and_export(shapes, tmp_path):
+  from rils_jax import evaluate as evaluate_lib
+  from rils_jax import export
+  config = tiny.get_config(f'root={shapes / "data"},steps=4')
+  del config.evals['retrieval']
+  config.evals.zeroshot.every = 1
+  config.keep_best = 'zeroshot/top1'
+  workdir = tmp_path / 'run'
+  main_lib.train(config, str(workdir))
+  scores = {m['step']: m['zeroshot/top1'] for m in map(
+      json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()) if 'zeroshot/top1' in m}
+  assert sorted(scores) == [1, 2, 3, 4]
+  best = max(scores.values())
+  best_step = max(s for s, v in scores.items() if v == best)  # The later step on a tie.
+  assert os.listdir(workdir / 'best') == [str(best_step)]
+  evaluated = evaluate_lib.evaluate(config, str(workdir / 'best'))
+  assert evaluated['zeroshot']['step'] == best_step and evaluated['zeroshot']['top1'] == best
+  printed = export._export('timm', str(workdir / 'best'), None, str(tmp_path / 'v.safetensors'),
+                           'none')
+  assert f'step {best_step} of {workdir}/best/{best_step}' in printed
+  # Only a metric of an evaluator that runs during training can pick the best.
+  config.evals.zeroshot.every = 0
+  with pytest.raises(ValueError, match='keep_best=.zeroshot/top1. must be NAME/METRIC of an '
+                     'evaluator that runs during training'):
+    main_lib.validate_config(config)
+
+
+def _chromium():
+  import shutil
+  found = shutil.which('chromium') or shutil.which('chromium-browser')
+  if not found and os.environ.get('RILS_REQUIRE_CHROMIUM') == '1':  # CI (.ci/run) installs it.
+    raise AssertionError('chromium is not installed')
+  return found
+
+
+def test_the_report_draws_a_finished_and_a_running_run(shapes, tmp_path):
+  from PIL import Image
+  from rils_jax import report
+  config = tiny.get_config(f'root={shapes / "data"},steps=3')
+  config.evals.zeroshot.every = 2
+  workdir = tmp_path / 'run'
+  main_lib.train(config, str(workdir))  # Writes the report at the end.
+  with Image.open(workdir / 'report.png') as png:
+    png.load()
+    assert png.size[0] >= 800 and len(png.getcolors(1 << 16) or range(1 << 16)) > 50
+  out = report.write_report(str(workdir))
+  assert out['panels'][:3] == ['loss', 'contrastive term', 'reconstruction term']
+  assert out['panels'][-2:] == ['retrieval (%)', 'zeroshot (%)']
+  page = (workdir / 'report.html').read_text()
+  assert 'data:image/png;base64,' in page and 'zeroshot   top1' in page
+  # A run still going: its last line, half written, is left out.
+  lines = (workdir / 'metrics.jsonl').read_text()
+  (workdir / 'metrics.jsonl').write_text(lines + '{"step": 4, "loss": 1.')
+  assert len(report.read_metrics(str(workdir))) == len(lines.splitlines())
+  with pytest.raises(FileNotFoundError, match='metrics.jsonl does not exist'):
+    report.write_report(str(tmp_path / 'nothing'))
+
+  browser = _chromium()
+  if not browser:
+    pytest.skip('chromium is not installed (apt-get install chromium): the page was not loaded')
+  shot = tmp_path / 'shot.png'
+  result = subprocess.run(
+      [browser, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+       '--disable-background-networking', '--disable-component-update', '--disable-sync',
+       f'--user-data-dir={tmp_path / "profile"}', '--enable-logging=stderr', '--v=0',
+       '--window-size=1280,1200', f'--screenshot={shot}', f'file://{workdir / "report.html"}'],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'CONSOLE' not in result.stderr and 'Failed to load' not in result.stderr
+  with Image.open(shot) as screen:  # The page drew the figure: many colours, not a blank page.
+    assert len(screen.convert('RGB').getcolors(1 << 20) or range(1 << 20)) > 100
