@@ -7,7 +7,9 @@ generated shapes, ../shared/data, or shard files). They are imported as `configs
 commands run from the repository's root folder.
 """
 
+import math
 import os
+import re
 from typing import Dict
 
 import ml_collections
@@ -25,14 +27,15 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
                  ) -> ml_collections.ConfigDict:
   """The RILS paper's pre-training set-up for a ViT variant (see configs/vit_b16.py).
 
-  `arg`: 'data=DATA,dtype=auto|bfloat16|float32,platform=NAME' (platform: a preset of
-  rils_jax/platforms.py, which also sets the dtype); DATA is synthetic, shared, or shards
-  (see `shard_data`).
+  `arg`: 'data=DATA,dtype=auto|bfloat16|float32,platform=NAME,epochs=E,heldout=N' (platform: a
+  preset of rils_jax/platforms.py, which also sets the dtype); DATA is synthetic, shared,
+  shards (see `shard_data`) or own data (`own_data`, with `epochs` and `heldout`).
 
   Raises:
     ValueError: for an unknown argument, data or platform name.
   """
-  arg = config_lib.parse_arg(arg, data='synthetic', dtype='auto', platform='')
+  arg = config_lib.parse_arg(arg, data='synthetic', dtype='auto', platform='', epochs=0.0,
+                             heldout=-1)
   c = config_lib.base_config()
   c.total_steps = 122_070
   c.log_every = 50
@@ -59,7 +62,9 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
   c.input.num_workers = 8
   c.tokenizer.kind = 'clip_bpe'  # CLIP's 49,408-token BPE, as the release.
   c.tokenizer.vocab_size = 49_408  # The sentencepiece bound, with --config.tokenizer.kind.
-  if arg.data == 'synthetic':
+  if data_argument(c, arg.data, arg.epochs, arg.heldout):
+    pass
+  elif arg.data == 'synthetic':
     synthetic_data(c, image_size=224, num_train=4096, num_heldout=100, zeroshot_per_class=10)
   elif arg.data == 'shared':
     shared_data(c)
@@ -67,7 +72,8 @@ def paper_recipe(arg, variant: str, text: Dict[str, int], embed_dim: int
     shard_data(c, arg.data)
   else:
     raise ValueError("data must be 'synthetic', 'shared', 'webdataset:PATTERN', "
-                     f"'arrayrecord:PATTERN' or 'tfds:NAME', got {arg.data!r}")
+                     "'arrayrecord:PATTERN', 'tfds:NAME' or own data ('csv:CAPTIONS.csv:IMAGES', "
+                     f"'coco:CAPTIONS.json:IMAGES', 'txt:IMAGES'), got {arg.data!r}")
   if arg.platform:
     if arg.dtype != 'auto':
       raise ValueError(f'platform={arg.platform} sets bfloat16 compute; drop dtype={arg.dtype} '
@@ -139,3 +145,59 @@ def synthetic_data(config: ml_collections.ConfigDict, image_size: int, num_train
   config.evals.retrieval = dict(kind='retrieval', every=0, sources=[
       dict(kind='csv', captions=os.path.join(root, 'heldout', 'captions.csv'),
            images=os.path.join(root, 'heldout', 'images'), select='')])
+
+
+OWN_KINDS = ('csv', 'coco', 'txt')
+
+
+def own_data(config: ml_collections.ConfigDict, spec: str, epochs: float = 0,
+             heldout: int = -1) -> None:
+  """Trains on your own image-caption data, given as a config argument `data=SPEC`:
+
+    csv:CAPTIONS.csv:IMAGES     a CSV with `image,caption` columns + its image folder
+    coco:CAPTIONS.json:IMAGES   COCO captions JSON + its image folder
+    txt:IMAGES                  images each with a .txt of captions beside it (dog.jpg, dog.txt)
+
+  The last `heldout` images (default: a tenth, at most 100) are held out for image<->text
+  retrieval, the only evaluation (own data has no classes for zero-shot). With `epochs` > 0,
+  `config.total_steps` becomes ceil(epochs x training images / batch size), following a batch
+  size set later on the command line. The files are read here, so a wrong path or an empty
+  file fails before anything else.
+
+  Raises:
+    ValueError: for a malformed SPEC or no images left to train on; the readers' errors
+      (FileNotFoundError for a missing file or folder).
+  """
+  from rils_jax.data import sources  # pylint: disable=g-import-not-at-top
+  kind, _, rest = spec.partition(':')
+  paths = re.split(r':(?!//)', rest) if rest else []  # gs://bucket/x keeps its '://'.
+  if kind not in OWN_KINDS or len(paths) != (1 if kind == 'txt' else 2) or not all(paths):
+    raise ValueError(f'data={spec!r}: own data is csv:CAPTIONS.csv:IMAGES, '
+                     'coco:CAPTIONS.json:IMAGES or txt:IMAGES')
+  source = (dict(kind='txt', images=paths[0]) if kind == 'txt' else
+            dict(kind=kind, captions=paths[0], images=paths[1]))
+  records, _ = sources.read_image_captions(source)
+  held = min(100, len(records) // 10) if heldout < 0 else heldout
+  train = len(records) - held
+  if train < 1:
+    raise ValueError(f'data={spec!r} holds {len(records)} images with a caption, '
+                     f'{held} of them held out: nothing left to train on')
+  config.input.sources = [dict(source, select=f':-{held}' if held else '')]
+  remove_evals(config)
+  if held:
+    config.evals.retrieval = dict(kind='retrieval', every=0,
+                                  sources=[dict(source, select=f'-{held}:')])
+  if epochs > 0:
+    batch = config.input.get_ref('batch_size')
+    images = int(math.ceil(epochs * train))
+    config.total_steps = (batch * 0 + images + batch - 1) // batch
+
+
+def data_argument(config: ml_collections.ConfigDict, data: str, epochs: float = 0,
+                  heldout: int = -1) -> bool:
+  """Applies a `data=` config argument that names own data (`own_data`); returns False for
+  any other value (the config's own presets: synthetic, shared, shards)."""
+  if data.partition(':')[0] not in OWN_KINDS:
+    return False
+  own_data(config, data, epochs, heldout)
+  return True

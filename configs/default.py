@@ -11,7 +11,14 @@ reconstruction for 300 steps of 128 pictures. The total loss falls from about 5.
 (the CLIP term from 5.2 to 2.4); at the end zero-shot top-1 is about 37% against 5% chance, and
 held-out image->text R@5 about 55% against 2.5% chance. README.md has the measured run.
 
-Argument (optional): `configs/default.py:num_train=4000`.
+Arguments (optional): `num_train=4000` (generated pictures), or your own data instead of the
+generated shapes: `data=csv:CAPTIONS.csv:IMAGES`, `data=coco:CAPTIONS.json:IMAGES` or
+`data=txt:IMAGES` (images with a .txt of captions beside each), with `epochs=E` (total_steps =
+ceil(E x images / batch)) and `heldout=N` (images kept for retrieval; default a tenth, at most
+100); see configs/common.py:own_data and README.md, "Your own data". For example:
+
+  python -m rils_jax.main --workdir=/tmp/mine \
+    --config=configs/default.py:data=csv:/data/my/captions.csv:/data/my/images,epochs=30
 """
 
 from configs import common
@@ -19,7 +26,7 @@ from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, num_train=4000)
+  arg = config_lib.parse_arg(arg, num_train=4000, data='synthetic', epochs=0.0, heldout=-1)
   c = config_lib.base_config()
   c.total_steps = 300
   c.log_every = 25
@@ -39,6 +46,10 @@ def get_config(arg=None):
   c.input.batch_size = 128
   c.input.crop_scale = (0.8, 1.0)  # Milder than 0.5: a 32 px shape must stay in the crop.
   c.tokenizer.vocab_size = 128
-  common.synthetic_data(c, image_size=32, num_train=arg.num_train)
+  if not common.data_argument(c, arg.data, arg.epochs, arg.heldout):
+    if arg.data != 'synthetic':
+      raise ValueError(f"data must be 'synthetic' or own data ({common.OWN_KINDS}), got "
+                       f'{arg.data!r}')
+    common.synthetic_data(c, image_size=32, num_train=arg.num_train)
   c.evals.batch_size = 200
   return c

@@ -9,7 +9,10 @@ the training captions. The model is ViT-Ti-sized (width 192, 6 blocks, patch 8, 
 width-192 text tower; at this scale (980 images) expect retrieval a few times above chance,
 not CLIP-level transfer. See README.md for measured figures.
 
-Arguments: `configs/flickr8k_coco.py:data_dir=PATH` (default ../shared/data beside the repo).
+Arguments: `configs/flickr8k_coco.py:data_dir=PATH` (default ../shared/data beside the repo);
+or this model on your own photos: `data=csv:CAPTIONS.csv:IMAGES` (or coco:JSON:IMAGES,
+txt:IMAGES) with `epochs=E` and `heldout=N` (configs/common.py:own_data; README.md, "Your own
+data").
 """
 
 from configs import common
@@ -17,7 +20,8 @@ from rils_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data_dir=common.SHARED_DATA)
+  arg = config_lib.parse_arg(arg, data_dir=common.SHARED_DATA, data='shared', epochs=0.0,
+                             heldout=-1)
   c = config_lib.base_config()
   c.total_steps = 600
   c.log_every = 50
@@ -37,6 +41,10 @@ def get_config(arg=None):
   c.input.batch_size = 64
   c.input.num_workers = 1
   c.tokenizer.vocab_size = 2000
-  common.shared_data(c, arg.data_dir, zeroshot_per_class=':100')
+  if not common.data_argument(c, arg.data, arg.epochs, arg.heldout):
+    if arg.data != 'shared':
+      raise ValueError(f"data must be 'shared' or own data ({common.OWN_KINDS}), got "
+                       f'{arg.data!r}')
+    common.shared_data(c, arg.data_dir, zeroshot_per_class=':100')
   c.evals.batch_size = 250
   return c

@@ -33,7 +33,9 @@ Data: with no argument the config points at the generated shapes data (224 px) s
 anywhere; `:data=shared` uses ../shared/data (Flickr8k 1k + COCO mini). LAION-scale data (README
 "Data at scale"): `:data=webdataset:/data/laion/{00000..01999}.tar` (img2dataset shards),
 `:data=arrayrecord:/data/laion_ar/train-*.array_record` (python -m rils_jax.data.convert) or
-`:data=tfds:coco_captions`; mixtures and evaluation data go in a copy of this file. Commas
+`:data=tfds:coco_captions`; your own caption files: `:data=csv:CAPTIONS.csv:IMAGES` (or
+coco:JSON:IMAGES, txt:IMAGES) with `epochs=E`, `heldout=N` (README "Your own data"); mixtures
+and evaluation data go in a copy of this file. Commas
 separate the argument's keys: write brace alternatives `{a,b}` as two patterns joined by `::`.
 
   python -m rils_jax.main --config=configs/vit_b16.py:data=arrayrecord:/data/ar/*.array_record \

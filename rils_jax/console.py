@@ -20,6 +20,11 @@ from absl import logging
 
 # Set to 1 for the traceback of a user error (a bug report, a config file that raises).
 TRACEBACK_ENV = 'RILS_JAX_TRACEBACK'
+# grain's worker processes hand batches over in shared memory; the segments of batches still in
+# flight when a pipeline stops are unlinked at exit by Python's resource tracker, which warns
+# about each (google/grain#398, "leaked shared_memory objects"): freed either way, so the
+# tracker, a process of its own that reads PYTHONWARNINGS when it starts, is told not to warn.
+QUIET_RESOURCE_TRACKER = 'ignore:resource_tracker:UserWarning'
 
 # Libraries whose INFO lines are dropped (matched as a folder in the logging call's path).
 QUIET_LIBRARIES = ('orbax', 'grain', 'jax', 'gcsfs', 'fsspec')
@@ -127,4 +132,7 @@ def run(main: Callable[[List[str]], None]) -> None:
         raise
       _fail(e)
 
+  warnings = os.environ.get('PYTHONWARNINGS', '')
+  if QUIET_RESOURCE_TRACKER not in warnings:
+    os.environ['PYTHONWARNINGS'] = ','.join(filter(None, (warnings, QUIET_RESOURCE_TRACKER)))
   app.run(guarded, flags_parser=_parse_flags)

@@ -191,7 +191,9 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
     captions = records.sample_captions(data)
     logging.info('Training a sentencepiece tokenizer (<= %d pieces) on %d captions',
                  config.tokenizer.vocab_size, len(captions))
+    start = time.time()
     tokenizer_lib.train_tokenizer(captions, config.tokenizer.vocab_size, tmp)
+    logging.info('Tokenizer trained in %.1f s', time.time() - start)
   try:
     check_vocab(tokenizer_lib.load(tmp), config)
   except ValueError:

@@ -5,6 +5,7 @@ longer schedule continues, and the results table."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 
 from rils_jax import main as main_lib
 from rils_jax import optim
+from rils_jax.data import sources
 from rils_jax.evals import table
 from tests import tiny
 
@@ -222,3 +224,66 @@ def test_the_report_draws_a_finished_and_a_running_run(shapes, tmp_path):
   assert 'CONSOLE' not in result.stderr and 'Failed to load' not in result.stderr
   with Image.open(shot) as screen:  # The page drew the figure: many colours, not a blank page.
     assert len(screen.convert('RGB').getcolors(1 << 20) or range(1 << 20)) > 100
+
+
+def test_own_data_as_a_config_argument(shapes, tmp_path):
+  from tests import test_configs
+  train = shapes / 'data' / 'train'
+  csv_spec = f'csv:{train / "captions.csv"}:{train / "images"}'
+  c = test_configs._load('default', f'data={csv_spec},epochs=2')
+  (source,) = c.input.sources
+  assert (source['kind'], source['select']) == ('csv', ':-6')  # 64 images: a tenth held out.
+  assert list(c.evals.keys()) == ['batch_size', 'retrieval']
+  assert c.evals.retrieval.sources[0]['select'] == '-6:'
+  assert c.total_steps == 1  # ceil(2 epochs x 58 images / 128)...
+  c.input.batch_size = 16  # ...and after --config.input.batch_size=16:
+  assert c.total_steps == 8  # ceil(116 / 16).
+  # The same images as COCO JSON and as a folder of images with .txt captions.
+  rows = [line.split(',', 1) for line in (train / 'captions.csv').read_text().splitlines()[1:]]
+  names = list(dict.fromkeys(name for name, _ in rows))
+  coco = tmp_path / 'captions.json'
+  coco.write_text(json.dumps(dict(
+      images=[dict(id=i, file_name=n) for i, n in enumerate(names)],
+      annotations=[dict(image_id=names.index(n), caption=t) for n, t in rows])))
+  folder = tmp_path / 'txt'
+  folder.mkdir()
+  for name in names:
+    os.symlink(train / 'images' / name, folder / name)
+    (folder / (os.path.splitext(name)[0] + '.txt')).write_text(
+        '\n'.join(t for n, t in rows if n == name) + '\n')
+  opened = []
+  for spec in (csv_spec, f'coco:{coco}:{train / "images"}', f'txt:{folder}'):
+    c = test_configs._load('flickr8k_coco', f'data={spec},heldout=4')
+    records, stats = sources.read_image_captions(c.input.sources[0])
+    opened.append(([r.captions for r in records], stats.images, stats.captions))
+  assert opened[0] == opened[1] and opened[0][1:] == (60, 180)
+  assert sorted(map(sorted, opened[2][0])) == sorted(map(sorted, opened[0][0]))
+  # Vit-B/16's recipe takes it too, and the errors are one line each.
+  assert test_configs._load('vit_b16', f'data=txt:{folder}').input.sources[0]['kind'] == 'txt'
+  with pytest.raises(ValueError, match='own data is csv:CAPTIONS.csv:IMAGES'):
+    test_configs._load('default', f'data=csv:{train / "captions.csv"}')
+  with pytest.raises(FileNotFoundError, match='captions CSV not found'):
+    test_configs._load('default', f'data=csv:{tmp_path / "none.csv"}:{train}')
+  with pytest.raises(ValueError, match='nothing left to train on'):
+    test_configs._load('default', f'data={csv_spec},heldout=64')
+  assert re.split(r':(?!//)', 'gs://b/c.csv:gs://b/images') == ['gs://b/c.csv', 'gs://b/images']
+
+
+def test_progress_lines_start_early_and_count_long_work():
+  from rils_jax import progress
+  config = tiny.tiny_config(total_steps=300, log_every=25)
+  assert [s for s in range(1, 301) if main_lib.should_log(s, 0, config)] == [
+      1, 2, 5, 10] + list(range(25, 301, 25))
+  # Resumed at step 100: the first steps after the restart again.
+  assert [s for s in range(101, 151) if main_lib.should_log(s, 100, config)] == [
+      101, 102, 105, 110, 125, 150]
+  line = main_lib.progress_line(10, 300, dict(loss=1.5, clip_loss=1.0, recon_loss=0.5,
+                                              clip_acc=0.25), 100.0, 0.0, 0.0, 1)
+  assert line.startswith('step 10/300  loss 1.5000  clip 1.0000  recon 0.5000  clip_acc 0.250  '
+                         '100.0 img/s  elapsed ')
+  assert ' ETA ' in line
+  p = progress.Progress('Indexing the shards', 4, interval=0)
+  p.start, p.done = 100.0, 1
+  assert p.line(110.0) == 'Indexing the shards: 1 / 4 (25%) in 10 s, ETA 30 s'
+  p.done = 4
+  assert p.line(140.0) == 'Indexing the shards: 4 / 4 (100%) in 40 s'

@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 
 from rils_jax import console
+from rils_jax import progress as progress_lib
 from rils_jax.data import arrayrecord
 from rils_jax.data import records as records_lib
 from rils_jax.data import sources
@@ -203,6 +204,7 @@ def _convert(source, writer, old, options, num_workers, chunk, output) -> dict:
   ranges = collections.deque((i, min(i + chunk, len(source)))
                              for i in range(0, len(source), chunk))
   num_workers = max(1, num_workers)
+  progress = progress_lib.Progress(f'Converting to {output}', len(source))
   # Spawned, not forked: forking a process whose JAX or grain threads run can deadlock.
   with concurrent.futures.ProcessPoolExecutor(
       num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
@@ -218,6 +220,7 @@ def _convert(source, writer, old, options, num_workers, chunk, output) -> dict:
           skipped[reason] += 1
         else:
           writer.write(i, record)
+      progress.update(len(future.result()))
   if not writer.written:
     raise ValueError(f'no record could be converted: {dict(skipped)}')
   paths = writer.close()

@@ -6,6 +6,8 @@ reader of labelled image folders.
   caption; `captions`, `images`.
 - `coco`: COCO captions JSON (`images[].id/file_name`, `annotations[].image_id/caption`) + an
   image folder; `captions`, `images`.
+- `txt`: a folder of images, each with its captions in a `.txt` file of the same name (one
+  caption per line: `dog.jpg` + `dog.txt`), sub-folders included; `images`.
 - `arrayrecord`: shards written by `python -m rils_jax.data.convert`; `files` (a shard pattern,
   see rils_jax/data/shards.py).
 - `webdataset`: img2dataset / WebDataset `.tar` shards of `KEY.jpg` + `KEY.txt`; `files`.
@@ -152,21 +154,50 @@ def read_coco_captions(annotations_json: str, image_dir: str
   return records, stats
 
 
+def read_txt_captions(image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]:
+  """Reads a folder of images with a `.txt` of captions (one per line) beside each, in sorted
+  path order, sub-folders included; an image without its `.txt` counts as without caption.
+
+  Raises:
+    FileNotFoundError: if the folder does not exist.
+  """
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  names = sorted(os.path.relpath(os.path.join(folder, f), image_dir)
+                 for folder, _, files in os.walk(image_dir) for f in files
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  pairs, non_utf8 = [], 0
+  for name in names:
+    text_path = os.path.join(image_dir, os.path.splitext(name)[0] + '.txt')
+    if not os.path.isfile(text_path):
+      continue
+    text, bad = records_lib.read_text(text_path)
+    non_utf8 += bad
+    pairs += [(name, line) for line in text.splitlines()]
+  records, stats = _group(pairs, image_dir, names)
+  stats.non_utf8_lines = non_utf8
+  return records, stats
+
+
 def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions], SourceStats]:
-  """Reads one source config: `kind` ('csv' or 'coco'), `captions` (file), `images` (folder),
-  optional `select` (slice of the image list, see `select`).
+  """Reads one source config: `kind` ('csv', 'coco' or 'txt'), `captions` (file; not for
+  'txt'), `images` (folder), optional `select` (slice of the image list, see `select`).
 
   Raises:
     ValueError: for an unknown kind or a missing key; the readers' errors otherwise.
   """
   readers = {'csv': read_csv_captions, 'coco': read_coco_captions}
-  for key in ('kind', 'captions', 'images'):
+  kind = source.get('kind')
+  for key in ('kind', 'images') + (('captions',) if kind != 'txt' else ()):
     if key not in source:
       raise ValueError(f'image-caption source {dict(source)} lacks {key!r}')
-  if source['kind'] not in readers:
-    raise ValueError(f"unknown image-caption source kind {source['kind']!r}; one of "
-                     f'{list(readers)}')
-  records, stats = readers[source['kind']](source['captions'], source['images'])
+  if kind == 'txt':
+    records, stats = read_txt_captions(source['images'])
+  elif kind in readers:
+    records, stats = readers[kind](source['captions'], source['images'])
+  else:
+    raise ValueError(f"unknown image-caption source kind {kind!r}; one of "
+                     f"{list(readers) + ['txt']}")
   records = records_lib.select(records, source.get('select'))
   return records, dataclasses.replace(stats, images=len(records),
                                       captions=sum(len(r.captions) for r in records))
@@ -174,8 +205,8 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
 
 
 
-SOURCE_KINDS = ('csv', 'coco', 'arrayrecord', 'webdataset', 'tfds')
-_REQUIRED = {'csv': ('captions', 'images'), 'coco': ('captions', 'images'),
+SOURCE_KINDS = ('csv', 'coco', 'txt', 'arrayrecord', 'webdataset', 'tfds')
+_REQUIRED = {'csv': ('captions', 'images'), 'coco': ('captions', 'images'), 'txt': ('images',),
              'arrayrecord': ('files',), 'webdataset': ('files',), 'tfds': ('name', 'split')}
 _OPTIONAL = {'select', 'weight'}
 _KIND_OPTIONAL = {'webdataset': {'image_ext', 'caption_ext'},
@@ -249,9 +280,9 @@ def open_source(spec: Mapping[str, Any]) -> records_lib.RecordSource:
   check_spec(spec)
   spec = dict(spec)
   kind = spec['kind']
-  if kind in ('csv', 'coco'):
+  if kind in ('csv', 'coco', 'txt'):
     records, stats = read_image_captions(spec)
-    return records_lib.ListSource(records, spec['captions'], stats)
+    return records_lib.ListSource(records, spec.get('captions', spec['images']), stats)
   if kind == 'arrayrecord':
     source = arrayrecord.ArrayRecordSource(spec['files'])
   elif kind == 'webdataset':

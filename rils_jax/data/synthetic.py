@@ -23,10 +23,12 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, Tuple
 
 import numpy as np
 from absl import flags
+from absl import logging
 from PIL import Image, ImageDraw
 
 from rils_jax import console
@@ -129,10 +131,14 @@ def generate(root: str, *, image_size: int = 32, num_train: int = 4000, num_held
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
+  start = time.time()
+  total = num_train + num_heldout + zeroshot_per_class * len(class_names())
+  logging.info('Generating the default dataset (%d pictures, once) in %s', total, root)
   try:
     rng = np.random.default_rng(seed)
     size = 2 * image_size if image_size <= 64 else image_size
     _write_caption_split(tmp, 'train', num_train, size, rng)
+    logging.info('  %d / %d pictures in %.0f s', num_train, total, time.time() - start)
     _write_caption_split(tmp, 'heldout', num_heldout, size, rng)
     counts = {name: 0 for name in class_names()}
     i = 0
@@ -147,6 +153,7 @@ def generate(root: str, *, image_size: int = 32, num_train: int = 4000, num_held
         i += 1
     with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
       json.dump(spec, f)
+    logging.info('  %d / %d pictures in %.0f s: done', total, total, time.time() - start)
     try:
       os.rename(tmp, root)
     except OSError:

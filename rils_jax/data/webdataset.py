@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from rils_jax import progress as progress_lib
 from rils_jax import storage
 from rils_jax.data import shards
 from rils_jax.data import records
@@ -133,8 +134,12 @@ class WebDatasetSource(records.RecordSource):
     self._image_ext = tuple(e.lower().lstrip('.') for e in (
         [image_ext] if isinstance(image_ext, str) else image_ext))
     self._caption_ext = caption_ext.lower().lstrip('.')
+    progress = progress_lib.Progress(f'Indexing the shards of {self.name}', len(self.paths))
     with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(self.paths))) as pool:
-      indices = list(pool.map(self._index, self.paths))
+      indices = []
+      for index in pool.map(self._index, self.paths):
+        indices.append(index)
+        progress.update()
     self._indices: Dict[int, ShardIndex] = dict(enumerate(indices))
     self._offsets = np.cumsum([0] + [len(i.keys) for i in indices]).tolist()
     self.stats = records.SourceStats(
