@@ -169,6 +169,8 @@ def own_data(config: ml_collections.ConfigDict, spec: str, epochs: float = 0,
       (FileNotFoundError for a missing file or folder).
   """
   from rils_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if heldout < -1:
+    raise ValueError(f'heldout={heldout} must be >= 0 (or -1: a tenth, at most 100)')
   kind, _, rest = spec.partition(':')
   paths = re.split(r':(?!//)', rest) if rest else []  # gs://bucket/x keeps its '://'.
   if kind not in OWN_KINDS or len(paths) != (1 if kind == 'txt' else 2) or not all(paths):

@@ -110,8 +110,11 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0, memory_limit_byte
       this process (0: measure it).
 
   Raises:
+    ValueError: for `steps` < 1 or `warmup` < 0.
     DoesNotFit: see `memory_limit_bytes`.
   """
+  if steps < 1 or warmup < 0:
+    raise ValueError(f'--steps={steps} must be >= 1 and --warmup={warmup} >= 0')
   setup = train_step_lib.setup(config)
   model = setup.model
   state = train_step_lib.create_train_state(setup, config.seed)

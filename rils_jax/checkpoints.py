@@ -37,6 +37,7 @@ was saved and converted on the devices, values unchanged. `read_state` returns t
 import base64
 import functools
 import json
+import re
 from typing import Any, Dict, List, Optional
 
 import grain
@@ -83,13 +84,16 @@ def params_mismatch(saved_tree, like, limit: int = 4) -> List[str]:
   of `like` (in the saved layer layout): 'PATH: SHAPE in the checkpoint, SHAPE here' for each
   parameter missing on either side or of another shape, at most `limit` lines and a count of
   the rest; empty when they agree or the saved tree cannot be read."""
+  params = like.get('params') if isinstance(like, dict) else getattr(like, 'params', None)
   try:
     saved = {jax.tree_util.keystr(p): tuple(x.shape)
              for p, x in jax.tree_util.tree_flatten_with_path(saved_tree['params'])[0]}
   except (KeyError, TypeError, AttributeError):
     return []
+  if params is None:  # A state without parameters (not a train state): orbax says the rest.
+    return []
   want = {jax.tree_util.keystr(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(like.params)[0]}
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   out = [f'{k}: {saved.get(k, "absent")} in the checkpoint, {want.get(k, "absent")} here'
          for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   return out[:limit] + ([f'and {len(out) - limit} more'] if len(out) > limit else [])
@@ -122,9 +126,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{key}={config[key]} must be >= 0 (0 turns it off)')
   if config.init_from:
     checkpoint_path(config.init_from)
-  if config.keep_best_mode not in ('max', 'min'):
+  if config.get('keep_best_mode', 'max') not in ('max', 'min'):
     raise ValueError(f"config.keep_best_mode={config.keep_best_mode!r} must be 'max' or 'min'")
-  if config.keep_best:
+  if config.get('keep_best'):  # Pre-training only (fine-tuning configs have no evaluators).
     name, _, metric = config.keep_best.partition('/')
     periodic = sorted(k for k, v in config.evals.items()
                       if isinstance(v, ml_collections.ConfigDict) and v.get('every'))
@@ -132,6 +136,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.keep_best={config.keep_best!r} must be NAME/METRIC of an '
                        'evaluator that runs during training (config.evals.NAME.every > 0); '
                        f'those are {periodic}, e.g. {(periodic or ["zeroshot"])[0]}/top1')
+    kind = config.evals[name].kind
+    pattern = KEEP_BEST_METRICS.get(kind)
+    if pattern is None or not re.fullmatch(pattern, metric):
+      raise ValueError(f'config.keep_best={config.keep_best!r}: {metric!r} is not a score of a '
+                       f'{kind} evaluator ({KEEP_BEST_HELP.get(kind, "none")})')
 
 
 class Checkpoints:
@@ -236,8 +245,15 @@ class Checkpoints:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise ValueError(f'{refusal}{advice} Orbax said: {type(e).__name__}: '
-                       f'{str(e)[:300]}') from e
+      said = f' Orbax said: {type(e).__name__}: {str(e)[:300]}'
+      if not changed(('model', 'loss', 'optim', 'mae', 'flip')):
+        # Same config, same parameter shapes: the files themselves are at fault.
+        raise ValueError(
+            f'the checkpoint at step {step} in {self.directory} cannot be read, although its '
+            'config and parameter shapes match this run\'s: it is damaged or incomplete. Move '
+            f'{storage.join(self.directory, str(step))} aside to resume from the checkpoint '
+            f'before it.{said}') from e
+      raise ValueError(f'{refusal}{advice}{said}') from e
     if data_iterator is not None:  # After the state: a model mismatch is named first.
       try:
         self._manager.restore(step, args=ocp.args.Composite(
@@ -268,6 +284,15 @@ class Checkpoints:
   def close(self) -> None:
     """Waits for the save in flight, then releases the manager."""
     self._manager.close()
+
+
+# The scores `keep_best` can rank by, per evaluator kind (rils_jax/evals/*.py), and as said.
+KEEP_BEST_METRICS = {'zeroshot': r'top[15]', 'retrieval': r'(i2t|t2i)_r\d+',
+                     'linear_probe': r'(val_)?top[15]', 'knn': r'top[15]',
+                     'fewshot': r'\d+shot_top1', 'lowshot': r'[\d.]+pct_top1'}
+KEEP_BEST_HELP = {'zeroshot': 'top1, top5', 'retrieval': 'i2t_rK, t2i_rK, e.g. i2t_r5',
+                  'linear_probe': 'top1, top5, val_top1', 'knn': 'top1, top5',
+                  'fewshot': 'Kshot_top1, e.g. 5shot_top1', 'lowshot': 'Ppct_top1, e.g. 1pct_top1'}
 
 
 class BestCheckpoint:

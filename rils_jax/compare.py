@@ -117,6 +117,8 @@ def compare(config, evals_config, workdir: str, variants: List[str], speed_steps
     ValueError / FileNotFoundError: for a bad config, variant or evaluator (before training
       the first variant whose config is bad).
   """
+  if not variants:
+    raise ValueError(f'--variants names no variant; pick from {list(VARIANTS)}')
   configs = {v: variant_config(config, v) for v in variants}
   for c in configs.values():
     main_lib.validate_config(c)

@@ -43,11 +43,17 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     seen.add(key)
     kind = type(defaults[key])
     if kind is bool:
+      if value.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise ValueError(f'config argument {key}={value!r} must be true or false')
       out[key] = value.lower() in ('1', 'true', 'yes')
     elif defaults[key] is None:
       out[key] = value
     else:
-      out[key] = kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError as e:
+        raise ValueError(f'config argument {key}={value!r} must be a{"n" if kind is int else ""} '
+                         f'{kind.__name__}') from e
   return ml_collections.ConfigDict(out)
 
 

@@ -9,6 +9,7 @@ exit 1, without a traceback; RILS_JAX_TRACEBACK=1 in the environment shows the t
 line appears once, not once per host.
 """
 
+import atexit
 import os
 import sys
 from typing import Callable, List
@@ -34,12 +35,16 @@ class QuietLibraries:
   """A `logging.Filter` that drops INFO lines from orbax, grain and jax internals (dozens per
   checkpoint, and jax's "Unable to initialize backend 'tpu'" on every start) and orbax's
   warning that a checkpoint item has no metadata file of its own (reading the `state` item of a
-  multi-item checkpoint, whose metadata sits one folder up: expected). Warnings and errors of
-  the libraries, and every line of rils_jax, pass."""
+  multi-item checkpoint, whose metadata sits one folder up: expected) and that an item was not
+  asked for (reading a checkpoint's config, or its state without its data position: expected).
+  Warnings and errors of the libraries, and every line of rils_jax, pass."""
 
   def filter(self, record) -> bool:
-    if record.getMessage().startswith('Metadata file does not exist'):
+    message = record.getMessage()
+    if message.startswith('Metadata file does not exist'):
       return False
+    if 'was found in the checkpoint, but could not be restored' in message:
+      return False  # Reading some items of a checkpoint (its config, or the state alone).
     return record.levelno > logging.converter.STANDARD_INFO or not any(
         f'{os.sep}{lib}{os.sep}' in record.pathname for lib in QUIET_LIBRARIES)
 
@@ -81,15 +86,27 @@ def describe(e: BaseException) -> str:
   message = str(e)
   if 'Failed loading config file' in message:  # ml_collections: the cause is the last line.
     return 'cannot load the config file: ' + message.strip().splitlines()[-1].strip()
-  return message
+  # ml_collections re-raises a config file's error with this prefix when the flag is read.
+  return message.replace('Configuration is not available because of an earlier failure to '
+                         'load: ', '')
+
+
+def _exit(code: int) -> None:
+  # After a failed or interrupted run (whose own clean-up has run), XLA's, orbax's and grain's
+  # threads can crash the interpreter's shutdown (a segfault, "Event loop is closed" from
+  # orbax's asyncio threads): the exit functions run, then the process ends at once.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _fail(e: BaseException, where: str = '') -> None:
   if os.environ.get(TRACEBACK_ENV) == '1':
     raise e
   sys.stderr.write(f'error: {where}{describe(e)}\n(set {TRACEBACK_ENV}=1 for the traceback)\n')
-  sys.stderr.flush()
-  sys.exit(1)
+  _exit(1)
 
 
 def _parse_flags(argv: List[str]) -> List[str]:
@@ -110,7 +127,8 @@ def _parse_flags(argv: List[str]) -> List[str]:
     sys.stderr.write(f'error: {message}\n')
     sys.exit(1)
   except Exception as e:  # pylint: disable=broad-except
-    _fail(e, 'in the config (file or --config.KEY=VALUE): ')
+    typo = isinstance(e, (KeyError, AttributeError))
+    _fail(e, 'in the config (file or --config.KEY=VALUE): ' if typo else '')
   return []  # Not reached.
 
 
@@ -126,7 +144,7 @@ def run(main: Callable[[List[str]], None]) -> None:
       sys.exit(1)
     except KeyboardInterrupt:
       sys.stderr.write('error: interrupted\n')
-      sys.exit(130)
+      _exit(130)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_user_error(e):
         raise

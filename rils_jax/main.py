@@ -253,10 +253,10 @@ def should_log(step: int, start_step: int, config) -> bool:
 
 def progress_line(step, total, metrics, images_per_s, start_time, first_step_time,
                   first_step) -> str:
-  """'step S/T  loss ...  N img/s  elapsed H:MM:SS  ETA H:MM:SS'; the terms a kind has (MAE has
-  no clip term, CLIP no reconstruction). The ETA's rate excludes the first step (it compiles)."""
+  """'step S/T  loss ...  N img/s  elapsed H:MM:SS  ETA H:MM:SS'. The ETA's rate excludes the
+  first step after a start (it compiles), so that step has none."""
   now = time.time()
-  eta = 'ETA after step 2'
+  eta = 'ETA at the next step'
   if step > first_step:
     per_step = (now - first_step_time) / (step - first_step)
     eta = f'ETA {_clock(per_step * (total - step))}'
@@ -361,27 +361,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: when too many images cannot be read.
   """
   setup = validate_config(config)
+  storage.check_path(workdir, 'the workdir')  # A malformed URL is refused before it is read.
+  existed = storage.is_dir(workdir)
   before = set(storage.listdir(workdir))
-  storage.prepare_workdir(workdir)
-  # Installed first, so that a notice during the (long) set-up is not lost.
-  watcher = preemption.Watcher()
-  checkpoints = checkpoints_lib.Checkpoints(workdir, config)
-  ids_file = f'example_ids/process_{jax.process_index()}.jsonl'
-  logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
-                        continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
-                        (ids_file,), interval=config.log_upload_seconds)
-  started = []  # Holds True once training starts: from then on, what was written is kept.
+  started = []  # Holds True once the first step is done: from then on, everything is kept.
+  closing = []
   try:
+    storage.prepare_workdir(workdir)
+    # Installed first, so that a notice during the (long) set-up is not lost.
+    watcher = preemption.Watcher()
+    closing.append(watcher.close)
+    checkpoints = checkpoints_lib.Checkpoints(workdir, config)
+    closing.insert(0, checkpoints.close)  # Waits for a save in flight: an error never loses it.
+    ids_file = f'example_ids/process_{jax.process_index()}.jsonl'
+    logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
+                          continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
+                          (ids_file,), interval=config.log_upload_seconds)
+    closing.insert(1, logs.close)  # The last upload of the logs, also after an error.
     results = _train(config, workdir, setup, watcher, checkpoints, logs, started)
+    started.append(True)  # Also a run with nothing left to train ends normally.
   finally:
-    checkpoints.close()  # Waits for a save in flight: an error never loses it.
-    logs.close()  # The last upload of the logs, also after an error.
-    watcher.close()
+    for close in closing:
+      close()
     if not started and jax.process_index() == 0:
-      # A run refused before its first step (data smaller than a batch, a checkpoint that does
-      # not fit) leaves the workdir as it found it.
-      for name in set(storage.listdir(workdir)) - before:
-        storage.remove(storage.join(workdir, name))
+      # A run refused or stopped before its first step (data smaller than a batch, unreadable
+      # images, a checkpoint that does not fit, Ctrl-C) leaves the workdir as it found it.
+      if existed:
+        for name in set(storage.listdir(workdir)) - before:
+          storage.remove(storage.join(workdir, name))
+      else:
+        storage.remove(workdir)
   if jax.process_index() == 0:
     try:  # A picture of the run; a failure here must not fail a finished run.
       out = report.write_report(workdir)
@@ -429,13 +438,13 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   health = health_lib.Health(config, checkpoints)
   best = checkpoints_lib.BestCheckpoint(workdir, config) if config.keep_best else None
   example_ids = health_lib.ExampleIds(logs.local, config.input.log_example_ids)
-  started.append(True)
   start_time = window_time = first_step_time = time.time()
   window_images = 0
   for step in range(start_step + 1, config.total_steps + 1):
     batch = next(batches)
     example_ids.write(step, batch.pop('example_id'))
     state, metrics = (train_step if step < unmasked_from else unmasked_step)(state, batch)
+    started.append(True)
     health.observe(step, metrics)
     window_images += config.input.batch_size
     if should_log(step, start_step, config):

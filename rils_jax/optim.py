@@ -89,13 +89,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   1e-6, cosine down to 1e-5, i.e. lr_start=1e-6, min_lr_ratio=1e-5 / lr).
 
   Raises:
-    ValueError: if `total_steps` is not positive or `warmup_steps` is negative.
+    ValueError: if `total_steps` or `lr` is not positive, or `warmup_steps` is negative.
   """
   o = config.optim
   if config.total_steps < 1:
     raise ValueError(f'config.total_steps={config.total_steps} must be >= 1')
   if o.warmup_steps < 0:
     raise ValueError(f'config.optim.warmup_steps={o.warmup_steps} must be >= 0')
+  if not o.lr > 0:
+    raise ValueError(f'config.optim.lr={o.lr} must be > 0')
   warmup = min(o.warmup_steps, config.total_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=o.get('lr_start', 0.0), peak_value=o.lr, warmup_steps=warmup,

@@ -19,6 +19,7 @@ import math
 from typing import Dict, List, Sequence, Tuple
 
 from absl import flags
+from absl import logging
 
 from rils_jax import console
 from rils_jax import storage
@@ -44,8 +45,18 @@ def read_metrics(workdir: str) -> List[dict]:
   if not storage.is_file(path):
     raise FileNotFoundError(f'{path} does not exist: give the workdir of a run (it appears '
                             'with the first logged step)')
-  text = storage.read_bytes(path).decode('utf-8')
-  return [json.loads(line) for line in text[:text.rfind('\n') + 1].splitlines() if line.strip()]
+  text = storage.read_bytes(path).decode('utf-8', errors='replace')
+  lines, bad = [], []
+  for number, line in enumerate(text[:text.rfind('\n') + 1].splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      lines.append(json.loads(line))
+    except json.JSONDecodeError:
+      bad.append(number)
+  if bad:  # A line cut by a crash mid-write, or edited by hand: drawn without it.
+    logging.warning('%s: left out %d line(s) that are not JSON: %s', path, len(bad), bad[:10])
+  return [line for line in lines if isinstance(line, dict) and 'step' in line]
 
 
 def series(lines: Sequence[dict]) -> Dict[str, Tuple[List[int], List[float]]]:

@@ -233,9 +233,10 @@ def test_a_missing_bucket_is_one_line_and_leaves_nothing(setup):
       capture_output=True, timeout=300, env={**os.environ, **setup['gcs'].env})
   assert run.returncode == 1, run.stderr[-2000:]
   assert 'Traceback' not in run.stderr
-  assert run.stderr.strip().splitlines()[-1].startswith(
-      'error: cannot write to the workdir gs://no-such-bucket/run')
-  with pytest.raises(FileNotFoundError, match='no checkpoint under'):
+  errors = [line for line in run.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and errors[0].startswith(
+      'error: cannot write to the workdir gs://no-such-bucket/run'), run.stderr[-2000:]
+  with pytest.raises(FileNotFoundError, match='empty does not exist'):
     checkpoints_lib.checkpoint_path(f'{setup["bucket"]}/empty')
   with pytest.raises(ValueError, match='log_upload_seconds=0.0 must be > 0'):
     main_lib.validate_config(tiny.apply_overrides(config, log_upload_seconds=0))

@@ -117,7 +117,7 @@ def test_finetune_rejects_bad_configs(tmp_path):
                                **{'mixup.mixup_alpha': 0.8})
     with pytest.raises(ValueError, match=message):
       finetune.finetune(bad, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
     finetune.finetune(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 

@@ -19,26 +19,13 @@ from rils_jax.evals import table
 from tests import tiny
 
 TYPO = '--config.total_step=10'  # total_steps.
-
-
-def _run(module, *args, env=None):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=tiny.REPO_ROOT, text=True,
-                        capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+DID_YOU_MEAN = "no config key 'total_step'. Did you mean \"total_steps\""
 
 
 def _user_lines(stderr: str):
   # absl's own log lines (I/W + date) are the log, not the message.
   return [line for line in stderr.splitlines()
           if line.strip() and not (line[:1] in 'IWE' and line[1:5].isdigit())]
-
-
-def _assert_one_line_error(result, pattern):
-  lines = _user_lines(result.stderr)
-  assert result.returncode == 1, result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  assert lines and lines[0].startswith('error: '), lines
-  assert len(lines) <= 2, lines
-  assert pattern in lines[0], lines
 
 
 @pytest.fixture(scope='module')
@@ -48,50 +35,51 @@ def shapes(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize('module,args', [
-    ('rils_jax.main', ['--config=configs/default.py', '--workdir={tmp}/w']),
-    ('rils_jax.evaluate', ['--config=configs/default.py', '--checkpoint={tmp}/none']),
-    ('rils_jax.finetune', ['--config=configs/finetune_cifar10.py', '--workdir={tmp}/w']),
-    ('rils_jax.dry_run', ['--config=configs/vit_b16.py']),
-    ('rils_jax.benchmark', ['--config=configs/default.py']),
-    ('rils_jax.data.benchmark', ['--config=configs/default.py']),
-])
-def test_a_mistyped_config_key_is_one_line_with_the_closest_key(module, args, tmp_path):
-  result = _run(module, *[a.format(tmp=tmp_path) for a in args], TYPO)
-  _assert_one_line_error(result, "no config key 'total_step'. Did you mean \"total_steps\"")
-  assert not os.listdir(tmp_path)
-
-
-def test_config_file_errors_and_the_traceback_on_request(tmp_path):
-  _assert_one_line_error(_run('rils_jax.main', '--config=configs/nope.py', f'--workdir={tmp_path}/w'),
-                         "cannot load the config file: [Errno 2] No such file or directory")
+def test_every_command_prints_a_mistake_as_one_line(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config(arg=None):\n  raise ValueError("my config is wrong")\n')
-  _assert_one_line_error(_run('rils_jax.main', f'--config={bad}', f'--workdir={tmp_path}/w'),
-                         'the config file raised ValueError: my config is wrong')
-  shown = _run('rils_jax.main', f'--config={bad}', f'--workdir={tmp_path}/w',
-               env={'RILS_JAX_TRACEBACK': '1'})
+  t = tmp_path / 'out'
+  t.mkdir()
+  cases = [  # (module, arguments, what the first line says)
+      ('rils_jax.main', ['--config=configs/default.py', f'--workdir={t}/w', TYPO], DID_YOU_MEAN),
+      ('rils_jax.evaluate', ['--config=configs/default.py', f'--checkpoint={t}/none', TYPO],
+       DID_YOU_MEAN),
+      ('rils_jax.finetune', ['--config=configs/finetune_cifar10.py', f'--workdir={t}/w', TYPO],
+       DID_YOU_MEAN),
+      ('rils_jax.dry_run', ['--config=configs/vit_b16.py', TYPO], DID_YOU_MEAN),
+      ('rils_jax.benchmark', ['--config=configs/default.py', TYPO], DID_YOU_MEAN),
+      ('rils_jax.data.benchmark', ['--config=configs/default.py', TYPO], DID_YOU_MEAN),
+      ('rils_jax.main', ['--config=configs/nope.py', f'--workdir={t}/w'],
+       'cannot load the config file: [Errno 2] No such file or directory'),
+      ('rils_jax.main', [f'--config={bad}', f'--workdir={t}/w'],
+       'the config file raised ValueError: my config is wrong'),
+      ('rils_jax.export', [f'--checkpoint={t}/none', '--format=timm', f'--out={t}/v.safetensors'],
+       'none does not exist (or is not a folder)'),
+      ('rils_jax.evals.patch_text', [f'--checkpoint={t}/none', '--images=a.png', '--phrases=a',
+                                     f'--out={t}/m.png'], 'none does not exist'),
+      ('rils_jax.tokenizer', ['train', f'--captions={t}/none.csv', f'--out={t}/t.model'],
+       'caption file not found'),
+      ('rils_jax.tokenizer', [f'--captions={t}/none.csv'], 'usage: python -m rils_jax.tokenizer'),
+      ('rils_jax.data.convert', ['--kind=csv', f'--captions={t}/none.csv', f'--images={t}',
+                                 f'--output={t}/o'], 'none.csv'),
+      ('rils_jax.report', [f'--workdir={t}/none'], 'metrics.jsonl does not exist'),
+  ]
+  # All at once: each is mostly Python and JAX starting up.
+  running = [subprocess.Popen([sys.executable, '-m', module, *args], cwd=tiny.REPO_ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for module, args, _ in cases]
+  for (module, args, pattern), process in zip(cases, running):
+    _, stderr = process.communicate(timeout=600)
+    lines = _user_lines(stderr)
+    assert process.returncode == 1, (module, args, stderr[-3000:])
+    assert 'Traceback' not in stderr, (module, args, stderr[-3000:])
+    assert len(lines) <= 2 and lines[0].startswith('error: ') and pattern in lines[0], (
+        module, args, lines)
+  assert not os.listdir(t)  # Nothing written by any of them.
+  shown = subprocess.run([sys.executable, '-m', 'rils_jax.main', f'--config={bad}',
+                          f'--workdir={t}/w'], cwd=tiny.REPO_ROOT, text=True, capture_output=True,
+                         env={**os.environ, 'RILS_JAX_TRACEBACK': '1'}, timeout=600)
   assert shown.returncode == 1 and 'Traceback' in shown.stderr
-  assert sorted(os.listdir(tmp_path)) == ['bad.py']
-
-
-@pytest.mark.parametrize('module,args,pattern', [
-    ('rils_jax.export', ['--checkpoint={tmp}/none', '--format=timm', '--out={tmp}/v.safetensors'],
-     'none does not exist (or is not a folder)'),
-    ('rils_jax.evals.patch_text', ['--checkpoint={tmp}/none', '--images=a.png', '--phrases=a',
-                                   '--out={tmp}/m.png'], 'none does not exist'),
-    ('rils_jax.tokenizer', ['train', '--captions={tmp}/none.csv', '--out={tmp}/t.model'],
-     'none.csv'),
-    ('rils_jax.tokenizer', ['--captions={tmp}/none.csv'], 'usage: python -m rils_jax.tokenizer'),
-    ('rils_jax.data.convert', ['--kind=csv', '--captions={tmp}/none.csv', '--images={tmp}',
-                               '--output={tmp}/out'], 'none.csv'),
-])
-def test_a_missing_path_is_one_line(module, args, pattern, tmp_path):
-  result = _run(module, *[a.format(tmp=tmp_path) for a in args])
-  lines = _user_lines(result.stderr)
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  assert len(lines) <= 2 and pattern in lines[0], lines
-  assert not os.listdir(tmp_path)
 
 
 def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
@@ -173,7 +161,12 @@ def test_keep_best_keeps_the_best_evaluated_step_for_evaluate_and_export(shapes,
   printed = export._export('timm', str(workdir / 'best'), None, str(tmp_path / 'v.safetensors'),
                            'none')
   assert f'step {best_step} of {workdir}/best/{best_step}' in printed
-  # Only a metric of an evaluator that runs during training can pick the best.
+  # Only a score of an evaluator that runs during training can pick the best.
+  config.keep_best = 'zeroshot/top7'
+  with pytest.raises(ValueError, match="'top7' is not a score of a zeroshot evaluator "
+                     r'\(top1, top5\)'):
+    main_lib.validate_config(config)
+  config.keep_best = 'zeroshot/top1'
   config.evals.zeroshot.every = 0
   with pytest.raises(ValueError, match='keep_best=.zeroshot/top1. must be NAME/METRIC of an '
                      'evaluator that runs during training'):
@@ -287,3 +280,34 @@ def test_progress_lines_start_early_and_count_long_work():
   assert p.line(110.0) == 'Indexing the shards: 1 / 4 (25%) in 10 s, ETA 30 s'
   p.done = 4
   assert p.line(140.0) == 'Indexing the shards: 4 / 4 (100%) in 40 s'
+
+
+def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
+  from rils_jax import compare
+  from rils_jax import report
+  from tests import test_configs
+  with pytest.raises(ValueError, match="config argument evals='ture' must be true or false"):
+    tiny.get_config('evals=ture')
+  with pytest.raises(ValueError, match="config argument steps='abc' must be an int"):
+    tiny.get_config('steps=abc')
+  with pytest.raises(ValueError, match='config.optim.lr=-1.0 must be > 0'):
+    optim.learning_rate_schedule(tiny.tiny_config(**{'optim.lr': -1.0}))
+  train = shapes / 'data' / 'train'
+  with pytest.raises(ValueError, match='heldout=-5 must be >= 0'):
+    test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train},heldout=-5')
+  (tmp_path / 'empty.csv').write_text('')
+  with pytest.raises(ValueError, match='empty.csv is empty'):
+    sources.read_csv_captions(str(tmp_path / 'empty.csv'), str(tmp_path))
+  with pytest.raises(ValueError, match='--variants names no variant'):
+    compare.compare(tiny.tiny_config(), tiny.tiny_config(), str(tmp_path / 'c'), [], 1)
+  # A line cut or edited in the middle of metrics.jsonl is left out of the report, not fatal.
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'metrics.jsonl').write_text(
+      '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+  assert [m['step'] for m in report.read_metrics(str(tmp_path / 'run'))] == [1, 3]
+  # A refused run into a workdir that did not exist leaves no folder either.
+  config = tiny.get_config(f'root={shapes / "data"},steps=2,evals=false')
+  config.input.batch_size = 128
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    main_lib.train(config, str(tmp_path / 'new'))
+  assert not (tmp_path / 'new').exists()

@@ -171,13 +171,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  workers = [int(w) for w in f.workers]
+  try:
+    workers = [int(w) for w in f.workers]
+  except ValueError as e:
+    raise app.UsageError(f'--workers must be whole numbers, got {f.workers}') from e
   if any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 1:
     raise app.UsageError('--workers must be >= 0, --images and --batch_size >= 1')
-  try:
-    results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
-  except (OSError, ValueError) as e:  # Missing or too little data: the message, no traceback.
-    raise SystemExit(f'data.benchmark: {e}') from e
+  # Missing or too little data: one line (console.run).
+  results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
   for r in results:
     print(json.dumps(r), flush=True)
   print(f'\n{"setting":<22} {"images/s":>9} {"cores busy":>10} {"per core":>9} '

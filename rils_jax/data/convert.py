@@ -238,15 +238,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  source, left_out = open_input(f.kind, f.captions, f.images, f.files)  # Errors: console.run.
   try:
-    source, left_out = open_input(f.kind, f.captions, f.images, f.files)
     out = convert(source, f.output, f.num_shards, f.resize, f.quality, f.num_workers,
                   overwrite=f.overwrite, key_root=f.images if f.kind != 'webdataset' else '')
-  except (OSError, ValueError) as e:
-    # A data or output problem, not a usage one: the message alone, without the flags' help.
-    raise SystemExit(f'convert: {e}') from e
   except RuntimeError as e:  # array_record's writer reports an unwritable output so.
-    raise SystemExit(f'convert: cannot write {f.output}: {e}') from e
+    raise OSError(f'cannot write {f.output}: {e}') from e
   if left_out:
     out['skipped']['no caption or no image (reader)'] = left_out
   print(json.dumps(out))

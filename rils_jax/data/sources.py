@@ -92,6 +92,9 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   lines, non_utf8 = records_lib.read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
+    if not reader.fieldnames:
+      raise ValueError(f'{captions_csv} is empty: it needs a header "image,caption" and a row '
+                       'per caption')
     if not {'image', 'caption'} <= set(reader.fieldnames or []):
       raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
                        f'got {reader.fieldnames}')
