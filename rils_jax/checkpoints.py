@@ -38,7 +38,7 @@ import base64
 import functools
 import json
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import grain
 import jax
@@ -79,6 +79,20 @@ def saved_layout(saved_tree, like) -> Optional[bool]:
   return saved if None not in (saved, want) and saved != want else None
 
 
+def _shapes(tree) -> Dict[str, Tuple[int, ...]]:
+  """'PATH' -> shape of every leaf (arrays, ShapeDtypeStructs or orbax metadata)."""
+  return {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _run_items(config: ml_collections.ConfigDict, tokenizer_path: str) -> Dict[str, Any]:
+  """The `config` and `tokenizer` items that every checkpoint of a run carries."""
+  with open(tokenizer_path, 'rb') as f:
+    tokenizer = tokenizer_item(f.read())
+  return dict(config=ocp.args.JsonSave(json.loads(json.dumps(config.to_dict(), default=str))),
+              tokenizer=ocp.args.JsonSave(tokenizer))
+
+
 def params_mismatch(saved_tree, like, limit: int = 4) -> List[str]:
   """What differs between the `params` of a checkpoint's tree (`saved_tree`, its metadata) and
   of `like` (in the saved layer layout): 'PATH: SHAPE in the checkpoint, SHAPE here' for each
@@ -86,14 +100,12 @@ def params_mismatch(saved_tree, like, limit: int = 4) -> List[str]:
   the rest; empty when they agree or the saved tree cannot be read."""
   params = like.get('params') if isinstance(like, dict) else getattr(like, 'params', None)
   try:
-    saved = {jax.tree_util.keystr(p): tuple(x.shape)
-             for p, x in jax.tree_util.tree_flatten_with_path(saved_tree['params'])[0]}
+    saved = _shapes(saved_tree['params'])
   except (KeyError, TypeError, AttributeError):
     return []
   if params is None:  # A state without parameters (not a train state): orbax says the rest.
     return []
-  want = {jax.tree_util.keystr(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = _shapes(params)
   out = [f'{k}: {saved.get(k, "absent")} in the checkpoint, {want.get(k, "absent")} here'
          for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   return out[:limit] + ([f'and {len(out) - limit} more'] if len(out) > limit else [])
@@ -183,13 +195,10 @@ class Checkpoints:
     that step is already saved. The data state is captured now, before this returns."""
     if step in self._manager.all_steps():
       return False
-    with open(tokenizer_path, 'rb') as f:
-      tokenizer = tokenizer_item(f.read())
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(json.dumps(config.to_dict(), default=str))),
-        tokenizer=ocp.args.JsonSave(tokenizer))
+        **_run_items(config, tokenizer_path))
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, initial_state, data_iterator=None, config=None):
@@ -234,8 +243,9 @@ class Checkpoints:
             f'{count} process(es) ({name}): it was written by another number of processes. '
             'Resume with that number, or pass --config.input.resume_position=false to restore '
             'the model and optimizer and restart the data stream from a new seed')
+    model_changes = changed(('model', 'loss', 'optim', 'mae', 'flip'))
     refusal = (f'the checkpoint at step {step} in {self.directory} does not fit the model or '
-               'optimizer of this config.' + changed(('model', 'loss', 'optim', 'mae', 'flip')))
+               f'optimizer of this config.{model_changes}')
     advice = (' Resume with the config the run started with (config.json beside checkpoints/), '
               'or give a new --workdir.')
     # Checked before orbax reads anything: a failed read leaves orbax's threads failing at exit.
@@ -246,7 +256,7 @@ class Checkpoints:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       said = f' Orbax said: {type(e).__name__}: {str(e)[:300]}'
-      if not changed(('model', 'loss', 'optim', 'mae', 'flip')):
+      if not model_changes:
         # Same config, same parameter shapes: the files themselves are at fault.
         raise ValueError(
             f'the checkpoint at step {step} in {self.directory} cannot be read, although its '
@@ -320,14 +330,9 @@ class BestCheckpoint:
     the best."""
     if self.metric not in metrics:
       return False
-    with open(tokenizer_path, 'rb') as f:
-      tokenizer = tokenizer_item(f.read())
     self._manager.save(step, metrics={self.metric: float(metrics[self.metric])}, force=True,
-                       args=ocp.args.Composite(
-                           state=ocp.args.PyTreeSave({'params': params}),
-                           config=ocp.args.JsonSave(
-                               json.loads(json.dumps(config.to_dict(), default=str))),
-                           tokenizer=ocp.args.JsonSave(tokenizer)))
+                       args=ocp.args.Composite(state=ocp.args.PyTreeSave({'params': params}),
+                                               **_run_items(config, tokenizer_path)))
     self._manager.wait_until_finished()
     return self._manager.best_step() == step
 
@@ -461,10 +466,7 @@ def load_params(path: str, like, missing_ok: bool = False) -> Any:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   stacked = saved_layout(saved, abstract)
   source = abstract if stacked is None else layout.to_layout(abstract, stacked)
-  want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
-  have = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  want, have = _shapes(source), _shapes(saved)
   if want != have:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))

@@ -33,6 +33,7 @@ DIR that all hosts see (a gs:// bucket, a shared filesystem). Only process 0 wri
 metrics; all processes write their shards of each checkpoint together through orbax.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -260,10 +261,8 @@ def progress_line(step, total, metrics, images_per_s, start_time, first_step_tim
   if step > first_step:
     per_step = (now - first_step_time) / (step - first_step)
     eta = f'ETA {_clock(per_step * (total - step))}'
-  terms = ''.join(f'  {label} {metrics[key]:.4f}' for key, label in (
-      ('clip_loss', 'clip'), ('recon_loss', 'recon')) if key in metrics)
-  accuracy = f'  clip_acc {metrics["clip_acc"]:.3f}' if 'clip_acc' in metrics else ''
-  return (f'step {step}/{total}  loss {metrics["loss"]:.4f}{terms}{accuracy}  '
+  return (f'step {step}/{total}  loss {metrics["loss"]:.4f}  clip {metrics["clip_loss"]:.4f}  '
+          f'recon {metrics["recon_loss"]:.4f}  clip_acc {metrics["clip_acc"]:.3f}  '
           f'{images_per_s:.1f} img/s  elapsed {_clock(now - start_time)}  {eta}')
 
 
@@ -341,9 +340,7 @@ def periodic_evaluation(evaluations, params, embedder, names, step: int, writer)
 def keep_if_best(best: Optional[checkpoints_lib.BestCheckpoint], step: int, params, results,
                  config, tokenizer_path: str) -> None:
   """Offers the parameters of an evaluated step to WORKDIR/best (`config.keep_best`)."""
-  if best is None or config.keep_best not in results:
-    return
-  if best.offer(step, params, results, config, tokenizer_path):
+  if best is not None and best.offer(step, params, results, config, tokenizer_path):
     console.say(f'Best {config.keep_best} so far ({results[config.keep_best]:.4g}) at step '
                 f'{step}: parameters kept in {best.directory}')
 
@@ -365,24 +362,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   existed = storage.is_dir(workdir)
   before = set(storage.listdir(workdir))
   started = []  # Holds True once the first step is done: from then on, everything is kept.
-  closing = []
   try:
-    storage.prepare_workdir(workdir)
-    # Installed first, so that a notice during the (long) set-up is not lost.
-    watcher = preemption.Watcher()
-    closing.append(watcher.close)
-    checkpoints = checkpoints_lib.Checkpoints(workdir, config)
-    closing.insert(0, checkpoints.close)  # Waits for a save in flight: an error never loses it.
-    ids_file = f'example_ids/process_{jax.process_index()}.jsonl'
-    logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
-                          continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
-                          (ids_file,), interval=config.log_upload_seconds)
-    closing.insert(1, logs.close)  # The last upload of the logs, also after an error.
-    results = _train(config, workdir, setup, watcher, checkpoints, logs, started)
-    started.append(True)  # Also a run with nothing left to train ends normally.
+    # Closed in reverse: the checkpoints first (waiting for a save in flight, so that an error
+    # never loses it), then the logs (their last upload, also after an error), then the watcher.
+    with contextlib.ExitStack() as closing:
+      storage.prepare_workdir(workdir)
+      # Installed first, so that a notice during the (long) set-up is not lost.
+      watcher = preemption.Watcher()
+      closing.callback(watcher.close)
+      ids_file = f'example_ids/process_{jax.process_index()}.jsonl'
+      logs = storage.Mirror(workdir, uploads=('metrics.jsonl', 'tensorboard', ids_file),
+                            continues=(('metrics.jsonl',) if jax.process_index() == 0 else ()) +
+                            (ids_file,), interval=config.log_upload_seconds)
+      closing.callback(logs.close)
+      checkpoints = checkpoints_lib.Checkpoints(workdir, config)
+      closing.callback(checkpoints.close)
+      results = _train(config, workdir, setup, watcher, checkpoints, logs, started)
+      started.append(True)  # Also a run with nothing left to train ends normally.
   finally:
-    for close in closing:
-      close()
     if not started and jax.process_index() == 0:
       # A run refused or stopped before its first step (data smaller than a batch, unreadable
       # images, a checkpoint that does not fit, Ctrl-C) leaves the workdir as it found it.
@@ -444,7 +441,8 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
     batch = next(batches)
     example_ids.write(step, batch.pop('example_id'))
     state, metrics = (train_step if step < unmasked_from else unmasked_step)(state, batch)
-    started.append(True)
+    if step == start_step + 1:
+      started.append(True)
     health.observe(step, metrics)
     window_images += config.input.batch_size
     if should_log(step, start_step, config):

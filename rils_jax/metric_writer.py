@@ -35,8 +35,7 @@ class MetricWriter:
     """Writes scalar metrics (numbers or 0-d arrays) for `step`."""
     if not self.enabled:
       return
-    values = {k: table.exact(np.asarray(v)[()]) for k, v in metrics.items()}
-    values = {k: float(v) for k, v in values.items()}
+    values = {k: float(table.exact(np.asarray(v)[()])) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
     for name, value in values.items():
