@@ -164,6 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.sources = []
   c.input.batch_size = 4096   # Global batch.
   c.input.num_workers = 0     # grain worker processes per host.
+  # grain's read threads per process (ReadOptions.num_threads; grain's default 16): they overlap
+  # slow reads (buckets, network disks). 0 reads in the loader's own thread: with small local
+  # files on few cores the threads only contend for the GIL (configs/default.py measures it).
+  c.input.read_threads = 16
   # How the processes split the data: 'global_batch' (each reads its rows of the seed's global
   # batches: the same batches for any process count) or 'records' (grain's ShardByJaxProcess).
   c.input.sharding = 'global_batch'

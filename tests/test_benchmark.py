@@ -105,7 +105,7 @@ def test_accelerator_script_runs_the_grid_on_cpu(tmp_path):
   assert [(x['attention'], x['remat']) for x in rows] == [('xla', 'offload'),
                                                          ('cudnn', 'offload')]
   xla, cudnn = rows
-  assert xla['config']['variant'] == 'Ti/4' and xla['per_device_batch'] == 8  # CPU: config's.
+  assert xla['config']['variant'] == 'Ti/8' and xla['per_device_batch'] == 8  # CPU: config's.
   assert xla['images_per_s'] == pytest.approx(8 / xla['step_s'], rel=0.01)
   # Offload recomputes the attention matmuls: more hardware than model FLOPs.
   assert xla['hardware_flops_per_step'] > xla['model_flops_per_step']

@@ -93,6 +93,7 @@ def time_pipeline(parts, tokenizer, config, *, workers: int, images: int, batch_
       parts, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length, batch_size=batch_size,
       seed=config.seed, crop_scale=config.input.crop_scale, num_workers=workers,
+      read_threads=config.input.get('read_threads', 16),
       weights=weights, max_consecutive_skips=config.input.max_consecutive_skips, draft=draft))
   next(it)
   startup = time.perf_counter() - start
@@ -103,8 +104,9 @@ def time_pipeline(parts, tokenizer, config, *, workers: int, images: int, batch_
     skipped += int(next(it)['skipped'].sum())
   seconds, cpu = time.perf_counter() - start, cpu_used(cpu_start)
   del it  # Stops the workers.
-  return _figures(f'grain, {workers} workers', workers, draft, batches * batch_size, seconds,
-                  cpu, startup, skipped)
+  return dict(_figures(f'grain, {workers} workers', workers, draft, batches * batch_size,
+                       seconds, cpu, startup, skipped),
+              read_threads=config.input.get('read_threads', 16))
 
 
 def _figures(setting, workers, draft, images, seconds, cpu, startup, skipped) -> dict:

@@ -49,7 +49,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: for no source, a malformed source entry or mixture weights, an unknown
-      `input.sharding`, negative worker or prefetch counts, or skip limits out of range.
+      `input.sharding`, negative worker, read-thread or prefetch counts, or skip limits out of
+      range.
   """
   i = config.input
   if not i.sources:
@@ -58,8 +59,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if i.sharding not in SHARDINGS:
     raise ValueError(f"config.input.sharding must be 'global_batch' or 'records', got "
                      f'{i.sharding!r}')
-  if i.prefetch_to_device < 0 or i.num_workers < 0:
-    raise ValueError('config.input.prefetch_to_device and config.input.num_workers must be >= 0')
+  if min(i.prefetch_to_device, i.num_workers, i.get('read_threads', 16)) < 0:
+    raise ValueError('config.input.prefetch_to_device, num_workers and read_threads must be >= 0, '
+                     f'got {i.prefetch_to_device}, {i.num_workers} and {i.read_threads}')
   if i.max_consecutive_skips < 1:
     raise ValueError(f'config.input.max_consecutive_skips={i.max_consecutive_skips} must be '
                      '>= 1')
@@ -103,7 +105,7 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
 
   Args:
     config: reads `seed`, `model.image_size`, `model.text.context_length` and `config.input`
-      (batch_size, sharding, crop_scale, num_workers, sources' weights,
+      (batch_size, sharding, crop_scale, num_workers, read_threads, sources' weights,
       max_consecutive_skips, draft_decoding, prefetch_to_device, resume_position).
     data: `training_data(config)`.
     tokenizer: the run's tokenizer.
@@ -122,7 +124,7 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
       data.parts, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length, batch_size=i.batch_size,
       seed=config.seed + resume_step if reseed else config.seed,
-      crop_scale=i.crop_scale, num_workers=i.num_workers,
+      crop_scale=i.crop_scale, num_workers=i.num_workers, read_threads=i.get('read_threads', 16),
       rows=None if by_records else sharding.process_rows(mesh, i.batch_size),
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True) if by_records else None,
       weights=sources.mixture_weights(i.sources),
@@ -254,7 +256,7 @@ def as_sources(data) -> List[records.RecordSource]:
 def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: int,
                        context_length: int, batch_size: int, seed: int,
                        crop_scale: Sequence[float] = (0.5, 1.0), num_workers: int = 0,
-                       rows: Optional[Tuple[int, int]] = None,
+                       read_threads: int = 16, rows: Optional[Tuple[int, int]] = None,
                        shard_options: Optional[grain.sharding.ShardOptions] = None,
                        weights: Optional[Sequence[float]] = None,
                        max_consecutive_skips: int = 1000, draft: bool = True
@@ -272,6 +274,8 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
     seed: shuffling and augmentation seed; the same seed gives the same global stream.
     crop_scale: RandomResizedCrop area range.
     num_workers: grain worker processes (0: decode in this process).
+    read_threads: grain's read threads (`grain.ReadOptions.num_threads`) in each worker, or in
+      this process without workers; 0 reads and decodes in the iterating thread.
     rows: this process's rows [start, stop) of each global batch (see
       `sharding.process_rows`); default all of them (one process).
     shard_options: instead of `rows`, grain's per-record sharding
@@ -323,7 +327,8 @@ def make_train_dataset(data, tokenizer: tokenizer_lib.Tokenizer, *, image_size: 
                      seed=seed)
   if shard_count == 1:
     ds = ProcessRows(ds, global_batch=batch_size, start=start, local_batch=stop - start)
-  it = ds.to_iter_dataset().filter(CountSkipped(max_consecutive_skips))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+  it = it.filter(CountSkipped(max_consecutive_skips))
   it = it.batch(stop - start, drop_remainder=True)
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
