@@ -122,6 +122,13 @@ def _parse_flags(argv: List[str]) -> List[str]:
       message = (f'{flag}: the config file raised '
                  f'{message.strip().splitlines()[-1].strip()}\n(set {TRACEBACK_ENV}=1 for the '
                  'traceback)')
+    elif 'is not supported for overriding' in message:
+      # ml_collections lists every overridable type; the user needs what to do instead.
+      field = message.split(' of field ', 1)[-1].split(' is not supported', 1)[0]
+      message = (f'{field} is a list, which --config.KEY=VALUE cannot set: the configs take '
+                 'your own data as an argument (e.g. --config=configs/default.py:data=csv:'
+                 'CAPTIONS.csv:IMAGES; README, "Your own data"); anything else goes in a copy '
+                 'of the config file')
     else:
       message += '\n(--helpfull lists the flags)'
     sys.stderr.write(f'error: {message}\n')

@@ -63,6 +63,9 @@ def test_every_command_prints_a_mistake_as_one_line(tmp_path):
       ('rils_jax.data.convert', ['--kind=csv', f'--captions={t}/none.csv', f'--images={t}',
                                  f'--output={t}/o'], 'none.csv'),
       ('rils_jax.report', [f'--workdir={t}/none'], 'metrics.jsonl does not exist'),
+      ('rils_jax.main', ['--config=configs/default.py', f'--workdir={t}/w',
+                         '--config.input.sources=[]'],
+       'config.input.sources is a list, which --config.KEY=VALUE cannot set'),
   ]
   # All at once: each is mostly Python and JAX starting up.
   running = [subprocess.Popen([sys.executable, '-m', module, *args], cwd=tiny.REPO_ROOT,
@@ -292,6 +295,10 @@ def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
     tiny.get_config('steps=abc')
   with pytest.raises(ValueError, match='config.optim.lr=-1.0 must be > 0'):
     optim.learning_rate_schedule(tiny.tiny_config(**{'optim.lr': -1.0}))
+  from rils_jax.data import benchmark as data_benchmark
+  with pytest.raises(ValueError, match='--batch_size=100 is more than the 64 training records '
+                     'of the config; give --batch_size=64 or less'):
+    data_benchmark.run(tiny.get_config(f'root={shapes / "data"}'), workers=(0,), batch_size=100)
   train = shapes / 'data' / 'train'
   with pytest.raises(ValueError, match='heldout=-5 must be >= 0'):
     test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train},heldout=-5')

@@ -149,8 +149,16 @@ def time_plain_loop(data: records.RecordSource, tokenizer, config, *, images: in
 
 def run(config, workers=(0, 1, 2), images: int = 1024, batch_size: int = 64,
         draft=None, baseline: bool = True) -> list:
-  """All settings' figures (see the module docstring), in order: the plain loop, then grain."""
-  data = sources.open_sources(config.input.sources)
+  """All settings' figures (see the module docstring), in order: the plain loop, then grain.
+
+  Raises:
+    ValueError: for a batch larger than the training records, and `pipeline.training_data`'s
+      errors (FileNotFoundError for missing files).
+  """
+  data = pipeline.training_data(config)  # Writes the generated default data when it asks for it.
+  if batch_size > len(data):  # Before the pipeline's own check, which names the config's batch.
+    raise ValueError(f'--batch_size={batch_size} is more than the {len(data)} training records '
+                     f'of the config; give --batch_size={len(data)} or less')
   parts = data.parts
   draft = config.input.draft_decoding if draft is None else draft
   results = []
