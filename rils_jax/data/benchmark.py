@@ -88,13 +88,14 @@ def _tokenizer(config, data, tmp: str) -> tokenizer_lib.Tokenizer:
 def time_pipeline(parts, tokenizer, config, *, workers: int, images: int, batch_size: int,
                   draft: bool, weights=None) -> dict:
   """Runs the training stream with `workers` grain workers; returns its figures."""
+  read_threads = config.input.read_threads
   start = time.perf_counter()
   it = iter(pipeline.make_train_dataset(
       parts, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length, batch_size=batch_size,
       seed=config.seed, crop_scale=config.input.crop_scale, num_workers=workers,
-      read_threads=config.input.get('read_threads', 16),
-      weights=weights, max_consecutive_skips=config.input.max_consecutive_skips, draft=draft))
+      read_threads=read_threads, weights=weights,
+      max_consecutive_skips=config.input.max_consecutive_skips, draft=draft))
   next(it)
   startup = time.perf_counter() - start
   batches = max(1, images // batch_size)
@@ -105,8 +106,7 @@ def time_pipeline(parts, tokenizer, config, *, workers: int, images: int, batch_
   seconds, cpu = time.perf_counter() - start, cpu_used(cpu_start)
   del it  # Stops the workers.
   return dict(_figures(f'grain, {workers} workers', workers, draft, batches * batch_size,
-                       seconds, cpu, startup, skipped),
-              read_threads=config.input.get('read_threads', 16))
+                       seconds, cpu, startup, skipped), read_threads=read_threads)
 
 
 def _figures(setting, workers, draft, images, seconds, cpu, startup, skipped) -> dict:

@@ -59,7 +59,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if i.sharding not in SHARDINGS:
     raise ValueError(f"config.input.sharding must be 'global_batch' or 'records', got "
                      f'{i.sharding!r}')
-  if min(i.prefetch_to_device, i.num_workers, i.get('read_threads', 16)) < 0:
+  if min(i.prefetch_to_device, i.num_workers, i.read_threads) < 0:
     raise ValueError('config.input.prefetch_to_device, num_workers and read_threads must be >= 0, '
                      f'got {i.prefetch_to_device}, {i.num_workers} and {i.read_threads}')
   if i.max_consecutive_skips < 1:
@@ -124,7 +124,7 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
       data.parts, tokenizer, image_size=config.model.image_size,
       context_length=config.model.text.context_length, batch_size=i.batch_size,
       seed=config.seed + resume_step if reseed else config.seed,
-      crop_scale=i.crop_scale, num_workers=i.num_workers, read_threads=i.get('read_threads', 16),
+      crop_scale=i.crop_scale, num_workers=i.num_workers, read_threads=i.read_threads,
       rows=None if by_records else sharding.process_rows(mesh, i.batch_size),
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True) if by_records else None,
       weights=sources.mixture_weights(i.sources),
