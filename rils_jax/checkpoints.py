@@ -93,6 +93,16 @@ def _run_items(config: ml_collections.ConfigDict, tokenizer_path: str) -> Dict[s
               tokenizer=ocp.args.JsonSave(tokenizer))
 
 
+def innermost_error(error: BaseException, limit: int = 500) -> str:
+  """'Type: message' of the innermost cause of `error`, cut at `limit` characters: for a damaged
+  file, tensorstore's error names the array and why (e.g. a truncated file), where orbax's
+  wrapper prints a whole TensorStore spec."""
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  return f'{type(cause).__name__}: {str(cause)[:limit]}'
+
+
 def params_mismatch(saved_tree, like, limit: int = 4) -> List[str]:
   """What differs between the `params` of a checkpoint's tree (`saved_tree`, its metadata) and
   of `like` (in the saved layer layout): 'PATH: SHAPE in the checkpoint, SHAPE here' for each
@@ -254,8 +264,8 @@ class Checkpoints:
       raise ValueError(f'{refusal} Parameters: {"; ".join(mismatch)}.{advice}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      said = f' Orbax said: {type(e).__name__}: {str(e)[:300]}'
+    except Exception as e:  # Orbax wraps tensorstore's read errors in a bare Exception.
+      said = f' Orbax said: {innermost_error(e, 300)}'
       if not model_changes:
         # Same config, same parameter shapes: the files themselves are at fault.
         raise ValueError(
@@ -480,10 +490,7 @@ def load_params(path: str, like, missing_ok: bool = False) -> Any:
         restore_args={'params': ocp.checkpoint_utils.construct_restore_args(source)},
         partial_restore=True))
   except Exception as e:  # tensorstore / orbax errors on damaged files.
-    cause = e  # The innermost error names the damaged array and why (e.g. a truncated file).
-    while cause.__cause__ is not None or cause.__context__ is not None:
-      cause = cause.__cause__ or cause.__context__
     raise ValueError(f'the parameters in {path} cannot be read (damaged checkpoint?): '
-                     f'{type(cause).__name__}: {str(cause)[:500]}') from e
+                     f'{innermost_error(e)}') from e
   params = restored['params'] if stacked is None else relayout(restored['params'], abstract)
   return {**params, **kept}

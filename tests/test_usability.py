@@ -6,6 +6,7 @@ longer schedule continues, and the results table."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,22 @@ def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
   config.input.batch_size = 8
   main_lib.train(config, str(workdir))
   before = sorted(os.listdir(workdir))
+
+  # A damaged checkpoint (a truncated array file) is named, with tensorstore's reason, in one
+  # message; orbax's wrapper (a bare Exception holding a whole TensorStore spec) is not shown.
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(workdir, damaged)
+  state = damaged / 'checkpoints' / '2' / 'state'
+  largest = max((p for p in state.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  listing = sorted(str(p.relative_to(damaged)) for p in damaged.rglob('*'))
+  with pytest.raises(ValueError) as e:
+    main_lib.train(tiny.get_config(f'root={shapes / "data"},steps=4,evals=false'), str(damaged))
+  message = str(e.value)
+  assert 'cannot be read, although its config and parameter shapes match' in message, message
+  assert f'Move {damaged / "checkpoints" / "2"} aside' in message, message
+  assert 'Orbax said: ValueError: OUT_OF_RANGE' in message and 'TensorStore({' not in message
+  assert sorted(str(p.relative_to(damaged)) for p in damaged.rglob('*')) == listing
   wider = tiny.get_config(f'root={shapes / "data"},steps=4,evals=false')
   wider.model.vision.width = 48
   with pytest.raises(ValueError) as e:
