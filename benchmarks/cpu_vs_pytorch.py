@@ -10,10 +10,12 @@ Fields: `jax_step_s`, `torch_step_s` (medians of all timed steps), `*_steps_s` (
 order), `images_per_s`, `jax_over_torch_speed` = torch_step_s / jax_step_s (>= 1: rils_jax is
 faster), `round_ratios` (the same per round), `*_step_cpu_s` and `jax_over_torch_cpu` (the same
 in CPU seconds of the process), the threads, `xla_flags` (what XLA parsed, i.e.
-after `rils_jax.xla_cpu` added its defaults), the matmul TFLOP/s of each framework
-(`--matmul_size`, float32, measured after the steps), the loss of the first step of each
-(same model at init, different random init and masking: the same range, not equal),
-parameter counts per tower and the load average before and after.
+after `rils_jax.xla_cpu` added its defaults), `allocator` (the process's malloc, which both
+frameworks share: start the script as README's "CPU hosts: the allocator" says to time both on
+jemalloc or huge pages), the matmul TFLOP/s of each framework (`--matmul_size`, float32,
+measured after the steps), the loss of the first step of each (same model at init, different
+random init and masking: the same range, not equal), parameter counts per tower and the load
+average before and after.
 
 Float32 on both sides; the JAX step is `rils_jax.benchmark`'s (the training step of the config).
 XLA_FLAGS are the environment's; `RILS_CPU_XLA_FLAGS=onednn` adds rils_jax.xla_cpu's oneDNN
@@ -40,6 +42,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import torch_rils  # noqa: E402
+from rils_jax import allocator  # noqa: E402
 from rils_jax import benchmark  # noqa: E402
 from rils_jax import sharding  # noqa: E402
 from rils_jax import train_step as train_step_lib  # noqa: E402
@@ -151,7 +154,7 @@ def run(config, rounds: int, steps: int, warmup: int, matmul_size: int, threads:
       torch_threads=torch.get_num_threads(), torch_adamw=adamw,
       # XLA:CPU's intra-op pool has one thread per CPU the process may use.
       jax_threads=len(os.sched_getaffinity(0)), cpus=os.cpu_count(),
-      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      xla_flags=os.environ.get('XLA_FLAGS', ''), allocator=allocator.describe(),
       jax_first_loss=round(jax_first_loss, 4), torch_first_loss=round(torch_first_loss, 4),
       jax_parameters=jax_parameter_counts(state.params),
       torch_parameters=torch_rils.parameter_counts(model),

@@ -12,7 +12,8 @@ speed figure on shared machines), `mfu` (achieved / the chip's peak where the ch
 and the remat policy's recomputation, `flops.hardware_flops`),
 `peak_memory_bytes` (device peak where the runtime reports it, else the compiled step's
 arguments + outputs + temporaries), `step_memory_bytes` (always the compiled step's: the figure
-of this config alone when one process benchmarks several) and `host_max_rss_bytes`.
+of this config alone when one process benchmarks several), `host_max_rss_bytes` and
+`allocator` (the process's malloc, `rils_jax.allocator.describe`: on CPU it sets the step time).
 
 Batches are random uint8 images and token rows made on the host: this measures the model, not
 the input pipeline.
@@ -30,6 +31,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rils_jax import allocator
 from rils_jax import console
 from rils_jax import flops as flops_lib
 from rils_jax import sharding
@@ -170,7 +172,7 @@ def run(config, steps: int, warmup: int, matmul_size: int = 0, memory_limit_byte
       hfu=round(achieved_hardware * 1e12 / peak, 4) if peak else None,
       peak_memory_bytes=peak_memory, step_memory_bytes=step_memory,
       host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-      loss=float(metrics['loss']))
+      allocator=allocator.describe(), loss=float(metrics['loss']))
 
 
 def main(argv):

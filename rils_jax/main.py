@@ -48,6 +48,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from rils_jax import allocator
 from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import config_lib
 from rils_jax import console
@@ -418,6 +419,9 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(setup.mesh.shape))
+  hint = allocator.advice(jax.default_backend())
+  if hint and is_main:
+    logging.info(hint)
   train_step = train_step_lib.make_train_step(setup, config)
   unmasked_from = train_step_lib.unmasked_from(config)
   if unmasked_from <= config.total_steps:  # FLIP's unmasked tuning: whole images at the end.
