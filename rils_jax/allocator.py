@@ -14,7 +14,7 @@ Measured on the 2-core CPU machine, `python -m rils_jax.benchmark --config=confi
 defaults, 12.0 s with the glibc tunable, 9.3 s with jemalloc so configured.
 
 `advice` says this once on a CPU run that starts on glibc's defaults (`rils_jax.main` logs it);
-the benchmarks report `loaded()` and `hugetlb()`. Nothing is changed by default: the preload is
+the benchmarks report `describe()`. Nothing is changed by default: the preload is
 the host's choice, as PyTorch's CPU tuning guides leave it.
 """
 
@@ -27,12 +27,10 @@ KNOWN = (('libjemalloc', 'jemalloc'), ('libtcmalloc', 'tcmalloc'), ('libmimalloc
 # Never hand freed pages back to the kernel (decay -1), and back large blocks by transparent
 # huge pages where the kernel allows them (fewer faults and TLB misses on GB-sized buffers).
 JEMALLOC_CONF = 'thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1'
-# Where distributions install it (Debian / Ubuntu: apt-get install libjemalloc2; Fedora / RHEL:
-# dnf install jemalloc) and where a source build does.
-SEARCH = ('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2',
-          '/usr/lib/aarch64-linux-gnu/libjemalloc.so.2', '/usr/lib64/libjemalloc.so.2',
-          '/usr/lib/libjemalloc.so.2', '/usr/local/lib/libjemalloc.so.2',
-          '/usr/lib/*/libjemalloc.so.2')
+# Where distributions install it (Debian / Ubuntu, any architecture: apt-get install
+# libjemalloc2; Fedora / RHEL: dnf install jemalloc) and where a source build does.
+SEARCH = ('/usr/lib/*/libjemalloc.so.2', '/usr/lib64/libjemalloc.so.2',
+          '/usr/lib/libjemalloc.so.2', '/usr/local/lib/libjemalloc.so.2')
 
 
 def loaded(maps: Optional[str] = None) -> str:
@@ -49,8 +47,9 @@ def loaded(maps: Optional[str] = None) -> str:
         maps = f.read()
     except OSError:
       return 'unknown'
-  names = {os.path.basename(line.split()[-1]) for line in maps.splitlines()
-           if len(line.split()) >= 6}
+  # Fields: address, perms, offset, device, inode[, path]; only mapped files have a path.
+  names = {os.path.basename(fields[5]) for fields in map(str.split, maps.splitlines())
+           if len(fields) >= 6}
   for prefix, name in KNOWN:
     if any(n.startswith(prefix) for n in names):
       return name
@@ -59,11 +58,8 @@ def loaded(maps: Optional[str] = None) -> str:
 
 def find_jemalloc() -> Optional[str]:
   """The path of an installed jemalloc shared library (`SEARCH`), or None."""
-  for pattern in SEARCH:
-    for path in sorted(glob.glob(pattern)):
-      if os.path.isfile(path):
-        return path
-  return None
+  found = [path for pattern in SEARCH for path in sorted(glob.glob(pattern))]
+  return found[0] if found else None
 
 
 def preload_command(path: str) -> str:

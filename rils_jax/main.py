@@ -419,8 +419,8 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(setup.mesh.shape))
-  hint = allocator.advice(jax.default_backend())
-  if hint and is_main:
+  hint = allocator.advice(jax.default_backend()) if is_main else None
+  if hint:
     logging.info(hint)
   train_step = train_step_lib.make_train_step(setup, config)
   unmasked_from = train_step_lib.unmasked_from(config)

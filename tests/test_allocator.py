@@ -1,4 +1,5 @@
-"""rils_jax.allocator: which malloc a process runs on, read from its real memory map and\nenvironment."""
+"""rils_jax.allocator: which malloc a process runs on, read from its real memory map and
+environment."""
 
 import os
 import subprocess
