@@ -34,6 +34,9 @@ from typing import Tuple
 # importable without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# rils_jax first: it tunes glibc's malloc (rils_jax/allocator.py) before PyTorch's and XLA's
+# threads allocate, for both frameworks alike.
+import rils_jax  # noqa: E402,F401
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
