@@ -148,18 +148,15 @@ def keep_freed_memory(cpu_only: bool,
   return _kept
 
 
-def kept() -> bool:
-  """Whether `keep_freed_memory` has tuned glibc's malloc in this process."""
-  return _kept
-
-
 def describe() -> str:
   """`loaded()`, with ' (hugetlb)' on glibc told to use huge pages and ' (freed memory kept)'
   after `keep_freed_memory`: the benchmarks' label."""
   name = loaded()
-  if name == 'glibc' and hugetlb():
-    return f'{name} (hugetlb)'
-  return f'{name} (freed memory kept)' if name == 'glibc' and _kept else name
+  if name != 'glibc':
+    return name
+  if hugetlb():
+    return 'glibc (hugetlb)'
+  return 'glibc (freed memory kept)' if _kept else 'glibc'
 
 
 def advice(platform: str) -> Optional[str]:
