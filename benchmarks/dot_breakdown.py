@@ -9,6 +9,9 @@ oneDNN / YNNPACK / loop fusion), its FLOPs read from the optimised HLO (2 x lhs 
 free elements), its time from a `jax.profiler` trace of `--steps` steps. A dot's time is its
 op's duration, whatever threads the library gave it; XLA:CPU also runs independent ops side by
 side, so the dots' seconds can add up to more than the step (`xla_dot_s_per_step_s` > 1).
+Column `alone`: the same product (shapes, dimension numbers, element type) run by itself in the
+same process: a dot slow in the step but not alone is slowed by what runs beside it, not by its
+layout. Column `shape` also counts the elementwise ops fused into a dot's kernel.
 PyTorch: `aten::mm` / `addmm` / `bmm` from `torch.profiler` with input shapes, wall seconds of
 the calling thread (each GEMM uses all of torch's threads; one GEMM at a time), and its fused
 attention apart (its QK^T and PV are not GEMM calls; XLA's are dots, so XLA's dot FLOPs
@@ -29,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 # Run as a script from the repository root: make `rils_jax`, `configs` and `benchmarks`
 # importable without installing.
@@ -46,7 +49,7 @@ from rils_jax import benchmark  # noqa: E402
 from rils_jax import sharding  # noqa: E402
 from rils_jax import train_step as train_step_lib  # noqa: E402
 
-_DEFINITION = re.compile(r'^\s*(?:ROOT )?%(\S+) = \(?\w+\[([\d,]*)\]')
+_DEFINITION = re.compile(r'^\s*(?:ROOT )?%(\S+) = \(?(\w+)\[([\d,]*)\]')
 _DOT = re.compile(r'^\s*(?:ROOT )?%(\S+) = \S+ dot\(%([^,\s]+), %([^,\s)]+)\)(.*)$')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) ')
 _CALLS = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*\bcalls=%([^,\s]+)')
@@ -61,20 +64,34 @@ def _attribute(attrs: str, name: str) -> List[int]:
   return _dims(match.group(1)) if match else []
 
 
-def hlo_dots(hlo_text: str) -> Dict[str, List[Tuple[int, str]]]:
+class Dot(NamedTuple):
+  """One dot of an HLO module: FLOPs, a description, and what `lax.dot_general` needs to run
+  the same product alone."""
+  flops: int
+  what: str
+  lhs: Tuple[int, ...]
+  rhs: Tuple[int, ...]
+  dtype: str  # HLO element type of the lhs: 'f32', 'bf16', ...
+  dimension_numbers: Tuple
+
+
+def hlo_dots(hlo_text: str) -> Dict[str, List[Dot]]:
   """The dots of an optimised HLO module, by the instruction that runs them.
 
   Args:
     hlo_text: `compiled.as_text()` of a jitted function (one module, optimised).
 
   Returns:
-    {instruction name: [(FLOPs, 'lhs dims x rhs dims, contracting l/r'), ...]}: a top-level dot
+    {instruction name: [Dot, ...]}, whose `what` reads 'lhs dims x rhs dims, contracting l/r[,
+    fused with N other ops]', N counting the fusion's instructions other than parameters, dots and
+    bitcasts (elementwise work the dot's kernel does too): a top-level dot
     under its own name; a dot inside a fused computation under the fusion instruction(s) that
     call it (the names a profiler trace shows). FLOPs = 2 x prod(lhs) x prod(rhs) /
     (contracted x batch elements of rhs): one multiply-add per output element and contracted
     element.
   """
-  shapes, dots, calls = {}, {}, collections.defaultdict(list)
+  shapes, types, dots, calls = {}, {}, {}, collections.defaultdict(list)
+  other_ops = collections.Counter()  # Instructions beside the dots, per computation.
   computation = ''
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -83,7 +100,10 @@ def hlo_dots(hlo_text: str) -> Dict[str, List[Tuple[int, str]]]:
       continue
     definition = _DEFINITION.match(line)
     if definition:
-      shapes[definition.group(1)] = _dims(definition.group(2))
+      shapes[definition.group(1)] = _dims(definition.group(3))
+      types[definition.group(1)] = definition.group(2)
+      if not re.search(r' (parameter|dot|bitcast)\(', line):
+        other_ops[computation] += 1
     called = _CALLS.match(line)
     if called:
       calls[called.group(2)].append(called.group(1))
@@ -93,13 +113,19 @@ def hlo_dots(hlo_text: str) -> Dict[str, List[Tuple[int, str]]]:
   out = collections.defaultdict(list)
   for name, (computation, lhs, rhs, attrs) in dots.items():
     lhs_shape, rhs_shape = shapes[lhs], shapes[rhs]
-    contracted = math.prod(lhs_shape[i] for i in _attribute(attrs, 'lhs_contracting_dims'))
-    batch = math.prod(lhs_shape[i] for i in _attribute(attrs, 'lhs_batch_dims'))
+    numbers = ((_attribute(attrs, 'lhs_contracting_dims'),
+                _attribute(attrs, 'rhs_contracting_dims')),
+               (_attribute(attrs, 'lhs_batch_dims'), _attribute(attrs, 'rhs_batch_dims')))
+    contracted = math.prod(lhs_shape[i] for i in numbers[0][0])
+    batch = math.prod(lhs_shape[i] for i in numbers[1][0])
     flops = 2 * math.prod(lhs_shape) * (math.prod(rhs_shape) // (contracted * batch))
     what = (f'{lhs_shape}x{rhs_shape} contracting {_attribute(attrs, "lhs_contracting_dims")}'
             f'/{_attribute(attrs, "rhs_contracting_dims")}')
+    if calls.get(computation) and other_ops[computation]:
+      what += f', fused with {other_ops[computation]} other ops'
     for runner in calls.get(computation) or [name]:
-      out[runner].append((flops, what))
+      out[runner].append(Dot(flops, what, tuple(lhs_shape), tuple(rhs_shape), types[lhs],
+                             numbers))
   return dict(out)
 
 
@@ -117,11 +143,35 @@ def trace_seconds(trace_dir: str, steps: int) -> Dict[str, float]:
   return seconds
 
 
+_DTYPES = {'f32': np.float32, 'bf16': jax.numpy.bfloat16, 'f16': np.float16, 'f64': np.float64}
+
+
+def alone_gflops_per_s(dot: Dot, repeats: int = 5) -> float:
+  """GFLOP/s of `dot`'s product run by itself (a jitted `lax.dot_general` on random operands of
+  its shapes and element type; median of `repeats` after one warm-up), or NaN for an element type
+  NumPy cannot make."""
+  if dot.dtype not in _DTYPES:
+    return float('nan')
+  rng = np.random.default_rng(0)
+  lhs, rhs = (jax.numpy.asarray(rng.standard_normal(shape), _DTYPES[dot.dtype])
+              for shape in (dot.lhs, dot.rhs))
+  product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dot.dimension_numbers))
+  product(lhs, rhs).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(lhs, rhs).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return dot.flops / float(np.median(times)) / 1e9
+
+
 def _table(rows, time_label: str, top: int) -> None:
-  print(f'  {time_label:>9} {"GFLOP":>8} {"GFLOP/s":>8} {"calls":>6}  shape')
-  for seconds, flops, count, what in sorted(rows, key=lambda r: -r[0])[:top]:
+  """rows: (seconds, FLOPs, calls, description, Dot or None), the `top` slowest printed."""
+  print(f'  {time_label:>9} {"GFLOP":>8} {"GFLOP/s":>8} {"alone":>7} {"calls":>6}  shape')
+  for seconds, flops, count, what, dot in sorted(rows, key=lambda r: -r[0])[:top]:
     rate = flops / seconds / 1e9 if seconds else 0.0
-    print(f'  {seconds:9.3f} {flops / 1e9:8.2f} {rate:8.1f} {count:6d}  {what}')
+    alone = f'{alone_gflops_per_s(dot):7.1f}' if dot else f'{"":7}'
+    print(f'  {seconds:9.3f} {flops / 1e9:8.2f} {rate:8.1f} {alone} {count:6d}  {what}')
 
 
 def xla_breakdown(config, steps: int, warmup: int, top: int) -> dict:
@@ -143,16 +193,17 @@ def xla_breakdown(config, steps: int, warmup: int, top: int) -> dict:
         jax.block_until_ready(metrics)
       step_s = (time.perf_counter() - start) / steps
     seconds = trace_seconds(trace_dir, steps)
-  groups = collections.defaultdict(lambda: [0.0, 0, 0])
+  groups = collections.defaultdict(lambda: [0.0, 0, 0, None])
   for name, found in dots.items():
     share = seconds.get(name, 0.0) / len(found)  # A fusion with two dots: split its time.
-    for flops, what in found:
+    for dot in found:
       kind = re.sub(r'[.\d]+$', '', name)
-      group = groups[f'{kind}: {what}']
+      group = groups[f'{kind}: {dot.what}']
       group[0] += share
-      group[1] += flops
+      group[1] += dot.flops
       group[2] += 1
-  rows = [(s, f, c, what) for what, (s, f, c) in groups.items()]
+      group[3] = dot
+  rows = [(s, f, c, what, dot) for what, (s, f, c, dot) in groups.items()]
   dot_s = sum(r[0] for r in rows)
   dot_flops = sum(r[1] for r in rows)
   print(f'rils_jax (XLA), {step_s:.3f} s a step under the profiler; op seconds a step:')
@@ -196,7 +247,7 @@ def torch_breakdown(config, steps: int, warmup: int, top: int) -> dict:
     shapes = event.input_shapes
     lhs, rhs = (shapes[1], shapes[2]) if event.key == 'aten::addmm' else (shapes[0], shapes[1])
     flops = 2 * math.prod(lhs) * rhs[-1] * event.count / steps
-    rows.append((seconds, flops, event.count // steps, f'{event.key}: {lhs}x{rhs}'))
+    rows.append((seconds, flops, event.count // steps, f'{event.key}: {lhs}x{rhs}', None))
   gemm_s = sum(r[0] for r in rows)
   gemm_flops = sum(r[1] for r in rows)
   print(f'PyTorch, {step_s:.3f} s a step under the profiler; wall seconds a step:')

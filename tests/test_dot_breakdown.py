@@ -25,8 +25,11 @@ def _arrays():
 def test_hlo_dots_counts_a_plain_and_a_batched_dot_exactly():
   compiled = jax.jit(_two_dots).lower(*_arrays()).compile()
   dots = dot_breakdown.hlo_dots(compiled.as_text())
-  found = sorted(f for runs in dots.values() for f, _ in runs)
+  found = sorted(dot.flops for runs in dots.values() for dot in runs)
   assert found == sorted([2 * 64 * 32 * 48, 2 * 4 * 8 * 16 * 8])
+  # The parsed shapes and dimension numbers make a valid product: dot_general raises otherwise.
+  assert all(dot_breakdown.alone_gflops_per_s(dot, repeats=1) > 0
+             for runs in dots.values() for dot in runs)
 
 
 def test_every_dot_is_timed_under_its_trace_name(tmp_path):
@@ -52,7 +55,8 @@ def test_dots_of_the_rils_train_step_match_the_analytic_flops():
   state = train_step_lib.create_train_state(setup, config.seed)
   batch = sharding.put_batch(train_step_lib.dummy_batch(config, 16), setup.mesh)
   compiled = train_step_lib.make_train_step(setup, config).lower(state, batch).compile()
-  total = sum(f for runs in dot_breakdown.hlo_dots(compiled.as_text()).values() for f, _ in runs)
+  total = sum(dot.flops for runs in dot_breakdown.hlo_dots(compiled.as_text()).values()
+              for dot in runs)
   analytic = flops.train_step_flops(config)['total']
   # The analytic count also has the loss's few elementwise FLOPs: within 5%, not equal.
   assert abs(total - analytic) / analytic < 0.05, (total, analytic)
