@@ -47,6 +47,7 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import torch_rils  # noqa: E402
 from rils_jax import allocator  # noqa: E402
 from rils_jax import benchmark  # noqa: E402
+from rils_jax import console  # noqa: E402
 from rils_jax import sharding  # noqa: E402
 from rils_jax import train_step as train_step_lib  # noqa: E402
 
@@ -175,4 +176,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  console.run(main)  # A user's mistake (a missing config file, ...) is one line.

@@ -46,6 +46,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rils_jax import benchmark  # noqa: E402
+from rils_jax import console  # noqa: E402
 from rils_jax import sharding  # noqa: E402
 from rils_jax import train_step as train_step_lib  # noqa: E402
 
@@ -262,6 +263,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.steps < 1 or f.warmup < 0 or f.top < 1:
+    raise app.UsageError(f'--steps={f.steps} and --top={f.top} must be >= 1, --warmup={f.warmup} '
+                         '>= 0')
   result = xla_breakdown(f.config, f.steps, f.warmup, f.top)
   if f.torch:
     result.update(torch_breakdown(f.config, f.steps, f.warmup, f.top))
@@ -277,4 +281,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('top', 15, 'Rows of each table (the slowest shapes).')
   flags.DEFINE_bool('torch', True, 'Also profile the PyTorch twin.')
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  console.run(main)  # A user's mistake (a missing config file, ...) is one line.
