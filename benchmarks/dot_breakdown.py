@@ -83,13 +83,12 @@ def hlo_dots(hlo_text: str) -> Dict[str, List[Dot]]:
     hlo_text: `compiled.as_text()` of a jitted function (one module, optimised).
 
   Returns:
-    {instruction name: [Dot, ...]}, whose `what` reads 'lhs dims x rhs dims, contracting l/r[,
-    fused with N other ops]', N counting the fusion's instructions other than parameters, dots and
-    bitcasts (elementwise work the dot's kernel does too): a top-level dot
-    under its own name; a dot inside a fused computation under the fusion instruction(s) that
-    call it (the names a profiler trace shows). FLOPs = 2 x prod(lhs) x prod(rhs) /
-    (contracted x batch elements of rhs): one multiply-add per output element and contracted
-    element.
+    {instruction name: [Dot, ...]}: a top-level dot under its own name; a dot inside a fused
+    computation under the fusion instruction(s) that call it (the names a profiler trace
+    shows). `what` reads 'lhs dims x rhs dims, contracting l/r[, fused with N other ops]', N
+    counting the fusion's instructions other than parameters, dots and bitcasts (elementwise
+    work the dot's kernel does too). FLOPs = 2 x prod(lhs) x prod(rhs) / (contracted x batch
+    elements of rhs): one multiply-add per output element and contracted element.
   """
   shapes, types, dots, calls = {}, {}, {}, collections.defaultdict(list)
   other_ops = collections.Counter()  # Instructions beside the dots, per computation.
