@@ -174,9 +174,19 @@ def _table(rows, time_label: str, top: int) -> None:
     print(f'  {seconds:9.3f} {flops / 1e9:8.2f} {rate:8.1f} {alone} {count:6d}  {what}')
 
 
-def xla_breakdown(config, steps: int, warmup: int, top: int) -> dict:
+def _report(title: str, rows, time_label: str, top: int, prefix: str) -> dict:
+  """Prints `title` and the table of `rows` (as `_table`); returns the rows' totals as
+  {prefix}_gflop, {prefix}_s and {prefix}_gflops_per_s."""
+  seconds = sum(r[0] for r in rows)
+  flops = sum(r[1] for r in rows)
+  print(title)
+  _table(rows, time_label, top)
+  return {f'{prefix}_gflop': round(flops / 1e9, 1), f'{prefix}_s': round(seconds, 3),
+          f'{prefix}_gflops_per_s': round(flops / seconds / 1e9, 1) if seconds else None}
+
+
+def xla_breakdown(config, setup: train_step_lib.Setup, steps: int, warmup: int, top: int) -> dict:
   """Profiles `steps` rils_jax train steps; prints the dot table; returns the totals."""
-  setup = train_step_lib.setup(config)
   state = train_step_lib.create_train_state(setup, config.seed)
   host_batch = benchmark.random_batch(config, np.random.default_rng(0), setup.model.eot_id)
   batch = sharding.put_batch(host_batch, setup.mesh)
@@ -196,26 +206,22 @@ def xla_breakdown(config, steps: int, warmup: int, top: int) -> dict:
   groups = collections.defaultdict(lambda: [0.0, 0, 0, None])
   for name, found in dots.items():
     share = seconds.get(name, 0.0) / len(found)  # A fusion with two dots: split its time.
+    kind = re.sub(r'[.\d]+$', '', name)
     for dot in found:
-      kind = re.sub(r'[.\d]+$', '', name)
       group = groups[f'{kind}: {dot.what}']
       group[0] += share
       group[1] += dot.flops
       group[2] += 1
       group[3] = dot
   rows = [(s, f, c, what, dot) for what, (s, f, c, dot) in groups.items()]
-  dot_s = sum(r[0] for r in rows)
-  dot_flops = sum(r[1] for r in rows)
-  print(f'rils_jax (XLA), {step_s:.3f} s a step under the profiler; op seconds a step:')
-  _table(rows, 'op s', top)
-  return dict(xla_step_s=round(step_s, 3), xla_dot_gflop=round(dot_flops / 1e9, 1),
-              xla_dot_s=round(dot_s, 3),
-              xla_dot_gflops_per_s=round(dot_flops / dot_s / 1e9, 1) if dot_s else None,
-              xla_dot_s_per_step_s=round(dot_s / step_s, 2),
+  totals = _report(f'rils_jax (XLA), {step_s:.3f} s a step under the profiler; op seconds a '
+                   'step:', rows, 'op s', top, 'xla_dot')
+  return dict(xla_step_s=round(step_s, 3), **totals,
+              xla_dot_s_per_step_s=round(totals['xla_dot_s'] / step_s, 2),
               xla_dots_untimed=sum(1 for name in dots if name not in seconds))
 
 
-def torch_breakdown(config, steps: int, warmup: int, top: int) -> dict:
+def torch_breakdown(config, eot_id: int, steps: int, warmup: int, top: int) -> dict:
   """Profiles `steps` PyTorch twin steps; prints the GEMM table; returns the totals."""
   import torch  # Only here: `--notorch` runs where PyTorch is not installed.
   from torch.profiler import ProfilerActivity, profile
@@ -224,7 +230,6 @@ def torch_breakdown(config, steps: int, warmup: int, top: int) -> dict:
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   torch.manual_seed(config.seed)
-  eot_id = train_step_lib.setup(config).model.eot_id
   host_batch = benchmark.random_batch(config, np.random.default_rng(0), eot_id)
   model = torch_rils.build_model(config, eot_id)
   step = torch_rils.make_train_step(model, torch_rils.make_optimizer(model, config, 'fused'),
@@ -248,13 +253,9 @@ def torch_breakdown(config, steps: int, warmup: int, top: int) -> dict:
     lhs, rhs = (shapes[1], shapes[2]) if event.key == 'aten::addmm' else (shapes[0], shapes[1])
     flops = 2 * math.prod(lhs) * rhs[-1] * event.count / steps
     rows.append((seconds, flops, event.count // steps, f'{event.key}: {lhs}x{rhs}', None))
-  gemm_s = sum(r[0] for r in rows)
-  gemm_flops = sum(r[1] for r in rows)
-  print(f'PyTorch, {step_s:.3f} s a step under the profiler; wall seconds a step:')
-  _table(rows, 'wall s', top)
-  return dict(torch_step_s=round(step_s, 3), torch_gemm_gflop=round(gemm_flops / 1e9, 1),
-              torch_gemm_s=round(gemm_s, 3),
-              torch_gemm_gflops_per_s=round(gemm_flops / gemm_s / 1e9, 1) if gemm_s else None,
+  totals = _report(f'PyTorch, {step_s:.3f} s a step under the profiler; wall seconds a step:',
+                   rows, 'wall s', top, 'torch_gemm')
+  return dict(torch_step_s=round(step_s, 3), **totals,
               torch_fused_attention_s=round(attention_s, 3), torch_threads=torch.get_num_threads())
 
 
@@ -265,9 +266,10 @@ def main(argv):
   if f.steps < 1 or f.warmup < 0 or f.top < 1:
     raise app.UsageError(f'--steps={f.steps} and --top={f.top} must be >= 1, --warmup={f.warmup} '
                          '>= 0')
-  result = xla_breakdown(f.config, f.steps, f.warmup, f.top)
+  setup = train_step_lib.setup(f.config)
+  result = xla_breakdown(f.config, setup, f.steps, f.warmup, f.top)
   if f.torch:
-    result.update(torch_breakdown(f.config, f.steps, f.warmup, f.top))
+    result.update(torch_breakdown(f.config, setup.model.eot_id, f.steps, f.warmup, f.top))
   result.update(threads=len(os.sched_getaffinity(0)), xla_flags=os.environ.get('XLA_FLAGS', ''),
                 rils_cpu_xla_flags=os.environ.get('RILS_CPU_XLA_FLAGS', ''))
   print(json.dumps(result))
