@@ -359,6 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: when too many images cannot be read.
   """
   setup = validate_config(config)
+  distributed.connect_collectives(setup.mesh)
   storage.check_path(workdir, 'the workdir')  # A malformed URL is refused before it is read.
   existed = storage.is_dir(workdir)
   before = set(storage.listdir(workdir))

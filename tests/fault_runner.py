@@ -5,6 +5,8 @@
 
 --slow_steps=S: each train step takes at least S more seconds (so that a test can signal or kill
   the process at a known step).
+--late_first_step=S: process 1 starts its first train step S seconds after the others (a slow
+  host; XLA:CPU's collectives once failed when a peer came more than 30 s late).
 --kill_in_save=N: the process SIGKILLs itself while committing the checkpoint of step N, after
   every file of it is written and before orbax renames its temporary folder: the worst moment
   for atomicity, when the folder looks complete but is not.
@@ -15,6 +17,7 @@ import os
 import signal
 import time
 
+import jax
 from absl import app
 from absl import flags
 from orbax.checkpoint import path as ocp_path
@@ -23,6 +26,7 @@ from rils_jax import health
 from rils_jax import main as main_lib
 
 _SLOW = flags.DEFINE_float('slow_steps', 0.0, 'Extra seconds per step.')
+_LATE = flags.DEFINE_float('late_first_step', 0.0, 'Process 1 starts its first step this late.')
 _KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'Step whose checkpoint commit is killed.')
 
 
@@ -35,6 +39,16 @@ def _inject_faults():
       write(self, step, example_ids)
 
     health.ExampleIds.write = slow_write
+  if _LATE.value:
+    write_late = health.ExampleIds.write
+    late = [_LATE.value]
+
+    def late_write(self, step, example_ids):
+      if jax.process_index() == 1 and late:
+        time.sleep(late.pop())
+      write_late(self, step, example_ids)
+
+    health.ExampleIds.write = late_write
   if _KILL_IN_SAVE.value:
     temporary_path = ocp_path.atomicity.AtomicRenameTemporaryPath
     finalize = temporary_path.finalize

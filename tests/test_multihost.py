@@ -59,8 +59,11 @@ def test_two_processes_match_one_process_and_resume_after_a_preemption(tmp_path)
   assert sorted(ocp.utils.checkpoint_steps(os.path.join(multi, 'checkpoints'))) == [step]
 
   # Restarted, they resume from that step, each at its own data position, and end like the
-  # single process.
-  outputs = _finish(_start_two_processes(root, tok, multi, 'rils_jax.main'))
+  # single process. Process 1 starts its first step 35 s late: more than the 30 s XLA:CPU's
+  # collectives wait for a peer the first time a group of devices is used
+  # (distributed.connect_collectives).
+  outputs = _finish(_start_two_processes(root, tok, multi, 'tests.fault_runner',
+                                         '--late_first_step=35'))
   assert f'step {step + 1}/{STEPS}' in outputs[0] and 'step 1/' not in outputs[0]
   assert not re.search(r'^step \d+/', outputs[1], re.M)  # Only process 0 prints progress.
   assert 'Final evaluation (step' in outputs[0] and 'Final evaluation' not in outputs[1]
