@@ -239,6 +239,17 @@ def test_the_report_draws_a_finished_and_a_running_run(shapes, tmp_path):
     assert len(screen.convert('RGB').getcolors(1 << 20) or range(1 << 20)) > 100
 
 
+def test_data_benchmark_reads_a_set_smaller_than_its_default_batch(shapes):
+  """README's first own-data command, on a set of fewer images than its batch of 64."""
+  from rils_jax.data import benchmark as data_benchmark
+  from tests import test_configs
+  train = shapes / 'data' / 'train'
+  config = test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train / "images"},'
+                              'heldout=44')
+  (figures,) = data_benchmark.run(config, workers=(0,), images=40, baseline=False)
+  assert (figures['records'], figures['images']) == (20, 40)  # Two batches of all 20 images.
+
+
 def test_own_data_as_a_config_argument(shapes, tmp_path):
   from tests import test_configs
   train = shapes / 'data' / 'train'

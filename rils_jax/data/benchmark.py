@@ -13,7 +13,8 @@ a summary:
   even without workers) and its worker processes, per wall-clock second (Linux /proc).
 - `images_per_s_per_core`: images per CPU second, i.e. the rate per fully busy core.
 - `startup_s`: time to the first batch.
-The stream is what training reads; the devices are not used. `--batch_size` (64) replaces the
+The stream is what training reads; the devices are not used. `--batch_size` (64, or the number
+of training records when there are fewer) replaces the
 config's global batch, which the small shared data cannot fill.
 """
 
@@ -34,12 +35,14 @@ from rils_jax.data import records
 from rils_jax.data import sources
 from rils_jax.data import transforms
 
+DEFAULT_BATCH = 64  # Images per batch when --batch_size is 0 and the records allow it.
 
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts to measure.')
   flags.DEFINE_integer('images', 1024, 'Timed images per setting.')
-  flags.DEFINE_integer('batch_size', 64, 'Batch (images per host).')
+  flags.DEFINE_integer('batch_size', 0, 'Batch (images per host); 0: 64, or the number of '
+                       'training records when there are fewer.')
   flags.DEFINE_bool('draft', None, 'Reduced-size JPEG decoding (default: the config\'s).')
   flags.DEFINE_bool('baseline', True, 'Also time the plain Pillow loop.')
   flags.mark_flags_as_required(['config'])
@@ -147,15 +150,19 @@ def time_plain_loop(data: records.RecordSource, tokenizer, config, *, images: in
   return _figures('plain Pillow loop', 0, False, done, seconds, cpu, 0.0, skipped)
 
 
-def run(config, workers=(0, 1, 2), images: int = 1024, batch_size: int = 64,
+def run(config, workers=(0, 1, 2), images: int = 1024, batch_size: int = 0,
         draft=None, baseline: bool = True) -> list:
   """All settings' figures (see the module docstring), in order: the plain loop, then grain.
+
+  `batch_size` 0 takes 64, or the number of training records when there are fewer (a set of a
+  few dozen images is read as it is, not refused).
 
   Raises:
     ValueError: for a batch larger than the training records, and `pipeline.training_data`'s
       errors (FileNotFoundError for missing files).
   """
   data = pipeline.training_data(config)  # Writes the generated default data when it asks for it.
+  batch_size = batch_size or min(DEFAULT_BATCH, len(data))
   if batch_size > len(data):  # Before the pipeline's own check, which names the config's batch.
     raise ValueError(f'--batch_size={batch_size} is more than the {len(data)} training records '
                      f'of the config; give --batch_size={len(data)} or less')
@@ -185,8 +192,8 @@ def main(argv):
     workers = [int(w) for w in f.workers]
   except ValueError as e:
     raise app.UsageError(f'--workers must be whole numbers, got {f.workers}') from e
-  if any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 1:
-    raise app.UsageError('--workers must be >= 0, --images and --batch_size >= 1')
+  if any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 0:
+    raise app.UsageError('--workers and --batch_size must be >= 0, --images >= 1')
   # Missing or too little data: one line (console.run).
   results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
   for r in results:
