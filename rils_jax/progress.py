@@ -8,20 +8,27 @@ from absl import logging
 
 
 class Progress:
-  """Counts `update(n)` calls towards `total` and logs `what: N / TOTAL ...` lines."""
+  """Counts `update(n)` calls towards `total` and logs `what: N / TOTAL ...` lines.
 
-  def __init__(self, what: str, total: int, interval: float = 10.0):
+  With `end_line=False` the line at the end is logged only when periodic lines were: work that
+  is usually short (an evaluation's embedding) stays silent unless it runs long.
+  """
+
+  def __init__(self, what: str, total: int, interval: float = 10.0, end_line: bool = True):
     self.what, self.total, self.interval = what, total, interval
+    self.end_line = end_line
     self.done = 0
     self.start = self._last = time.time()
+    self._logged = False
 
   def update(self, n: int = 1) -> None:
     """Adds `n` finished items; logs when `interval` seconds passed since the last line, and
     when the total is reached."""
     self.done += n
     now = time.time()
-    if now - self._last >= self.interval or self.done >= self.total:
-      self._last = now
+    finished = self.done >= self.total
+    if now - self._last >= self.interval or (finished and (self.end_line or self._logged)):
+      self._last, self._logged = now, True
       logging.info('%s', self.line(now))
 
   def line(self, now: float) -> str:

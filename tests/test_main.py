@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from unittest import mock
 
 import jax
 import ml_collections
@@ -19,11 +20,13 @@ from configs import common
 from rils_jax import evaluate as evaluate_lib
 from rils_jax import finetune as finetune_lib
 from rils_jax import main as main_lib
+from rils_jax import progress
 from rils_jax import tokenizer as tokenizer_lib
 from rils_jax.data import convert
 from rils_jax.data import sources
 from rils_jax.data import synthetic
 from rils_jax.data import transforms
+from rils_jax.evals import embed as embed_lib
 from rils_jax.evals import patch_text
 from rils_jax.evals import restore as restore_lib
 from rils_jax.models import rils as rils_lib
@@ -69,6 +72,7 @@ def test_train_writes_logs_checkpoints_and_evals_then_resumes(tmp_path, data_roo
       if key not in ('step', 'checkpoint'):
         assert value == results[f'{name}/{key}'], (name, key)
   _check_patch_text_map(tmp_path, workdir, data_root)
+  _check_embedding_progress(workdir, data_root)
   _check_finetune(tmp_path, workdir, data_root)
   for m in train_lines:
     assert {'loss', 'clip_loss', 'recon_loss', 'clip_acc', 'gate_fraction', 'logit_scale',
@@ -85,6 +89,29 @@ def test_train_writes_logs_checkpoints_and_evals_then_resumes(tmp_path, data_roo
   main_lib.train(_config(data_root, total_steps=8), workdir)
   steps = [m['step'] for m in _read_metrics(workdir) if 'loss' in m]
   assert steps == [1, 2, 4, 5, 6, 7, 8]
+
+
+def _check_embedding_progress(workdir, data_root):
+  """An evaluation's embedding logs how far it is every 10 s, and nothing when it is shorter."""
+  restored = restore_lib.restore(workdir)
+  embedder = embed_lib.Embedder(restored.model, restored.config, restored.mesh,
+                                restored.tokenizer)
+  images = sorted(glob.glob(os.path.join(data_root, 'zeroshot', '*', '*.png')))  # 40 pictures.
+  with mock.patch.object(progress.logging, 'info') as info:
+    embedder.images(restored.params, images)
+    embedder.texts(restored.params, ['a red circle'] * 20)
+  assert info.call_count == 0  # Shorter than 10 s: silent.
+  real = progress.Progress
+  every_batch = lambda what, total, end_line: real(what, total, 0, end_line)  # Interval 0 s.
+  with mock.patch.object(progress.logging, 'info') as info, \
+      mock.patch.object(embed_lib.progress, 'Progress', every_batch):
+    embedder.images(restored.params, images)
+    embedder.texts(restored.params, ['a red circle'] * 20)
+  lines = [call.args[1] for call in info.call_args_list]
+  assert [line.split(' in ')[0] for line in lines] == [  # Batches of evals.batch_size=16.
+      'Embedding images: 16 / 40 (40%)', 'Embedding images: 32 / 40 (80%)',
+      'Embedding images: 40 / 40 (100%)', 'Embedding texts: 16 / 20 (80%)',
+      'Embedding texts: 20 / 20 (100%)']
 
 
 def _check_patch_text_map(tmp_path, workdir, data_root):
