@@ -165,10 +165,13 @@ def own_data(config: ml_collections.ConfigDict, spec: str, epochs: float = 0,
   file fails before anything else.
 
   Raises:
-    ValueError: for a malformed SPEC or no images left to train on; the readers' errors
+    ValueError: for a malformed SPEC, `epochs` negative, NaN or infinite, or no images left to
+      train on; the readers' errors
       (FileNotFoundError for a missing file or folder).
   """
   from rils_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if not 0 <= epochs < math.inf:  # Also NaN.
+    raise ValueError(f'epochs={epochs} must be a number >= 0 (0: the config\'s total_steps)')
   if heldout < -1:
     raise ValueError(f'heldout={heldout} must be >= 0 (or -1: a tenth, at most 100)')
   kind, _, rest = spec.partition(':')

@@ -266,8 +266,13 @@ def check_keys(config: ml_collections.ConfigDict,
   keys may appear although the reference lacks them; `where` names the reference in the error.
 
   Raises:
-    ValueError: naming each unknown key and the closest known ones.
+    ValueError: naming each unknown key and the closest known ones; for a batch size < 1.
   """
+  batch = config.get('input', {}).get('batch_size', 1)
+  if isinstance(batch, int) and batch < 1:
+    # Before any other key is read: `epochs=` (configs/common.py) makes total_steps a lazy
+    # ceil(images / batch), which a batch of 0 would turn into a ZeroDivisionError.
+    raise ValueError(f'config.input.batch_size={batch} must be >= 1')
   unknown = []
 
   def walk(value, reference, prefix):

@@ -330,6 +330,14 @@ def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
   train = shapes / 'data' / 'train'
   with pytest.raises(ValueError, match='heldout=-5 must be >= 0'):
     test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train},heldout=-5')
+  for epochs in ('-1', 'nan', 'inf'):  # Not silently the config's own total_steps.
+    with pytest.raises(ValueError, match=f'epochs={float(epochs)} must be a number >= 0'):
+      test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train},epochs={epochs}')
+  c = test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train / "images"},'
+                         'epochs=2')
+  c.input.batch_size = 0  # total_steps is ceil(epochs x images / batch): no ZeroDivisionError.
+  with pytest.raises(ValueError, match=r'config.input.batch_size=0 must be >= 1'):
+    main_lib.validate_config(c)
   (tmp_path / 'empty.csv').write_text('')
   with pytest.raises(ValueError, match='empty.csv is empty'):
     sources.read_csv_captions(str(tmp_path / 'empty.csv'), str(tmp_path))
