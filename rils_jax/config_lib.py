@@ -266,21 +266,22 @@ def check_keys(config: ml_collections.ConfigDict,
   keys may appear although the reference lacks them; `where` names the reference in the error.
 
   Raises:
-    ValueError: naming each unknown key and the closest known ones; for a batch size < 1.
+    ValueError: naming each unknown key and the closest known ones.
   """
-  batch = config.get('input', {}).get('batch_size', 1)
-  if isinstance(batch, int) and batch < 1:
-    # Before any other key is read: `epochs=` (configs/common.py) makes total_steps a lazy
-    # ceil(images / batch), which a batch of 0 would turn into a ZeroDivisionError.
-    raise ValueError(f'config.input.batch_size={batch} must be >= 1')
   unknown = []
 
   def walk(value, reference, prefix):
     if prefix.rstrip('.') in free_form:
       return
-    if not isinstance(value, (dict, ml_collections.ConfigDict)):
+    if isinstance(value, ml_collections.ConfigDict):
+      # Keys only: a lazy value (own data's total_steps = ceil(images / batch)) is not computed
+      # here, so that a bad batch meets its own check rather than a ZeroDivisionError.
+      children = value.items(preserve_field_references=True)
+    elif isinstance(value, dict):
+      children = value.items()
+    else:
       return
-    for key in value.keys():
+    for key, child in children:
       name = prefix + key
       if prefix == '' and key in optional:
         continue
@@ -288,8 +289,8 @@ def check_keys(config: ml_collections.ConfigDict,
         close = difflib.get_close_matches(key, list(reference.keys()), n=2)
         unknown.append(name + (f' (did you mean {", ".join(prefix + c for c in close)}?)'
                                if close else ''))
-      else:
-        walk(value[key], reference[key], name + '.')
+      elif isinstance(child, (dict, ml_collections.ConfigDict)):
+        walk(child, reference[key], name + '.')
 
   walk(config, base_config() if reference is None else reference, '')
   if unknown:

@@ -336,7 +336,7 @@ def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
   c = test_configs._load('default', f'data=csv:{train / "captions.csv"}:{train / "images"},'
                          'epochs=2')
   c.input.batch_size = 0  # total_steps is ceil(epochs x images / batch): no ZeroDivisionError.
-  with pytest.raises(ValueError, match=r'config.input.batch_size=0 must be >= 1'):
+  with pytest.raises(ValueError, match=r'config.input.batch_size=0 must be a positive multiple'):
     main_lib.validate_config(c)
   (tmp_path / 'empty.csv').write_text('')
   with pytest.raises(ValueError, match='empty.csv is empty'):

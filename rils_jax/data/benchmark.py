@@ -37,6 +37,7 @@ from rils_jax.data import transforms
 
 DEFAULT_BATCH = 64  # Images per batch when --batch_size is 0 and the records allow it.
 
+
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts to measure.')
