@@ -132,13 +132,14 @@ class TrainTransform(grain.transforms.RandomMap):
                rand_augment: Optional[augment.RandAugment] = None, erasing: float = 0.0):
     self.image_size, self.crop_scale = image_size, tuple(crop_scale)
     self.rand_augment, self.erasing = rand_augment, erasing
+    self.warn_skip = transforms.SkipWarnings()
 
   def random_map(self, element, rng: np.random.Generator):
     image, label = element
     try:
       pixels = transforms.decode_crop(image, self.image_size, rng, self.crop_scale)
     except transforms.BadImageError as e:
-      logging.warning('Skipping training image: %s', e)
+      self.warn_skip('training image', e)
       return None
     if rng.random() < 0.5:
       pixels = pixels[:, ::-1]

@@ -291,6 +291,21 @@ def warn_schedule_change(config, saved: dict, step: int) -> Optional[str]:
   return message
 
 
+def warn_data_change(config, saved: dict, step: int) -> Optional[str]:
+  """Says (and returns) that a run resumes at `step` on other training data than its
+  checkpoint's config `saved` names (`input.sources`, e.g. another `data=` argument): training
+  goes on, on the new data, from the saved position of the stream (an example index, whatever
+  the data); the checkpoints and logs then mix both. None when the sources agree."""
+  changes = config_lib.differences(saved, config.to_dict(), ('input.sources',), limit=2)
+  if not changes:
+    return None
+  message = (f'Resuming at step {step} on other training data than the checkpoint\'s config '
+             f'names ({"; ".join(changes)}): training goes on, on the new data, from the saved '
+             'position of the stream. To train on new data from scratch, use a new --workdir.')
+  console.say(message)
+  return message
+
+
 def start_state(config, setup: train_step_lib.Setup, checkpoints: checkpoints_lib.Checkpoints,
                 resume_step: Optional[int], batches) -> train_step_lib.TrainState:
   """The train state to start from: the checkpoint at `resume_step` (restoring the position of
@@ -416,7 +431,9 @@ def _train(config, workdir, setup: train_step_lib.Setup, watcher: preemption.Wat
   start_step = resume_step or 0
   state = start_state(config, setup, checkpoints, resume_step, batches)
   if resume_step is not None:
-    warn_schedule_change(config, checkpoints.read_json(resume_step, 'config'), resume_step)
+    saved = checkpoints.read_json(resume_step, 'config')
+    warn_schedule_change(config, saved, resume_step)
+    warn_data_change(config, saved, resume_step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s, %.2fM parameters, mesh %s', config.model.variant, num_params / 1e6,
                dict(setup.mesh.shape))

@@ -338,6 +338,44 @@ def test_pipeline_stops_when_no_image_can_be_read(tmp_path, tokenizer):
     next(iter(ds))
 
 
+def test_a_wrong_image_folder_is_refused_before_any_decoding(tmp_path, caplog):
+  images = str(tmp_path / 'images')
+  _write_images(images)
+  path = tmp_path / 'captions.csv'
+  path.write_text('image,caption\n' + ''.join(f'x{i}.jpg,caption {i}\n' for i in range(100)))
+  with pytest.raises(FileNotFoundError, match=r'none of the 64 images of .*captions.csv looked '
+                     r'for is in .*images \(e\.g\. .*x0\.jpg\): check the image folder'):
+    sources.open_source(dict(kind='csv', captions=str(path), images=images))
+  # Some present: one line with the share looked for, then training goes on.
+  path.write_text('image,caption\na.jpg,red\nb.png,green\nnothere.jpg,gone\n')
+  with caplog.at_level('WARNING'):
+    source = sources.open_source(dict(kind='csv', captions=str(path), images=images))
+  assert len(source) == 3
+  assert [r.getMessage() for r in caplog.records if 'looked for' in r.getMessage()] == [
+      f'1 of the 3 images of {path} looked for are missing from {images} (e.g. '
+      f'{os.path.join(images, "nothere.jpg")}): missing images are skipped and counted']
+
+
+def test_skipped_examples_are_logged_ten_times_then_only_counted(tmp_path, tokenizer, caplog):
+  images = str(tmp_path / 'images')
+  _write_images(images)
+  records = [records_lib.ImageCaptions(os.path.join(images, n), ('a caption',))
+             for n in ('a.jpg', 'b.png')]
+  records += [records_lib.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
+              for i in range(6)]
+  ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
+                                   batch_size=2, seed=0, read_threads=0)
+  with caplog.at_level('WARNING'):
+    it = iter(ds)
+    skipped = sum(int(next(it)['skipped'].sum()) for _ in range(10))  # 10 epochs of 2 images.
+  lines = [r.getMessage() for r in caplog.records]
+  # Each epoch skips the 6 missing images: 60 skips, of which the first 10 get a line each.
+  assert 54 <= skipped <= 60
+  assert len([m for m in lines if m.startswith('Skipping example')]) == 10
+  assert lines.count('10 skipped in this process: further ones are counted in the metrics, '
+                     'without a line each') == 1
+
+
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
                       'shared', 'data')
 

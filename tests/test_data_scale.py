@@ -421,6 +421,9 @@ def test_converter_never_mixes_or_loses_shard_sets(tmp_path):
     convert.convert(source, prefix, num_shards=3, num_workers=1)
   bad = tmp_path / 'bad.csv'
   bad.write_text('image,caption\nmissing.jpg,nothing here\n')
+  with pytest.raises(FileNotFoundError, match='none of the 1 images of .*bad.csv looked for'):
+    convert.open_input('csv', str(bad), images, None)
+  bad.write_text('image,caption\nbad.jpg,an image that does not decode\n')
   bad_source, _ = convert.open_input('csv', str(bad), images, None)
   with pytest.raises(ValueError, match='no record could be converted'):
     convert.convert(bad_source, prefix, num_shards=2, num_workers=1, overwrite=True)

@@ -132,6 +132,13 @@ def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
   assert message.startswith('Resuming at step 2 with another learning-rate schedule '
                             '(total_steps: 2 -> 4): the learning rate follows the new config')
   assert main_lib.warn_schedule_change(config, saved, 2) is None
+  assert main_lib.warn_data_change(longer, saved, 2) is None
+  other = tiny.get_config(f'root={shapes / "data"},steps=4,evals=false')
+  other.input.sources[0]['select'] = ':10'
+  message = main_lib.warn_data_change(other, saved, 2)
+  assert message.startswith("Resuming at step 2 on other training data than the checkpoint's "
+                            'config names (input.sources: [{'), message
+  assert '"select": ":10"' in message and message.endswith('use a new --workdir.'), message
   main_lib.train(longer, str(workdir))
   logged = tiny.logged_metrics(str(workdir))
   np.testing.assert_allclose(logged[3]['learning_rate'],

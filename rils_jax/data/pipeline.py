@@ -151,11 +151,12 @@ class TrainTransform(grain.transforms.RandomMap):
     self.context_length = context_length
     self.crop_scale = tuple(crop_scale)
     self.draft = draft
+    self.warn_skip = transforms.SkipWarnings()
 
   def random_map(self, element, rng: np.random.Generator):
     example_id, record = element
     if isinstance(record, records.BadRecord):
-      logging.warning('Skipping example %d: %s', example_id, record.reason)
+      self.warn_skip(f'example {example_id}', record.reason)
       return Skipped(record.reason)
     captions = records.clean_captions(record.captions)
     if not captions:  # Only shard formats get here: the csv/coco readers drop such images.
@@ -164,7 +165,7 @@ class TrainTransform(grain.transforms.RandomMap):
       image = transforms.decode_crop(record.image, self.image_size, rng, self.crop_scale,
                                      name=record.name, draft=self.draft)
     except transforms.BadImageError as e:
-      logging.warning('Skipping example %d: %s', example_id, e)
+      self.warn_skip(f'example {example_id}', e)
       return Skipped(str(e))
     caption = captions[rng.integers(len(captions))]
     return dict(image=image, text=self.tokenizer.encode([caption], self.context_length)[0],
@@ -382,13 +383,14 @@ class EvalTransform(grain.transforms.MapWithIndex):
 
   def __init__(self, image_size: int):
     self.image_size = image_size
+    self.warn_skip = transforms.SkipWarnings()
 
   def map_with_index(self, index, element):
     image, label = element if isinstance(element, tuple) else (element, None)
     try:
       out = dict(image=transforms.decode_crop(image, self.image_size), index=np.int64(index))
     except transforms.BadImageError as e:
-      logging.warning('Skipping evaluation image: %s', e)
+      self.warn_skip('evaluation image', e)
       return None
     if label is not None:
       out['label'] = np.int64(label)

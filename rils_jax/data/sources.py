@@ -35,6 +35,7 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from absl import logging
 
 from rils_jax.data import arrayrecord
@@ -75,8 +76,6 @@ def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str
   return records, stats
 
 
-
-
 def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]:
   """Reads a CSV with header `image,caption` (extra columns ignored, any number of rows per image).
 
@@ -113,8 +112,6 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   records, stats = _group([p for p in pairs if p[0]], image_dir, order)
   stats.non_utf8_lines = non_utf8
   return records, stats
-
-
 
 
 def read_coco_captions(annotations_json: str, image_dir: str
@@ -202,10 +199,34 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
     raise ValueError(f"unknown image-caption source kind {kind!r}; one of "
                      f"{list(readers) + ['txt']}")
   records = records_lib.select(records, source.get('select'))
+  if kind != 'txt':  # The txt reader lists files that exist.
+    check_images_exist(records, source['captions'], source['images'])
   return records, dataclasses.replace(stats, images=len(records),
                                       captions=sum(len(r.captions) for r in records))
 
 
+def check_images_exist(records: Sequence[ImageCaptions], captions: str, image_dir: str,
+                       sample: int = 64) -> None:
+  """Looks for `sample` of the records' image files, evenly spread over the list, before any is
+  decoded: a wrong image folder is refused at once rather than after a thousand skipped
+  examples, and a partly missing folder is said once (the pipeline skips and counts each
+  missing image).
+
+  Raises:
+    FileNotFoundError: if none of the sampled images exists.
+  """
+  if not records:
+    return
+  picks = sorted(set(np.linspace(0, len(records) - 1, min(sample, len(records))).astype(int)))
+  missing = [records[i].image for i in picks if not os.path.isfile(records[i].image)]
+  if len(missing) == len(picks):
+    raise FileNotFoundError(
+        f'none of the {len(picks)} images of {captions} looked for is in {image_dir} (e.g. '
+        f'{missing[0]}): check the image folder')
+  if missing:
+    logging.warning('%d of the %d images of %s looked for are missing from %s (e.g. %s): '
+                    'missing images are skipped and counted', len(missing), len(picks),
+                    captions, image_dir, missing[0])
 
 
 SOURCE_KINDS = ('csv', 'coco', 'txt', 'arrayrecord', 'webdataset', 'tfds')
@@ -298,8 +319,6 @@ def open_source(spec: Mapping[str, Any]) -> records_lib.RecordSource:
         image_key=spec.get('image_key', 'image'),
         caption_key=spec.get('caption_key', 'captions/text'))
   return records_lib.SliceSource(source, spec['select']) if spec.get('select') else source
-
-
 
 
 def open_sources(specs: Sequence[Mapping[str, Any]]) -> records_lib.ConcatSource:

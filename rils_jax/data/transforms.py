@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
 # Pillow refuses images above this many pixels (decompression bombs) with an error we count.
@@ -25,6 +26,26 @@ Image.MAX_IMAGE_PIXELS = 64_000_000
 
 class BadImageError(ValueError):
   """An image that cannot be used: missing, unreadable, undecodable or degenerate."""
+
+
+class SkipWarnings:
+  """Logs the first `limit` skipped examples of this process one line each, then once that
+  later ones are only counted. A folder of missing images would otherwise print a line for
+  every example, and again at every epoch; the counts (`data/skipped_examples`) stay exact.
+
+  Call it with what was skipped and why; returns nothing.
+  """
+
+  def __init__(self, limit: int = 10):
+    self.limit, self.count = limit, 0
+
+  def __call__(self, what: str, reason) -> None:
+    self.count += 1
+    if self.count <= self.limit:
+      logging.warning('Skipping %s: %s', what, reason)
+    if self.count == self.limit:
+      logging.warning('%d skipped in this process: further ones are counted in the metrics, '
+                      'without a line each', self.limit)
 
 
 ImageSource = Union[str, bytes, np.ndarray]
