@@ -50,6 +50,8 @@ def test_every_command_prints_a_mistake_as_one_line(tmp_path):
       ('rils_jax.dry_run', ['--config=configs/vit_b16.py', TYPO], DID_YOU_MEAN),
       ('rils_jax.benchmark', ['--config=configs/default.py', TYPO], DID_YOU_MEAN),
       ('rils_jax.data.benchmark', ['--config=configs/default.py', TYPO], DID_YOU_MEAN),
+      ('rils_jax.data.benchmark', ['--config=configs/default.py', '--workers='],
+       '--workers (one or more counts) and --batch_size must be >= 0'),
       ('rils_jax.main', ['--config=configs/nope.py', f'--workdir={t}/w'],
        'cannot load the config file: [Errno 2] No such file or directory'),
       ('rils_jax.main', [f'--config={bad}', f'--workdir={t}/w'],
@@ -348,6 +350,12 @@ def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
   (tmp_path / 'empty.csv').write_text('')
   with pytest.raises(ValueError, match='empty.csv is empty'):
     sources.read_csv_captions(str(tmp_path / 'empty.csv'), str(tmp_path))
+  # A header with spaces around its names is read; a file given as the image folder is named so.
+  (tmp_path / 'spaced.csv').write_text(' image , caption \n000000.png,a shape\n')
+  records, _ = sources.read_csv_captions(str(tmp_path / 'spaced.csv'), str(train / 'images'))
+  assert [r.captions for r in records] == [('a shape',)]
+  with pytest.raises(FileNotFoundError, match='image folder is a file, not a folder: .*spaced.csv'):
+    sources.read_csv_captions(str(tmp_path / 'spaced.csv'), str(tmp_path / 'spaced.csv'))
   with pytest.raises(ValueError, match='--variants names no variant'):
     compare.compare(tiny.tiny_config(), tiny.tiny_config(), str(tmp_path / 'c'), [], 1)
   # A line cut or edited in the middle of metrics.jsonl is left out of the report, not fatal.

@@ -193,8 +193,9 @@ def main(argv):
     workers = [int(w) for w in f.workers]
   except ValueError as e:
     raise app.UsageError(f'--workers must be whole numbers, got {f.workers}') from e
-  if any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 0:
-    raise app.UsageError('--workers and --batch_size must be >= 0, --images >= 1')
+  if not workers or any(w < 0 for w in workers) or f.images < 1 or f.batch_size < 0:
+    raise app.UsageError('--workers (one or more counts) and --batch_size must be >= 0, '
+                         '--images >= 1')
   # Missing or too little data: one line (console.run).
   results = run(f.config, workers, f.images, f.batch_size, f.draft, f.baseline)
   for r in results:

@@ -21,7 +21,8 @@ Records group all captions of an image, in file order. Empty or whitespace-only 
 repeats of a caption of the same image are dropped and counted; an image left with no caption
 is dropped and counted. CSV lines that are not UTF-8 are read as Windows-1252 (the usual
 origin of such files) and counted. Images are not opened here: missing or corrupt files are
-found (and counted) by the input pipeline.
+found (and counted) by the input pipeline; a CSV or COCO source is refused when none of a
+sample of its image files exists (`check_images_exist`: a wrong image folder).
 """
 
 import collections
@@ -49,6 +50,13 @@ from rils_jax.data.records import ImageCaptions, SourceStats
 csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+def _check_folder(path: str, what: str) -> None:
+  """FileNotFoundError naming `what` when `path` is not a folder (missing, or a file)."""
+  if not os.path.isdir(path):
+    problem = 'is a file, not a folder' if os.path.isfile(path) else 'not found'
+    raise FileNotFoundError(f'{what} {problem}: {path}')
 
 
 def _group(pairs: Sequence[Tuple[str, str]], image_dir: str, order: Sequence[str],
@@ -86,15 +94,15 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   """
   if not os.path.isfile(captions_csv):
     raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
-  if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  _check_folder(image_dir, 'image folder')
   lines, non_utf8 = records_lib.read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames:
       raise ValueError(f'{captions_csv} is empty: it needs a header "image,caption" and a row '
                        'per caption')
-    if not {'image', 'caption'} <= set(reader.fieldnames or []):
+    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, caption" too.
+    if not {'image', 'caption'} <= set(reader.fieldnames):
       raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
                        f'got {reader.fieldnames}')
     pairs = []
@@ -124,8 +132,7 @@ def read_coco_captions(annotations_json: str, image_dir: str
   """
   if not os.path.isfile(annotations_json):
     raise FileNotFoundError(f'COCO captions JSON not found: {annotations_json}')
-  if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  _check_folder(image_dir, 'image folder')
   try:
     with open(annotations_json, 'rb') as f:
       raw = f.read()
@@ -161,8 +168,7 @@ def read_txt_captions(image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]
   Raises:
     FileNotFoundError: if the folder does not exist.
   """
-  if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f'image folder not found: {image_dir}')
+  _check_folder(image_dir, 'image folder')
   names = sorted(os.path.relpath(os.path.join(folder, f), image_dir)
                  for folder, _, files in os.walk(image_dir) for f in files
                  if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -353,8 +359,7 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class:
     FileNotFoundError: if `root` does not exist.
     ValueError: if it holds no class folder with images, or a class folder without any.
   """
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'image folder dataset not found: {root}')
+  _check_folder(root, 'image folder dataset')
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   paths, labels = [], []
   for label, name in enumerate(classes):
