@@ -1,9 +1,10 @@
-"""XLA:CPU flags that rils_jax adds to `XLA_FLAGS` on request (`RILS_CPU_XLA_FLAGS=onednn`),
-before JAX starts a backend.
+"""XLA:CPU flags that rils_jax adds to `XLA_FLAGS` on request (`RILS_CPU_XLA_FLAGS=onednn` or
+`ynn`), before JAX starts a backend.
 
-Why: on x86 CPUs the float32 matmuls of this jaxlib's default (YNNPACK, or Eigen without it) run
-at about 55-85% of PyTorch's MKL on the ViT-B/16 shapes; oneDNN's, one dot at a time, match
-it (benchmarks/cpu_vs_pytorch.py has the measurements and the command). Only whole dots go to
+`onednn` (`CPU_XLA_FLAGS`). Why: on x86 CPUs the float32 matmuls of this jaxlib's default
+(YNNPACK, or Eigen without it) run at about 55-85% of PyTorch's MKL on the ViT-B/16 shapes;
+oneDNN's, one dot at a time, match it (benchmarks/cpu_vs_pytorch.py has the measurements and
+the command). Only whole dots go to
 oneDNN (`individual_dot`): its `dot` fusion type also takes neighbouring elementwise ops and
 then fails at run time on the RILS loss ("partition compile failed", jaxlib 0.10.2).
 
@@ -11,9 +12,15 @@ Opt-in, not a default: oneDNN is an experimental path of XLA:CPU (its wider fusi
 this very step), and the gain measured here is within what a shared 2-core machine's noise
 allows; the test suite runs XLA's default path.
 
+`ynn` (`YNN_XLA_FLAGS`): YNNPACK keeps only dots and reductions, and XLA's loop fusions take the
+elementwise ops. The ViT-B/16 RILS step at batch 8 ran at 1.032 and 1.077 of its PyTorch twin's
+speed so on an AVX-512 CPU, against 0.96-1.00 on XLA's default path in the same hour; opt-in
+because the gain is about 4%, measured on one CPU, and changes float32 rounding (every result
+of the default run moves with it).
+
 `apply_defaults` runs when `rils_jax` is imported (rils_jax/__init__.py), which is before any
-JAX backend starts in the entry points. With `RILS_CPU_XLA_FLAGS=onednn` it adds each flag of
-`CPU_XLA_FLAGS` whose name is not already in `XLA_FLAGS` (the user's value wins flag by flag),
+JAX backend starts in the entry points. With `RILS_CPU_XLA_FLAGS=onednn` or `ynn` it adds each
+flag of that mode whose name is not already in `XLA_FLAGS` (the user's value wins flag by flag),
 and nothing at all when:
 - `RILS_CPU_XLA_FLAGS` is unset or `none` (the default);
 - the process may run on an accelerator: `JAX_PLATFORMS` names another platform than cpu, or
@@ -32,11 +39,15 @@ import sys
 from typing import MutableMapping, Optional, Tuple
 
 ENV = 'RILS_CPU_XLA_FLAGS'
-MODES = ('none', 'onednn')
 CPU_XLA_FLAGS = (
     '--xla_cpu_use_onednn=true',
     '--xla_cpu_experimental_onednn_fusion_type=individual_dot',
 )
+# YNNPACK (this jaxlib's default for dots) keeps the dots and reductions; the elementwise ops it
+# would also take go to XLA's own loop fusions, where the optimizer update fuses into fewer
+# passes over the parameters (`benchmarks/cpu_vs_pytorch.py`: README, "Speed").
+YNN_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=dot,reduce',)
+MODES = {'none': (), 'onednn': CPU_XLA_FLAGS, 'ynn': YNN_XLA_FLAGS}
 # (major, minor) of the jaxlib releases CPU_XLA_FLAGS were measured on.
 MEASURED_JAXLIB = ((0, 10),)
 
@@ -80,24 +91,25 @@ def cpu_only(environ: MutableMapping[str, str]) -> bool:
 
 
 def apply_defaults(environ: Optional[MutableMapping[str, str]] = None) -> Tuple[str, ...]:
-  """Adds `CPU_XLA_FLAGS` to `environ['XLA_FLAGS']` (default `os.environ`) where the module
+  """Adds the flags of the `RILS_CPU_XLA_FLAGS` mode (`MODES`: `CPU_XLA_FLAGS` for 'onednn',
+  `YNN_XLA_FLAGS` for 'ynn') to `environ['XLA_FLAGS']` (default `os.environ`) where the module
   docstring says so.
 
   Returns:
     The flags added (empty when none).
 
   Raises:
-    ValueError: when `RILS_CPU_XLA_FLAGS` is neither 'none' nor 'onednn'.
+    ValueError: when `RILS_CPU_XLA_FLAGS` is not one of `MODES`.
   """
   environ = os.environ if environ is None else environ
   mode = environ.get(ENV, 'none') or 'none'
   if mode not in MODES:
-    raise ValueError(f"{ENV}={mode} must be 'none' or 'onednn'")
+    raise ValueError(f"{ENV}={mode} must be one of {', '.join(MODES)}")
   if (mode == 'none' or _jaxlib_version() not in MEASURED_JAXLIB or not cpu_only(environ)
       or _backend_started()):
     return ()
   current = environ.get('XLA_FLAGS', '')
-  added = missing(current)
+  added = missing(current, MODES[mode])
   if added:
     environ['XLA_FLAGS'] = ' '.join((current.strip(),) + added).strip()
   return added

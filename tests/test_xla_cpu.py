@@ -62,7 +62,7 @@ def test_unmeasured_jaxlib_or_started_backend(measured, monkeypatch):
 
 
 def test_bad_mode(measured):
-  with pytest.raises(ValueError, match='RILS_CPU_XLA_FLAGS=off'):
+  with pytest.raises(ValueError, match='RILS_CPU_XLA_FLAGS=off must be one of none, onednn, ynn'):
     xla_cpu.apply_defaults({xla_cpu.ENV: 'off'})
 
 
@@ -79,3 +79,23 @@ def test_import_applies_them_beside_the_device_count():
                        text=True, check=True).stdout.split()
   assert out[:2] == ['8', 'True'] and out[2] == DEVICES
   assert out[3:] == list(xla_cpu.CPU_XLA_FLAGS)
+
+
+def test_the_ynn_mode_adds_its_flag_and_xla_takes_it(measured):
+  """RILS_CPU_XLA_FLAGS=ynn adds YNN_XLA_FLAGS; in a fresh process XLA parses the flag (it aborts
+  on one it does not know) and a dot, a reduction and elementwise ops give NumPy's values."""
+  env = {'XLA_FLAGS': DEVICES, xla_cpu.ENV: 'ynn'}
+  assert xla_cpu.apply_defaults(env) == xla_cpu.YNN_XLA_FLAGS
+  assert env['XLA_FLAGS'].split() == [DEVICES, *xla_cpu.YNN_XLA_FLAGS]
+  if xla_cpu._jaxlib_version() not in xla_cpu.MEASURED_JAXLIB:  # pylint: disable=protected-access
+    return
+  code = ('import os, rils_jax, jax, jax.numpy as jnp, numpy as np\n'
+          'x = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)\n'
+          'out = jax.jit(lambda a: (a @ a, jnp.tanh(a) * 2 + 1, a.sum(1)))(x)\n'
+          'want = (x @ x, np.tanh(x) * 2 + 1, x.sum(1))\n'
+          'print(max(float(np.abs(o - w).max()) for o, w in zip(out, want)), '
+          'os.environ["XLA_FLAGS"])\n')
+  run_env = {**os.environ, xla_cpu.ENV: 'ynn', 'XLA_FLAGS': DEVICES, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=run_env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert float(out[0]) < 1e-4 and out[1:] == [DEVICES, *xla_cpu.YNN_XLA_FLAGS]
