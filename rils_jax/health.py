@@ -82,7 +82,7 @@ def check_skips(skipped: int, delivered: int, max_fraction: float) -> None:
     raise RuntimeError(
         f'{skipped} of {skipped + delivered} examples were skipped as unreadable images, more '
         f'than config.input.max_skip_fraction={max_fraction}; check the image folders of '
-        'config.input.sources (the log names each skipped file)')
+        'config.input.sources (the log names the first skipped files)')
 
 
 class ExampleIds:

@@ -4,6 +4,7 @@ corrupt JPEG, a missing file and empty captions."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -343,37 +344,63 @@ def test_a_wrong_image_folder_is_refused_before_any_decoding(tmp_path, caplog):
   _write_images(images)
   path = tmp_path / 'captions.csv'
   path.write_text('image,caption\n' + ''.join(f'x{i}.jpg,caption {i}\n' for i in range(100)))
-  with pytest.raises(FileNotFoundError, match=r'none of the 64 images of .*captions.csv looked '
-                     r'for is in .*images \(e\.g\. .*x0\.jpg\): check the image folder'):
+  with pytest.raises(FileNotFoundError, match=r'none of 64 images sampled from .*captions.csv '
+                     r'is in .*images \(e\.g\. .*x0\.jpg\): check the image folder'):
     sources.open_source(dict(kind='csv', captions=str(path), images=images))
-  # Some present: one line with the share looked for, then training goes on.
+  # Some missing: one line with the share sampled (once, though configs read a source twice),
+  # then training goes on.
   path.write_text('image,caption\na.jpg,red\nb.png,green\nnothere.jpg,gone\n')
   with caplog.at_level('WARNING'):
     source = sources.open_source(dict(kind='csv', captions=str(path), images=images))
+    sources.open_source(dict(kind='csv', captions=str(path), images=images, select=':2'))
+    sources.open_source(dict(kind='csv', captions=str(path), images=images, select='1:'))
   assert len(source) == 3
-  assert [r.getMessage() for r in caplog.records if 'looked for' in r.getMessage()] == [
-      f'1 of the 3 images of {path} looked for are missing from {images} (e.g. '
+  assert [r.getMessage() for r in caplog.records if 'sampled' in r.getMessage()] == [
+      f'1 of 3 images sampled from {path} is missing from {images} (e.g. '
       f'{os.path.join(images, "nothere.jpg")}): missing images are skipped and counted']
+  caplog.clear()
+  path = tmp_path / 'mostly_missing.csv'
+  path.write_text('image,caption\na.jpg,red\nno1.jpg,gone\nno2.png,gone\n')
+  with caplog.at_level('WARNING'):
+    sources.open_source(dict(kind='csv', captions=str(path), images=images))
+  assert [r.getMessage() for r in caplog.records if 'sampled' in r.getMessage()] == [
+      f'2 of 3 images sampled from {path} are missing from {images} (e.g. '
+      f'{os.path.join(images, "no1.jpg")}): more than half: a run stops once more than '
+      'config.input.max_skip_fraction of its examples are skipped; missing images are skipped '
+      'and counted']
 
 
-def test_skipped_examples_are_logged_ten_times_then_only_counted(tmp_path, tokenizer, caplog):
+def test_skipped_files_are_named_once_each_up_to_ten_then_only_counted(tmp_path, tokenizer,
+                                                                      caplog):
   images = str(tmp_path / 'images')
   _write_images(images)
-  records = [records_lib.ImageCaptions(os.path.join(images, n), ('a caption',))
-             for n in ('a.jpg', 'b.png')]
-  records += [records_lib.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
-              for i in range(6)]
-  ds = pipeline.make_train_dataset(records, tokenizer, image_size=16, context_length=8,
-                                   batch_size=2, seed=0, read_threads=0)
+  good = [records_lib.ImageCaptions(os.path.join(images, n), ('a caption',))
+          for n in ('a.jpg', 'b.png')]
+  missing = [records_lib.ImageCaptions(str(tmp_path / f'missing{i}.jpg'), ('a caption',))
+             for i in range(15)]
   with caplog.at_level('WARNING'):
-    it = iter(ds)
-    skipped = sum(int(next(it)['skipped'].sum()) for _ in range(10))  # 10 epochs of 2 images.
-  lines = [r.getMessage() for r in caplog.records]
-  # Each epoch skips the 6 missing images: 60 skips, of which the first 10 get a line each.
-  assert 54 <= skipped <= 60
-  assert len([m for m in lines if m.startswith('Skipping example')]) == 10
-  assert lines.count('10 skipped in this process: further ones are counted in the metrics, '
-                     'without a line each') == 1
+    # 4 missing files over 10 epochs: each named once, no closing line.
+    it = iter(pipeline.make_train_dataset(good + missing[:4], tokenizer, image_size=16,
+                                          context_length=8, batch_size=2, seed=0,
+                                          read_threads=0))
+    skipped = sum(int(next(it)['skipped'].sum()) for _ in range(10))
+    lines = [r.getMessage() for r in caplog.records]
+    assert 36 <= skipped <= 40
+    named = sorted(re.search(r'missing\d+', m).group() for m in lines
+                   if m.startswith('Skipping example'))
+    assert named == [f'missing{i}' for i in range(4)] and len(lines) == 4, lines
+    caplog.clear()
+    # 15 missing files over 3 epochs, read by 4 threads: 10 named, then one closing line.
+    it = iter(pipeline.make_train_dataset(good + missing, tokenizer, image_size=16,
+                                          context_length=8, batch_size=2, seed=0,
+                                          read_threads=4))
+    skipped = sum(int(next(it)['skipped'].sum()) for _ in range(3))
+    lines = [r.getMessage() for r in caplog.records]
+  assert 30 <= skipped <= 45
+  assert len({m for m in lines if m.startswith('Skipping example')}) == 10, lines
+  assert lines.count('More unreadable files than the 10 named above: further ones are counted '
+                     'in the metrics (data/skipped_examples), without a line each') == 1
+  assert len(lines) == 11, lines
 
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',

@@ -421,7 +421,7 @@ def test_converter_never_mixes_or_loses_shard_sets(tmp_path):
     convert.convert(source, prefix, num_shards=3, num_workers=1)
   bad = tmp_path / 'bad.csv'
   bad.write_text('image,caption\nmissing.jpg,nothing here\n')
-  with pytest.raises(FileNotFoundError, match='none of the 1 images of .*bad.csv looked for'):
+  with pytest.raises(FileNotFoundError, match='none of 1 images sampled from .*bad.csv'):
     convert.open_input('csv', str(bad), images, None)
   bad.write_text('image,caption\nbad.jpg,an image that does not decode\n')
   bad_source, _ = convert.open_input('csv', str(bad), images, None)

@@ -356,6 +356,13 @@ def test_bad_values_found_by_trying_to_break_it(shapes, tmp_path):
   assert [r.captions for r in records] == [('a shape',)]
   with pytest.raises(FileNotFoundError, match='image folder is a file, not a folder: .*spaced.csv'):
     sources.read_csv_captions(str(tmp_path / 'spaced.csv'), str(tmp_path / 'spaced.csv'))
+  with pytest.raises(FileNotFoundError, match='captions CSV is a folder, not a file'):
+    sources.read_csv_captions(str(tmp_path), str(train / 'images'))
+  (tmp_path / 'cased.csv').write_text('Image,Caption\n000000.png,a shape\n')
+  assert len(sources.read_csv_captions(str(tmp_path / 'cased.csv'), str(train / 'images'))[0]) == 1
+  with pytest.raises(ValueError, match='captions CSV gs://b/c.csv: CSV, COCO and txt sources read '
+                     'local files'):
+    test_configs._load('default', 'data=csv:gs://b/c.csv:gs://b/images')
   with pytest.raises(ValueError, match='--variants names no variant'):
     compare.compare(tiny.tiny_config(), tiny.tiny_config(), str(tmp_path / 'c'), [], 1)
   # A line cut or edited in the middle of metrics.jsonl is left out of the report, not fatal.

@@ -52,10 +52,28 @@ csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
+def _check_local(path: str, what: str) -> None:
+  if '://' in path:
+    raise ValueError(f'{what} {path}: CSV, COCO and txt sources read local files; copy them to a '
+                     'local disk, or give the data as WebDataset or ArrayRecord shards, whose '
+                     '`files` may be gs:// URLs')
+
+
 def _check_folder(path: str, what: str) -> None:
-  """FileNotFoundError naming `what` when `path` is not a folder (missing, or a file)."""
+  """FileNotFoundError naming `what` when `path` is not a folder (missing, or a file);
+  ValueError for a URL."""
+  _check_local(path, what)
   if not os.path.isdir(path):
     problem = 'is a file, not a folder' if os.path.isfile(path) else 'not found'
+    raise FileNotFoundError(f'{what} {problem}: {path}')
+
+
+def _check_file(path: str, what: str) -> None:
+  """FileNotFoundError naming `what` when `path` is not a file (missing, or a folder);
+  ValueError for a URL."""
+  _check_local(path, what)
+  if not os.path.isfile(path):
+    problem = 'is a folder, not a file' if os.path.isdir(path) else 'not found'
     raise FileNotFoundError(f'{what} {problem}: {path}')
 
 
@@ -88,12 +106,11 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
   """Reads a CSV with header `image,caption` (extra columns ignored, any number of rows per image).
 
   Raises:
-    FileNotFoundError: if the CSV or the image folder does not exist.
-    ValueError: if the header lacks `image` or `caption`, or the file is malformed (the message
-      names the line).
+    FileNotFoundError: if the CSV or the image folder does not exist (or is a folder / a file).
+    ValueError: for a URL (local files only); if the header lacks `image` or `caption`, or the
+      file is malformed (the message names the line).
   """
-  if not os.path.isfile(captions_csv):
-    raise FileNotFoundError(f'captions CSV not found: {captions_csv}')
+  _check_file(captions_csv, 'captions CSV')
   _check_folder(image_dir, 'image folder')
   lines, non_utf8 = records_lib.read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
@@ -101,7 +118,8 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     if not reader.fieldnames:
       raise ValueError(f'{captions_csv} is empty: it needs a header "image,caption" and a row '
                        'per caption')
-    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, caption" too.
+    # "image, caption" and "Image,Caption" too.
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
     if not {'image', 'caption'} <= set(reader.fieldnames):
       raise ValueError(f'{captions_csv}: header must contain "image" and "caption", '
                        f'got {reader.fieldnames}')
@@ -127,11 +145,11 @@ def read_coco_captions(annotations_json: str, image_dir: str
   """Reads the official COCO captions JSON layout, images in the order of `images`.
 
   Raises:
-    FileNotFoundError: if the JSON or the image folder does not exist.
-    ValueError: if the file is not valid JSON in the COCO captions layout.
+    FileNotFoundError: if the JSON or the image folder does not exist (or is a folder / a file).
+    ValueError: for a URL (local files only); if the file is not valid JSON in the COCO
+      captions layout.
   """
-  if not os.path.isfile(annotations_json):
-    raise FileNotFoundError(f'COCO captions JSON not found: {annotations_json}')
+  _check_file(annotations_json, 'COCO captions JSON')
   _check_folder(image_dir, 'image folder')
   try:
     with open(annotations_json, 'rb') as f:
@@ -166,7 +184,8 @@ def read_txt_captions(image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]
   path order, sub-folders included; an image without its `.txt` counts as without caption.
 
   Raises:
-    FileNotFoundError: if the folder does not exist.
+    FileNotFoundError: if the folder does not exist (or is a file).
+    ValueError: for a URL (local files only).
   """
   _check_folder(image_dir, 'image folder')
   names = sorted(os.path.relpath(os.path.join(folder, f), image_dir)
@@ -215,8 +234,8 @@ def check_images_exist(records: Sequence[ImageCaptions], captions: str, image_di
                        sample: int = 64) -> None:
   """Looks for `sample` of the records' image files, evenly spread over the list, before any is
   decoded: a wrong image folder is refused at once rather than after a thousand skipped
-  examples, and a partly missing folder is said once (the pipeline skips and counts each
-  missing image).
+  examples, and a partly missing folder is said once per process (the pipeline skips and counts
+  each missing image).
 
   Raises:
     FileNotFoundError: if none of the sampled images exists.
@@ -227,12 +246,18 @@ def check_images_exist(records: Sequence[ImageCaptions], captions: str, image_di
   missing = [records[i].image for i in picks if not os.path.isfile(records[i].image)]
   if len(missing) == len(picks):
     raise FileNotFoundError(
-        f'none of the {len(picks)} images of {captions} looked for is in {image_dir} (e.g. '
+        f'none of {len(picks)} images sampled from {captions} is in {image_dir} (e.g. '
         f'{missing[0]}): check the image folder')
-  if missing:
-    logging.warning('%d of the %d images of %s looked for are missing from %s (e.g. %s): '
-                    'missing images are skipped and counted', len(missing), len(picks),
-                    captions, image_dir, missing[0])
+  if missing and (captions, image_dir) not in _WARNED_MISSING:
+    _WARNED_MISSING.add((captions, image_dir))  # Configs read a source twice (all, then a slice).
+    most = (' more than half: a run stops once more than config.input.max_skip_fraction of its '
+            'examples are skipped;' if 2 * len(missing) > len(picks) else '')
+    logging.warning('%d of %d images sampled from %s %s missing from %s (e.g. %s):%s missing '
+                    'images are skipped and counted', len(missing), len(picks), captions,
+                    'is' if len(missing) == 1 else 'are', image_dir, missing[0], most)
+
+
+_WARNED_MISSING = set()
 
 
 SOURCE_KINDS = ('csv', 'coco', 'txt', 'arrayrecord', 'webdataset', 'tfds')

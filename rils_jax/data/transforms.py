@@ -12,6 +12,7 @@ reduction, so that the result stays a downscale; see `decode_crop`.
 
 import io
 import math
+import threading
 import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -29,23 +30,39 @@ class BadImageError(ValueError):
 
 
 class SkipWarnings:
-  """Logs the first `limit` skipped examples of this process one line each, then once that
-  later ones are only counted. A folder of missing images would otherwise print a line for
-  every example, and again at every epoch; the counts (`data/skipped_examples`) stay exact.
+  """Logs the first `limit` distinct reasons for skipping an example in this process, one line
+  each, then once that later ones are only counted. A folder of missing images would otherwise
+  print a line for every example, and again at every epoch; the counts
+  (`data/skipped_examples`) stay exact. Safe to call from grain's read threads; a copy sent to a
+  worker process starts its own count.
 
-  Call it with what was skipped and why; returns nothing.
+  Call it with what was skipped and why (the reason names the file); returns nothing.
   """
 
   def __init__(self, limit: int = 10):
-    self.limit, self.count = limit, 0
+    self.limit = limit
+    self._seen = set()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {'limit': self.limit, '_seen': set()}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def __call__(self, what: str, reason) -> None:
-    self.count += 1
-    if self.count <= self.limit:
+    reason = str(reason)
+    with self._lock:
+      if reason in self._seen or len(self._seen) > self.limit:
+        return
+      self._seen.add(reason)
+      last = len(self._seen) > self.limit
+    if last:
+      logging.warning('More unreadable files than the %d named above: further ones are '
+                      'counted in the metrics (data/skipped_examples), without a line each',
+                      self.limit)
+    else:
       logging.warning('Skipping %s: %s', what, reason)
-    if self.count == self.limit:
-      logging.warning('%d skipped in this process: further ones are counted in the metrics, '
-                      'without a line each', self.limit)
 
 
 ImageSource = Union[str, bytes, np.ndarray]
