@@ -13,10 +13,10 @@ this very step), and the gain measured here is within what a shared 2-core machi
 allows; the test suite runs XLA's default path.
 
 `ynn` (`YNN_XLA_FLAGS`): YNNPACK keeps only dots and reductions, and XLA's loop fusions take the
-elementwise ops. The ViT-B/16 RILS step at batch 8 ran at 1.032 and 1.077 of its PyTorch twin's
-speed so on an AVX-512 CPU, against 0.96-1.00 on XLA's default path in the same hour; opt-in
-because the gain is about 4%, measured on one CPU, and changes float32 rounding (every result
-of the default run moves with it).
+elementwise ops. The ViT-B/16 RILS step at batch 8 ran at 1.032, 1.077 and 0.973 of its
+PyTorch twin's speed so on an AVX-512 CPU, against 0.70-1.00 on XLA's default path in the same
+hour (README, "Speed"); opt-in because the gain is 2-8%, measured on one CPU, and changes
+float32 rounding (every result of the default run moves with it).
 
 `apply_defaults` runs when `rils_jax` is imported (rils_jax/__init__.py), which is before any
 JAX backend starts in the entry points. With `RILS_CPU_XLA_FLAGS=onednn` or `ynn` it adds each
