@@ -230,6 +230,10 @@ def read_image_captions(source: Mapping[str, Any]) -> Tuple[List[ImageCaptions],
                                       captions=sum(len(r.captions) for r in records))
 
 
+# (captions, image folder) of the sources whose missing images this process has warned about.
+_WARNED_MISSING = set()
+
+
 def check_images_exist(records: Sequence[ImageCaptions], captions: str, image_dir: str,
                        sample: int = 64) -> None:
   """Looks for `sample` of the records' image files, evenly spread over the list, before any is
@@ -255,9 +259,6 @@ def check_images_exist(records: Sequence[ImageCaptions], captions: str, image_di
     logging.warning('%d of %d images sampled from %s %s missing from %s (e.g. %s):%s missing '
                     'images are skipped and counted', len(missing), len(picks), captions,
                     'is' if len(missing) == 1 else 'are', image_dir, missing[0], most)
-
-
-_WARNED_MISSING = set()
 
 
 SOURCE_KINDS = ('csv', 'coco', 'txt', 'arrayrecord', 'webdataset', 'tfds')
