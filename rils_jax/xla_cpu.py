@@ -4,9 +4,9 @@
 `onednn` (`CPU_XLA_FLAGS`). Why: on x86 CPUs the float32 matmuls of this jaxlib's default
 (YNNPACK, or Eigen without it) run at about 55-85% of PyTorch's MKL on the ViT-B/16 shapes;
 oneDNN's, one dot at a time, match it (benchmarks/cpu_vs_pytorch.py has the measurements and
-the command). Only whole dots go to
-oneDNN (`individual_dot`): its `dot` fusion type also takes neighbouring elementwise ops and
-then fails at run time on the RILS loss ("partition compile failed", jaxlib 0.10.2).
+the command). Only whole dots go to oneDNN (`individual_dot`): its `dot` fusion type also takes
+neighbouring elementwise ops and then fails at run time on the RILS loss ("partition compile
+failed", jaxlib 0.10.2).
 
 Opt-in, not a default: oneDNN is an experimental path of XLA:CPU (its wider fusion fails on
 this very step), and the gain measured here is within what a shared 2-core machine's noise
@@ -48,7 +48,7 @@ CPU_XLA_FLAGS = (
 # passes over the parameters (`benchmarks/cpu_vs_pytorch.py`: README, "Speed").
 YNN_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=dot,reduce',)
 MODES = {'none': (), 'onednn': CPU_XLA_FLAGS, 'ynn': YNN_XLA_FLAGS}
-# (major, minor) of the jaxlib releases CPU_XLA_FLAGS were measured on.
+# (major, minor) of the jaxlib releases the flags of MODES were measured on.
 MEASURED_JAXLIB = ((0, 10),)
 
 

@@ -52,28 +52,16 @@ csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
-def _check_local(path: str, what: str) -> None:
+def _check_path(path: str, what: str, folder: bool) -> None:
+  """FileNotFoundError naming `what` when `path` is not a folder (`folder`) or not a file:
+  missing, or the other kind; ValueError for a URL (these readers use local file calls)."""
   if '://' in path:
     raise ValueError(f'{what} {path}: CSV, COCO and txt sources read local files; copy them to a '
                      'local disk, or give the data as WebDataset or ArrayRecord shards, whose '
                      '`files` may be gs:// URLs')
-
-
-def _check_folder(path: str, what: str) -> None:
-  """FileNotFoundError naming `what` when `path` is not a folder (missing, or a file);
-  ValueError for a URL."""
-  _check_local(path, what)
-  if not os.path.isdir(path):
-    problem = 'is a file, not a folder' if os.path.isfile(path) else 'not found'
-    raise FileNotFoundError(f'{what} {problem}: {path}')
-
-
-def _check_file(path: str, what: str) -> None:
-  """FileNotFoundError naming `what` when `path` is not a file (missing, or a folder);
-  ValueError for a URL."""
-  _check_local(path, what)
-  if not os.path.isfile(path):
-    problem = 'is a folder, not a file' if os.path.isdir(path) else 'not found'
+  want, other = ('folder', 'file') if folder else ('file', 'folder')
+  if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+    problem = f'is a {other}, not a {want}' if os.path.exists(path) else 'not found'
     raise FileNotFoundError(f'{what} {problem}: {path}')
 
 
@@ -110,8 +98,8 @@ def read_csv_captions(captions_csv: str, image_dir: str) -> Tuple[List[ImageCapt
     ValueError: for a URL (local files only); if the header lacks `image` or `caption`, or the
       file is malformed (the message names the line).
   """
-  _check_file(captions_csv, 'captions CSV')
-  _check_folder(image_dir, 'image folder')
+  _check_path(captions_csv, 'captions CSV', folder=False)
+  _check_path(image_dir, 'image folder', folder=True)
   lines, non_utf8 = records_lib.read_text(captions_csv)
   with io.StringIO(lines, newline='') as f:
     reader = csv.DictReader(f)
@@ -149,8 +137,8 @@ def read_coco_captions(annotations_json: str, image_dir: str
     ValueError: for a URL (local files only); if the file is not valid JSON in the COCO
       captions layout.
   """
-  _check_file(annotations_json, 'COCO captions JSON')
-  _check_folder(image_dir, 'image folder')
+  _check_path(annotations_json, 'COCO captions JSON', folder=False)
+  _check_path(image_dir, 'image folder', folder=True)
   try:
     with open(annotations_json, 'rb') as f:
       raw = f.read()
@@ -187,7 +175,7 @@ def read_txt_captions(image_dir: str) -> Tuple[List[ImageCaptions], SourceStats]
     FileNotFoundError: if the folder does not exist (or is a file).
     ValueError: for a URL (local files only).
   """
-  _check_folder(image_dir, 'image folder')
+  _check_path(image_dir, 'image folder', folder=True)
   names = sorted(os.path.relpath(os.path.join(folder, f), image_dir)
                  for folder, _, files in os.walk(image_dir) for f in files
                  if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -385,7 +373,7 @@ def read_image_folder(root: str, max_per_class: Optional[int] = None, per_class:
     FileNotFoundError: if `root` does not exist.
     ValueError: if it holds no class folder with images, or a class folder without any.
   """
-  _check_folder(root, 'image folder dataset')
+  _check_path(root, 'image folder dataset', folder=True)
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   paths, labels = [], []
   for label, name in enumerate(classes):
