@@ -17,10 +17,12 @@ measured after the steps), the loss of the first step of each (same model at ini
 random init and masking: the same range, not equal), parameter counts per tower and the load
 average before and after.
 
-Float32 on both sides; the JAX step is `rils_jax.benchmark`'s (the training step of the config).
+Float32 on both sides; the JAX step is `rils_jax.benchmark`'s (the training step of the config),
+on captions cut after the batch's last end-of-text token as training cuts them
+(`config.input.text_trim`; `--config.input.text_trim=0` times the whole context, as PyTorch's).
 XLA_FLAGS are the environment's; `RILS_CPU_XLA_FLAGS=onednn` adds rils_jax.xla_cpu's oneDNN
-flags (the default, none, measures XLA's own path). On a shared machine, `taskset -c 0` runs both on one thread: their CPU-time ratio
-is then close to what an idle machine shows.
+flags (the default, none, measures XLA's own path). On a shared machine, `taskset -c 0` runs
+both on one thread: their CPU-time ratio is then close to what an idle machine shows.
 """
 
 import json
@@ -50,6 +52,7 @@ from rils_jax import benchmark  # noqa: E402
 from rils_jax import console  # noqa: E402
 from rils_jax import sharding  # noqa: E402
 from rils_jax import train_step as train_step_lib  # noqa: E402
+from rils_jax.data import pipeline  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
@@ -101,7 +104,12 @@ def run(config, rounds: int, steps: int, warmup: int, matmul_size: int, threads:
   setup = train_step_lib.setup(config)
   state = train_step_lib.create_train_state(setup, config.seed)
   host_batch = benchmark.random_batch(config, np.random.default_rng(0), setup.model.eot_id)
-  batch = sharding.put_batch(host_batch, setup.mesh)
+  # The step as training runs it: captions cut after the batch's last end-of-text token
+  # (`config.input.text_trim`); the PyTorch twin, as open_clip, always runs the whole context.
+  multiple = pipeline.text_trim_multiple(config)
+  jax_text = (pipeline.trim_text(host_batch['text'], setup.model.eot_id, multiple) if multiple
+              else host_batch['text'])
+  batch = sharding.put_batch({**host_batch, 'text': jax_text}, setup.mesh)
   t = time.perf_counter()
   compiled = train_step_lib.make_train_step(setup, config).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
@@ -159,6 +167,7 @@ def run(config, rounds: int, steps: int, warmup: int, matmul_size: int, threads:
       # XLA:CPU's intra-op pool has one thread per CPU the process may use.
       jax_threads=len(os.sched_getaffinity(0)), cpus=os.cpu_count(),
       xla_flags=os.environ.get('XLA_FLAGS', ''), allocator=allocator.describe(),
+      jax_text_length=jax_text.shape[1], torch_text_length=host_batch['text'].shape[1],
       jax_first_loss=round(jax_first_loss, 4), torch_first_loss=round(torch_first_loss, 4),
       jax_parameters=jax_parameter_counts(state.params),
       torch_parameters=torch_rils.parameter_counts(model),

@@ -368,19 +368,26 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, unmasked: b
 
 def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float):
   """The optimizer update of `state` by `grads`, with the logit scale clamped to
-  [0, max_log_scale], unless the loss or the gradient norm is not finite. Returns (params, opt_state, the gradient norm before
-  clipping, int32 1 when the update was skipped else 0)."""
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # SLIP's loop clamps the parameter after the step, so that 1 <= exp(logit_scale) <= 100 and
-  # the forward's exp is never clipped: the scale's gradient never vanishes at the cap.
-  if 'logit_scale' in params:  # MAE has none.
-    params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
+  [0, max_log_scale], unless the loss or the gradient norm is not finite. Returns (params,
+  opt_state, the gradient norm before clipping, int32 1 when the update was skipped else 0)."""
   grad_norm = optax.tree.norm(grads)
   # One bad batch or overflow must not poison the run: keep the previous parameters and
   # moments (a NaN would otherwise spread into every weight through Adam's moments). The step
   # still advances past its batch; `rils_jax.health` decides when a run of them stops training.
+  # A cond, not a select of new against old: the select reads every parameter and moment once
+  # more (0.32 against 0.16 s for ViT-B/16's AdamW on 2 CPU cores). Every process computes the
+  # same global norm, so all take the same branch.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                   (params, opt_state), (state.params, state.opt_state))
+
+  def update(params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # SLIP's loop clamps the parameter after the step, so that 1 <= exp(logit_scale) <= 100 and
+    # the forward's exp is never clipped: the scale's gradient never vanishes at the cap.
+    if 'logit_scale' in params:  # MAE has none.
+      params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
+    return params, opt_state
+
+  params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
+                                   state.params, state.opt_state, grads)
   return params, opt_state, grad_norm, 1 - finite.astype(jnp.int32)

@@ -111,3 +111,11 @@ def test_accelerator_script_runs_the_grid_on_cpu(tmp_path):
   assert xla['hardware_flops_per_step'] > xla['model_flops_per_step']
   assert 'needs a GPU' in cudnn['error']
   assert '| rils | xla | offload | 8 |' in r.stdout and '| rils | cudnn | offload | config' in r.stdout
+
+
+def test_packed_dots_times_two_forms_of_the_same_gradients():
+  from benchmarks import packed_dots  # pylint: disable=g-import-not-at-top
+  out = packed_dots.run(batch_size=2, width=32, full_tokens=5, masked_tokens=2, rounds=2)
+  assert out['tokens'] == {'full': 10, 'masked': 4}
+  assert out['max_gradient_difference'] < 1e-4, out
+  assert len(out['rounds_apart']) == len(out['rounds_packed']) == 2

@@ -1,5 +1,5 @@
 """The jitted train step: learning on a fixed batch, sharded == single-device, the logit scale's
-clamp, rematerialisation and bfloat16 against float32."""
+clamp, rematerialisation, bfloat16 against float32, and captions cut after their end-of-text."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rils_jax import train_step as train_step_lib
+from rils_jax.data import pipeline
 from tests import tiny
 
 
@@ -110,3 +111,34 @@ def test_the_abstract_state_is_the_created_state_without_values():
   assert describe(state) == describe(setup.abstract_state)
   assert setup.shardings.params['visual']['blocks_0']['mlp']['fc1']['kernel'].spec == P(
       'fsdp', None)
+
+
+def test_trim_text_cuts_after_the_last_end_of_text_at_a_multiple():
+  text = np.full((3, 24), 7, np.int32)
+  text[[0, 1, 2], [2, 9, 5]] = 2  # Each row's end-of-text: at 2, 9 and 5.
+  cut = pipeline.trim_text(text, eot_id=2, multiple=4)
+  assert cut.shape == (3, 12)  # The last end-of-text is at 9: 10 tokens, rounded up to 12.
+  np.testing.assert_array_equal(cut, text[:, :12])
+  assert pipeline.trim_text(text, 2, 5).shape == (3, 10)  # 10 is already a multiple.
+  assert pipeline.trim_text(text, 2, 16).shape == (3, 16)
+  assert pipeline.trim_text(text, 2, 32).shape == (3, 24)  # Never wider than the rows.
+  text[1, 9], text[1, 23] = 7, 2
+  assert pipeline.trim_text(text, 2, 4).shape == (3, 24)  # An end-of-text in the last column.
+
+
+def test_a_step_on_cut_captions_trains_as_the_whole_context():
+  # Tokens after each row's end-of-text are random (not padding): the causal text tower must
+  # ignore them, so cutting them changes no loss and no parameter.
+  config = _config(**{'model.text.context_length': 24, 'total_steps': 3})
+  rng = np.random.default_rng(0)
+  batches = []
+  for seed in range(3):
+    batch = tiny.random_batch(seed=seed)
+    text = rng.integers(3, 64, size=(8, 24)).astype(np.int32)
+    text[np.arange(8), rng.integers(1, 10, size=8)] = 2
+    batches.append({**batch, 'text': text})
+  cut = [{**b, 'text': pipeline.trim_text(b['text'], 2, 4)} for b in batches]
+  assert [b['text'].shape[1] for b in cut] == [12, 12, 12]
+  whole_run = tiny.train(config, jax.devices()[:1], 3, batches)
+  cut_run = tiny.train(config, jax.devices()[:1], 3, cut)
+  tiny.assert_same_run(whole_run, cut_run, atol=1e-6)

@@ -69,6 +69,9 @@ def test_every_command_prints_a_mistake_as_one_line(tmp_path):
       ('rils_jax.main', ['--config=configs/default.py', f'--workdir={t}/w',
                          '--config.input.sources=[]'],
        'config.input.sources is a list, which --config.KEY=VALUE cannot set'),
+      ('rils_jax.main', ['--config=configs/default.py', f'--workdir={t}/w',
+                         '--config.input.text_trim=-16'],
+       r'text_trim must be >= 0, got 2, 0, 0 and -16'),
   ]
   # All at once: each is mostly Python and JAX starting up.
   running = [subprocess.Popen([sys.executable, '-m', module, *args], cwd=tiny.REPO_ROOT,

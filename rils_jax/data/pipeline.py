@@ -29,6 +29,7 @@ import signal
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -49,8 +50,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: for no source, a malformed source entry or mixture weights, an unknown
-      `input.sharding`, negative worker, read-thread or prefetch counts, or skip limits out of
-      range.
+      `input.sharding`, negative worker, read-thread, prefetch or text-trim counts, or skip
+      limits out of range.
   """
   i = config.input
   if not i.sources:
@@ -59,9 +60,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if i.sharding not in SHARDINGS:
     raise ValueError(f"config.input.sharding must be 'global_batch' or 'records', got "
                      f'{i.sharding!r}')
-  if min(i.prefetch_to_device, i.num_workers, i.read_threads) < 0:
-    raise ValueError('config.input.prefetch_to_device, num_workers and read_threads must be >= 0, '
-                     f'got {i.prefetch_to_device}, {i.num_workers} and {i.read_threads}')
+  counts = (i.prefetch_to_device, i.num_workers, i.read_threads, i.get('text_trim', 0))
+  if min(counts) < 0:
+    raise ValueError('config.input.prefetch_to_device, num_workers, read_threads and text_trim '
+                     'must be >= 0, got {}, {}, {} and {}'.format(*counts))
   if i.max_consecutive_skips < 1:
     raise ValueError(f'config.input.max_consecutive_skips={i.max_consecutive_skips} must be '
                      '>= 1')
@@ -130,7 +132,42 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
       weights=sources.mixture_weights(i.sources),
       max_consecutive_skips=i.max_consecutive_skips, draft=i.draft_decoding)
   put = functools.partial(sharding.put_batch, mesh=mesh)
+  multiple = text_trim_multiple(config)
+  if multiple:
+    put = functools.partial(_trimmed_put, put=put, eot_id=tokenizer.eot_id, multiple=multiple)
   return iter(prefetch_to_device(dataset, put, i.prefetch_to_device))
+
+
+def text_trim_multiple(config: ml_collections.ConfigDict) -> int:
+  """`config.input.text_trim` where it applies (see `trim_text`), else 0: a multi-process run
+  keeps the whole context, because every process must hand the same global shape to the step
+  and each sees only its own rows."""
+  # .get: the configs saved by earlier versions have no such key.
+  return config.input.get('text_trim', 0) if jax.process_count() == 1 else 0
+
+
+def trim_text(text: np.ndarray, eot_id: int, multiple: int) -> np.ndarray:
+  """The batch's token rows cut after its last end-of-text token, the length rounded up to a
+  multiple of `multiple` (at most the full width).
+
+  Exact: the text tower is causal and pools the end-of-text position, so tokens after it change
+  neither the caption embedding nor any gradient (both are zero there); cutting them removes
+  their work. The step compiles once per length that occurs (at most L / multiple + 1).
+
+  Args:
+    text: int (B, L) token ids, each row with its end-of-text token (`tokenizer.encode`).
+    eot_id: the end-of-text id.
+    multiple: > 0, the lengths' granularity.
+
+  Returns:
+    int (B, L') with L' <= L: `text[:, :L']`.
+  """
+  last = int(np.max(np.argmax(text == eot_id, axis=1))) + 1 if len(text) else 1
+  return text[:, :min(text.shape[1], -(-last // multiple) * multiple)]
+
+
+def _trimmed_put(batch: dict, put: Callable[[dict], dict], eot_id: int, multiple: int) -> dict:
+  return put({**batch, 'text': trim_text(batch['text'], eot_id, multiple)})
 
 
 class Skipped:
