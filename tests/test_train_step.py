@@ -142,3 +142,22 @@ def test_a_step_on_cut_captions_trains_as_the_whole_context():
   whole_run = tiny.train(config, jax.devices()[:1], 3, batches)
   cut_run = tiny.train(config, jax.devices()[:1], 3, cut)
   tiny.assert_same_run(whole_run, cut_run, atol=1e-6)
+
+
+def test_training_batches_are_cut_where_one_process_runs_and_the_cut_can_shorten(caplog):
+  config = _config(**{'model.text.context_length': 24})
+  assert pipeline.text_trim_multiple(config) == 16
+  assert pipeline.text_trim_multiple(_config(**{'input.text_trim': 0,
+                                                'model.text.context_length': 24})) == 0
+  assert pipeline.text_trim_multiple(_config(**{'input.text_trim': 24,
+                                                'model.text.context_length': 24})) == 0
+  put = pipeline.TrimmedPut(lambda batch: batch, eot_id=2, multiple=16)
+  text = np.full((2, 24), 5, np.int32)
+  text[:, 3] = 2
+  with caplog.at_level('INFO'):
+    lengths = [put({'text': text, 'image': None})['text'].shape[1] for _ in range(3)]
+    text[1, 3], text[1, 20] = 5, 2
+    lengths.append(put({'text': text})['text'].shape[1])
+  assert lengths == [16, 16, 16, 24]
+  logged = [r.getMessage() for r in caplog.records if 'Captions cut' in r.getMessage()]
+  assert [m.split(': ')[1][:15] for m in logged] == ['16 of 24 tokens', '24 of 24 tokens']

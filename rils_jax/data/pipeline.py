@@ -134,16 +134,19 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
   put = functools.partial(sharding.put_batch, mesh=mesh)
   multiple = text_trim_multiple(config)
   if multiple:
-    put = functools.partial(_trimmed_put, put=put, eot_id=tokenizer.eot_id, multiple=multiple)
+    put = TrimmedPut(put, tokenizer.eot_id, multiple)
   return iter(prefetch_to_device(dataset, put, i.prefetch_to_device))
 
 
 def text_trim_multiple(config: ml_collections.ConfigDict) -> int:
   """`config.input.text_trim` where it applies (see `trim_text`), else 0: a multi-process run
   keeps the whole context, because every process must hand the same global shape to the step
-  and each sees only its own rows."""
+  and each sees only its own rows; a multiple of at least the context would never cut."""
   # .get: the configs saved by earlier versions have no such key.
-  return config.input.get('text_trim', 0) if jax.process_count() == 1 else 0
+  multiple = config.input.get('text_trim', 0)
+  if jax.process_count() > 1 or multiple >= config.model.text.context_length:
+    return 0  # The latter: nothing could be cut.
+  return multiple
 
 
 def trim_text(text: np.ndarray, eot_id: int, multiple: int) -> np.ndarray:
@@ -166,8 +169,22 @@ def trim_text(text: np.ndarray, eot_id: int, multiple: int) -> np.ndarray:
   return text[:, :min(text.shape[1], -(-last // multiple) * multiple)]
 
 
-def _trimmed_put(batch: dict, put: Callable[[dict], dict], eot_id: int, multiple: int) -> dict:
-  return put({**batch, 'text': trim_text(batch['text'], eot_id, multiple)})
+class TrimmedPut:
+  """`put` of batches whose text `trim_text` has cut; logs each new length once, since the
+  step compiles again for it (a step that takes longer than its neighbours)."""
+
+  def __init__(self, put: Callable[[dict], dict], eot_id: int, multiple: int):
+    self.put, self.eot_id, self.multiple = put, eot_id, multiple
+    self.lengths = set()
+
+  def __call__(self, batch: dict) -> dict:
+    text = trim_text(batch['text'], self.eot_id, self.multiple)
+    if text.shape[1] not in self.lengths:
+      self.lengths.add(text.shape[1])
+      logging.info('Captions cut after the last end-of-text token: %d of %d tokens '
+                   '(config.input.text_trim); the train step compiles once for each such length.',
+                   text.shape[1], batch['text'].shape[1])
+    return self.put({**batch, 'text': text})
 
 
 class Skipped:
