@@ -348,3 +348,22 @@ def test_a_workdir_without_checkpoint_takes_the_new_tokenizer(tmp_path, data_roo
   main_lib.train(config, workdir)
   with open(second, 'rb') as a, open(os.path.join(workdir, 'tokenizer.model'), 'rb') as b:
     assert a.read() == b.read()
+
+
+def test_a_run_on_cut_captions_trains_as_on_the_whole_context(tmp_path, data_root, caplog):
+  # The training batches' text is cut in the prefetch thread (config.input.text_trim): the
+  # same losses and evaluations as a run that keeps the whole context of 64.
+  runs = {}
+  for multiple in (8, 0):
+    config = _config(data_root, total_steps=3, **{'model.text.context_length': 64,
+                                                  'input.text_trim': multiple})
+    with caplog.at_level('INFO'):
+      results = main_lib.train(config, str(tmp_path / f'cut{multiple}'))
+    runs[multiple] = results, [m['loss'] for m in _read_metrics(str(tmp_path / f'cut{multiple}'))
+                               if 'loss' in m]
+  cut = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Captions cut')]
+  assert cut and all(' of 64 tokens' in m and ': 64 of' not in m for m in cut), cut
+  np.testing.assert_allclose(runs[8][1], runs[0][1], rtol=1e-5)
+  assert len(runs[8][1]) == 3  # Steps 1, 2 (log_every) and 3 (the last).
+  for key, value in runs[0][0].items():
+    np.testing.assert_allclose(runs[8][0][key], value, atol=1 / 16 + 1e-6, err_msg=key)
