@@ -174,8 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.draft_decoding = True   # Reduced-size JPEG decoding where equivalent (transforms.py).
   c.input.prefetch_to_device = 2  # Batches transferred ahead of the step (0: none).
   # Each batch's captions are cut after its last end-of-text token, rounded up to a multiple of
-  # this (0: always the whole context): exact, and the text tower does no work on padding
-  # (rils_jax/data/pipeline.py, `trim_text`). Single-process runs.
+  # this (0: always the whole context): exact up to float rounding, and less work on padding
+  # (rils_jax/data/pipeline.py, `trim_text`). Single-process runs; not MAE (no text).
   c.input.text_trim = 16
   c.input.crop_scale = (0.5, 1.0)
   c.input.max_consecutive_skips = 1000  # Unreadable images in a row before the run stops.

@@ -312,6 +312,8 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, unmasked: b
   schedule = optim.learning_rate_schedule(config)
   max_log_scale = math.log(config.loss.max_logit_scale)
   nan_loss_steps = tuple(int(s) for s in config.debug.nan_loss_steps)
+  # Where the conditional guard was measured faster (see `_guarded_update`): one CPU process.
+  conditional = (mesh.devices.flat[0].platform == 'cpu' and jax.process_count() == 1)
 
   freeze = config.model.get('freeze', '')
 
@@ -350,7 +352,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, unmasked: b
       fault = jnp.where(jnp.isin(state.step + 1, jnp.array(nan_loss_steps)), jnp.nan, 1.0)
     (loss, metrics), grads = gradients(state.params, (images, batch['text'], masking), fault)
     params, opt_state, grad_norm, bad = _guarded_update(state, optimizer, grads, loss,
-                                                        max_log_scale)
+                                                        max_log_scale, conditional)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         skipped_examples=state.skipped_examples + jnp.sum(batch['skipped']),
@@ -366,17 +368,23 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict, unmasked: b
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float):
+def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: float,
+                    conditional: bool):
   """The optimizer update of `state` by `grads`, with the logit scale clamped to
   [0, max_log_scale], unless the loss or the gradient norm is not finite. Returns (params,
-  opt_state, the gradient norm before clipping, int32 1 when the update was skipped else 0)."""
+  opt_state, the gradient norm before clipping, int32 1 when the update was skipped else 0).
+
+  `conditional`: the update inside a `lax.cond` on finiteness, else computed always and the old
+  state selected leaf by leaf. The same values; the select reads every parameter and moment
+  once more (ViT-B/16's AdamW on 2 CPU cores: 0.32 s against 0.16 s, README "Speed"). Taken
+  for one CPU process only: there it measured faster; a GPU runs a conditional by copying its
+  predicate to the host, and an earlier version with the gradient norm (as `grad_clip`'s is)
+  inside the conditional ended two processes with other parameters than one.
+  """
   grad_norm = optax.tree.norm(grads)
   # One bad batch or overflow must not poison the run: keep the previous parameters and
   # moments (a NaN would otherwise spread into every weight through Adam's moments). The step
   # still advances past its batch; `rils_jax.health` decides when a run of them stops training.
-  # A cond, not a select of new against old: the select reads every parameter and moment once
-  # more (0.32 against 0.16 s for ViT-B/16's AdamW on 2 CPU cores). Every process computes the
-  # same global norm, so all take the same branch.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(params, opt_state, grads):
@@ -388,6 +396,11 @@ def _guarded_update(state: TrainState, optimizer, grads, loss, max_log_scale: fl
       params = {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_log_scale)}
     return params, opt_state
 
-  params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
-                                   state.params, state.opt_state, grads)
+  if conditional:
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o, _: (p, o),
+                                     state.params, state.opt_state, grads)
+  else:
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     update(state.params, state.opt_state, grads),
+                                     (state.params, state.opt_state))
   return params, opt_state, grad_norm, 1 - finite.astype(jnp.int32)

@@ -31,18 +31,22 @@ def test_loss_falls_on_a_fixed_batch(kind):
     assert history[-1]['recon_loss'] == 0.0
 
 
-def test_eight_devices_match_one_device():
+@pytest.mark.parametrize('grad_clip', [0.0, 0.05])
+def test_eight_devices_match_one_device(grad_clip):
   assert len(jax.devices()) == 8, 'conftest.py asks for 8 virtual CPU devices'
   # Adam divides by sqrt(v) + eps: with the default eps (1e-8), float32 reduction-order noise in
   # near-zero gradients can flip the sign of a whole update. eps = 1e-3 keeps such entries'
-  # updates proportional to their gradients, so parameters can be compared tightly.
-  config = tiny.tiny_config(**{'total_steps': 3, 'optim.eps': 1e-3})
+  # updates proportional to their gradients, so parameters can be compared tightly. A clip
+  # below the gradient norm: its own global norm sums over the devices inside the guard.
+  config = tiny.tiny_config(**{'total_steps': 3, 'optim.eps': 1e-3, 'optim.grad_clip': grad_clip})
   batch = tiny.random_batch()
   state1, hist1 = tiny.train(config, jax.devices()[:1], 3, [batch])
   state8, hist8 = tiny.train(config, jax.devices(), 3, [batch])
   for h1, h8 in zip(hist1, hist8):
     np.testing.assert_allclose(h8['loss'], h1['loss'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hist8[-1]['grad_norm'], hist1[-1]['grad_norm'], rtol=1e-4)
+  if grad_clip:
+    assert hist1[-1]['grad_norm'] > 2 * grad_clip  # The clip acts.
   for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
   assert len(state8.params['logit_scale'].sharding.device_set) == 8
@@ -161,3 +165,22 @@ def test_training_batches_are_cut_where_one_process_runs_and_the_cut_can_shorten
   assert lengths == [16, 16, 16, 24]
   logged = [r.getMessage() for r in caplog.records if 'Captions cut' in r.getMessage()]
   assert [m.split(': ')[1][:15] for m in logged] == ['16 of 24 tokens', '24 of 24 tokens']
+
+
+def test_the_conditional_and_the_select_guard_give_the_same_state():
+  # One CPU process takes the update inside a lax.cond, other set-ups the leaf-wise select.
+  config = _config()
+  setup = train_step_lib.setup(config, jax.devices()[:1])
+  state = train_step_lib.create_train_state(setup, config.seed)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+  guarded = train_step_lib._guarded_update  # pylint: disable=protected-access
+  for loss in (1.0, np.nan):
+    out = {c: jax.jit(lambda s, g, l, c=c: guarded(s, setup.optimizer, g, l, np.log(100.0), c))(
+        state, grads, jnp.float32(loss)) for c in (True, False)}
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+      np.testing.assert_array_equal(a, b)
+    params, opt_state, _, bad = out[True]
+    kept = all(np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves((params, opt_state)),
+                   jax.tree.leaves((state.params, state.opt_state))))
+    assert (int(bad), kept) == ((1, True) if np.isnan(loss) else (0, False))

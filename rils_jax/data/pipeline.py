@@ -141,11 +141,13 @@ def training(config: ml_collections.ConfigDict, data: records.ConcatSource,
 def text_trim_multiple(config: ml_collections.ConfigDict) -> int:
   """`config.input.text_trim` where it applies (see `trim_text`), else 0: a multi-process run
   keeps the whole context, because every process must hand the same global shape to the step
-  and each sees only its own rows; a multiple of at least the context would never cut."""
+  and each sees only its own rows; a multiple of at least the context would never cut, and
+  MAE's step reads no text (a cut would only compile it again)."""
   # .get: the configs saved by earlier versions have no such key.
   multiple = config.input.get('text_trim', 0)
-  if jax.process_count() > 1 or multiple >= config.model.text.context_length:
-    return 0  # The latter: nothing could be cut.
+  if (jax.process_count() > 1 or multiple >= config.model.text.context_length
+      or config.loss.kind == 'mae'):  # Nothing could be cut; MAE reads no text.
+    return 0
   return multiple
 
 
@@ -153,9 +155,11 @@ def trim_text(text: np.ndarray, eot_id: int, multiple: int) -> np.ndarray:
   """The batch's token rows cut after its last end-of-text token, the length rounded up to a
   multiple of `multiple` (at most the full width).
 
-  Exact: the text tower is causal and pools the end-of-text position, so tokens after it change
-  neither the caption embedding nor any gradient (both are zero there); cutting them removes
-  their work. The step compiles once per length that occurs (at most L / multiple + 1).
+  Exact up to float rounding (another compiled program): the text tower is causal and pools
+  each row's first end-of-text position, so the tokens after the batch's last one change
+  neither a caption embedding nor any gradient (theirs are zero); cutting them removes their
+  work. The step compiles once per length that occurs (at most L / multiple + 1, and as many
+  again for FLIP's unmasked step).
 
   Args:
     text: int (B, L) token ids, each row with its end-of-text token (`tokenizer.encode`).
