@@ -226,7 +226,7 @@ def test_config_errors_come_before_compilation(tmp_path, data_root):
             r'nan_loss_steps=\[0\] must hold steps >= 1':
                 _config(data_root, **{'debug.nan_loss_steps': (0,)}),
             'config.input.sharding must be': _config(data_root, **{'input.sharding': 'hosts'}),
-            'num_workers and read_threads must be >= 0, got 2, 0 and -1':
+            'read_threads and text_trim must be >= 0, got 2, 0, -1 and 16':
                 _config(data_root, **{'input.read_threads': -1}),
             'kind must be one of': _config(data_root, **{'input.sources': [dict(kind='lmdb')]}),
             'either every source has a weight': _config(data_root, **{'input.sources': [
