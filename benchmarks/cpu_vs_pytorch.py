@@ -106,9 +106,8 @@ def run(config, rounds: int, steps: int, warmup: int, matmul_size: int, threads:
   host_batch = benchmark.random_batch(config, np.random.default_rng(0), setup.model.eot_id)
   # The step as training runs it: captions cut after the batch's last end-of-text token
   # (`config.input.text_trim`); the PyTorch twin, as open_clip, always runs the whole context.
-  multiple = pipeline.text_trim_multiple(config)
-  jax_text = (pipeline.trim_text(host_batch['text'], setup.model.eot_id, multiple) if multiple
-              else host_batch['text'])
+  jax_text = pipeline.trim_text(host_batch['text'], setup.model.eot_id,
+                                pipeline.text_trim_multiple(config))
   batch = sharding.put_batch({**host_batch, 'text': jax_text}, setup.mesh)
   t = time.perf_counter()
   compiled = train_step_lib.make_train_step(setup, config).lower(state, batch).compile()

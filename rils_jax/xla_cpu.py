@@ -15,8 +15,9 @@ allows; the test suite runs XLA's default path.
 `ynn` (`YNN_XLA_FLAGS`): YNNPACK keeps only dots and reductions, and XLA's loop fusions take the
 elementwise ops. The ViT-B/16 RILS step at batch 8 ran at 1.032, 1.077 and 0.973 of its
 PyTorch twin's speed so on an AVX-512 CPU, against 0.70-1.00 on XLA's default path in the same
-hour (README, "Speed"); opt-in because the gain is 2-8%, measured on one CPU, and changes
-float32 rounding (every result of the default run moves with it).
+hour; with the later conditional NaN guard its own step (8.25 / 8.02 s) was no faster than the
+default path's (8.10 / 7.97 s) (README, "Speed"). Opt-in: no gain that holds, measured on one
+CPU, and it changes float32 rounding (every result of the default run moves with it).
 
 `apply_defaults` runs when `rils_jax` is imported (rils_jax/__init__.py), which is before any
 JAX backend starts in the entry points. With `RILS_CPU_XLA_FLAGS=onednn` or `ynn` it adds each

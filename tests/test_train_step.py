@@ -126,6 +126,7 @@ def test_trim_text_cuts_after_the_last_end_of_text_at_a_multiple():
   assert pipeline.trim_text(text, 2, 5).shape == (3, 10)  # 10 is already a multiple.
   assert pipeline.trim_text(text, 2, 16).shape == (3, 16)
   assert pipeline.trim_text(text, 2, 32).shape == (3, 24)  # Never wider than the rows.
+  assert pipeline.trim_text(text, 2, 0) is text  # 0: the whole context.
   text[1, 9], text[1, 23] = 7, 2
   assert pipeline.trim_text(text, 2, 4).shape == (3, 24)  # An end-of-text in the last column.
 

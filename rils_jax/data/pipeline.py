@@ -164,12 +164,14 @@ def trim_text(text: np.ndarray, eot_id: int, multiple: int) -> np.ndarray:
   Args:
     text: int (B, L) token ids, each row with its end-of-text token (`tokenizer.encode`).
     eot_id: the end-of-text id.
-    multiple: > 0, the lengths' granularity.
+    multiple: the lengths' granularity; 0 returns `text` as it is.
 
   Returns:
     int (B, L') with L' <= L: `text[:, :L']`.
   """
-  last = int(np.max(np.argmax(text == eot_id, axis=1))) + 1 if len(text) else 1
+  if not multiple:
+    return text
+  last = int(np.max(np.argmax(text == eot_id, axis=1))) + 1
   return text[:, :min(text.shape[1], -(-last // multiple) * multiple)]
 
 
