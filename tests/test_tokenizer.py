@@ -15,6 +15,7 @@ import pickle
 import random
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -241,3 +242,28 @@ def test_clip_bpe_run_restores_evaluates_and_refuses_another_kind(tmp_path_facto
   with pytest.raises(ValueError, match="trained with the clip_bpe tokenizer but "
                      "config.tokenizer.kind='sentencepiece'"):
     main_lib.train(other, workdir)
+
+
+def test_a_restored_tokenizer_is_one_file_named_by_its_content(tmp_path, monkeypatch):
+  # A temporary file removed at exit stayed in /tmp whenever a fine-tune was SIGKILLed: now every
+  # restore of one tokenizer shares one file in the cache, and a killed process leaves no copy.
+  monkeypatch.setenv('RILS_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  os.makedirs(tmp_path / 'tmp')
+  first, second = b'\x0a\x01sentencepiece one', b'\x0a\x01sentencepiece two'
+  path = restore_lib.tokenizer_path(first)
+  assert path == restore_lib.tokenizer_path(first)
+  assert os.path.dirname(path) == str(tmp_path / 'cache' / 'tokenizers')
+  assert path.endswith('_tokenizer.model') and open(path, 'rb').read() == first
+  other = restore_lib.tokenizer_path(second)
+  assert other != path and open(other, 'rb').read() == second
+  assert sorted(os.listdir(tmp_path / 'cache' / 'tokenizers')) == sorted(
+      [os.path.basename(path), os.path.basename(other)])  # No staged file left.
+  assert restore_lib.tokenizer_path(gzip.compress(b'bpe')).endswith('_tokenizer_clip_bpe.txt.gz')
+  # A cache that cannot be written (here a file where the folder should be): the temporary folder.
+  monkeypatch.setenv('RILS_JAX_CACHE', str(tmp_path / 'a_file'))
+  (tmp_path / 'a_file').write_bytes(b'')
+  fallback = restore_lib.tokenizer_path(first)
+  assert os.path.dirname(fallback) == str(tmp_path / 'tmp' / 'rils_jax_tokenizers')
+  assert open(fallback, 'rb').read() == first and os.listdir(tmp_path / 'tmp') == [
+      'rils_jax_tokenizers']

@@ -8,8 +8,8 @@ either layer layout (`config.model.scan_layers`: `checkpoints.load_params` conve
 the parameters are read, not the optimizer state.
 """
 
-import atexit
 import dataclasses
+import hashlib
 import os
 import tempfile
 from typing import Any, Optional
@@ -21,6 +21,7 @@ from rils_jax import checkpoints as checkpoints_lib
 from rils_jax import sharding
 from rils_jax import storage
 from rils_jax import tokenizer as tokenizer_lib
+from rils_jax.data import synthetic
 from rils_jax.models import rils as rils_lib
 
 
@@ -44,6 +45,43 @@ def data_parallel_mesh():
       {'mesh': {'slice': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}}))
 
 
+def tokenizer_path(tokenizer_bytes: bytes) -> str:
+  """The path of a file holding `tokenizer_bytes`: `<cache>/tokenizers/<sha256>_<name>`.
+
+  A file, since tokenizers pickle (to grain's workers) as their file's path. Named by its
+  content, so every restore of one tokenizer shares one file and a killed process leaves no
+  copy behind (a temporary file removed at exit stayed in /tmp after a SIGKILL). `<cache>` is
+  `synthetic.cache_dir()` ($RILS_JAX_CACHE, else ~/.cache/rils_jax), or the system's temporary
+  folder where that cannot be written. Written whole or not at all (a rename), so concurrent
+  restores are safe.
+
+  Raises:
+    OSError: when neither folder can be written.
+  """
+  name = tokenizer_lib.FILE_NAMES[tokenizer_lib.kind_of(tokenizer_bytes)]
+  file_name = hashlib.sha256(tokenizer_bytes).hexdigest()[:32] + '_' + name
+  for folder in (os.path.join(synthetic.cache_dir(), 'tokenizers'),
+                 os.path.join(tempfile.gettempdir(), 'rils_jax_tokenizers')):
+    path = os.path.join(folder, file_name)
+    if os.path.isfile(path):
+      return path
+    try:
+      os.makedirs(folder, exist_ok=True)
+      handle, staged = tempfile.mkstemp(dir=folder, prefix='.' + file_name)
+    except OSError:
+      continue
+    try:
+      with os.fdopen(handle, 'wb') as f:
+        f.write(tokenizer_bytes)
+      os.replace(staged, path)
+    finally:
+      if os.path.exists(staged):
+        os.remove(staged)
+    return path
+  raise OSError(f'cannot write the tokenizer under {synthetic.cache_dir()} or '
+                f'{tempfile.gettempdir()}')
+
+
 def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
   """Restores the model of a run's workdir (latest or `step`) or of one checkpoint folder.
 
@@ -56,13 +94,7 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
   folder = storage.dirname(state_dir)
   config = ml_collections.ConfigDict(checkpoints_lib.read_json(folder, 'config'))
   tokenizer_bytes = checkpoints_lib.tokenizer_file(checkpoints_lib.read_json(folder, 'tokenizer'))
-  # A file, since tokenizers pickle (to grain's workers) as their file's path.
-  name = tokenizer_lib.FILE_NAMES[tokenizer_lib.kind_of(tokenizer_bytes)]
-  handle, path = tempfile.mkstemp(prefix='rils_jax_', suffix='_' + name)
-  with os.fdopen(handle, 'wb') as f:
-    f.write(tokenizer_bytes)
-  atexit.register(lambda: os.path.exists(path) and os.remove(path))
-  tokenizer = tokenizer_lib.load(path)
+  tokenizer = tokenizer_lib.load(tokenizer_path(tokenizer_bytes))
   # The attention kernel suits the training machine ('cudnn' cannot run on a CPU host): this
   # machine's own choice, 'auto', computes the same function.
   here = ml_collections.ConfigDict(config.to_dict())
