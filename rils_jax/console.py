@@ -4,7 +4,8 @@ process 0 prints, and a user's mistake as one line.
 Every command starts with `run(main)` instead of absl's `app.run(main)`: a mistake on the
 command line or in a config file (a mistyped key, a config file that does not exist or raises)
 and the user errors that `main` raises (`USER_ERRORS`) print `error: ...` on one line or two and
-exit 1, without a traceback; RILS_JAX_TRACEBACK=1 in the environment shows the traceback. Every
+exit 1, without a traceback (nor the tracebacks of the asynchronous reads that a failed restore
+abandons); RILS_JAX_TRACEBACK=1 in the environment shows the traceback. Every
 `main` installs `quiet_libraries()` first; multi-host runs print through `say`, so that each
 line appears once, not once per host.
 """
@@ -91,6 +92,26 @@ def describe(e: BaseException) -> str:
                          'load: ', '')
 
 
+def _is_abandoned_async_work(unraisable) -> bool:
+  """Whether an unraisable exception is the echo of asynchronous reads that a failed restore
+  abandoned: orbax stops at the first array that cannot be read (a damaged checkpoint) and
+  closes its event loop, then tensorstore's threads finish the other reads and call back into the
+  closed loop ("Event loop is closed"), and the coroutines still awaiting them are closed
+  (GeneratorExit). Each printed a traceback around the one-line error of the failure itself."""
+  e = unraisable.exc_value
+  if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+    return True
+  return isinstance(e.__cause__ or e.__context__, GeneratorExit) and type(
+      unraisable.object).__name__ == 'coroutine'
+
+
+def _quiet_abandoned_async_work(previous: Callable) -> Callable:
+  def hook(unraisable):
+    if not _is_abandoned_async_work(unraisable):
+      previous(unraisable)
+  return hook
+
+
 def _exit(code: int) -> None:
   # After a failed or interrupted run (whose own clean-up has run), XLA's, orbax's and grain's
   # threads can crash the interpreter's shutdown (a segfault, "Event loop is closed" from
@@ -157,6 +178,8 @@ def run(main: Callable[[List[str]], None]) -> None:
         raise
       _fail(e)
 
+  if os.environ.get(TRACEBACK_ENV) != '1':
+    sys.unraisablehook = _quiet_abandoned_async_work(sys.unraisablehook)
   warnings = os.environ.get('PYTHONWARNINGS', '')
   if QUIET_RESOURCE_TRACKER not in warnings:
     os.environ['PYTHONWARNINGS'] = ','.join(filter(None, (warnings, QUIET_RESOURCE_TRACKER)))

@@ -91,6 +91,9 @@ def test_every_command_prints_a_mistake_as_one_line(tmp_path):
   assert shown.returncode == 1 and 'Traceback' in shown.stderr
 
 
+# The damaged checkpoint's restore abandons orbax's other reads, whose echo (the test below)
+# pytest reports as warnings when it comes during this test.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -148,6 +151,59 @@ def test_refused_runs_leave_the_workdir_as_they_found_it(shapes, tmp_path):
   logged = tiny.logged_metrics(str(workdir))
   np.testing.assert_allclose(logged[3]['learning_rate'],
                              float(optim.learning_rate_schedule(longer)(2)), rtol=1e-6)
+
+
+# A failed restore as orbax ends one (a damaged checkpoint): tensorstore finishes a read after the
+# event loop that awaited it was closed, a coroutine still reading is closed, then the error.
+_ABANDONED_READS = """
+import asyncio, gc, sys
+import tensorstore as ts
+from rils_jax import console
+
+class Other:
+  def __del__(self):
+    raise KeyError('an unraisable error of another kind')
+
+async def read(future):
+  try:
+    await future
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index') from e
+
+def main(argv):
+  promise, future = ts.Promise.new()
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(read(future))
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  promise.set_result(1)  # Calls back into the closed loop.
+  reading = read(asyncio.Future(loop=asyncio.new_event_loop()))
+  reading.send(None)
+  del reading  # Closed while awaiting.
+  Other()
+  gc.collect()
+  raise ValueError('the checkpoint cannot be read')
+
+console.run(main)
+"""
+
+
+def test_a_failed_restore_shows_its_error_without_the_echo_of_abandoned_reads():
+  shown = subprocess.run([sys.executable, '-c', _ABANDONED_READS], cwd=tiny.REPO_ROOT,
+                         text=True, capture_output=True, timeout=300)
+  assert shown.returncode == 1, shown.stderr
+  assert 'Event loop is closed' not in shown.stderr, shown.stderr
+  assert 'Encountered error while reading' not in shown.stderr, shown.stderr
+  assert 'an unraisable error of another kind' in shown.stderr  # Others are still shown.
+  assert _user_lines(shown.stderr)[-2:] == [
+      'error: the checkpoint cannot be read', '(set RILS_JAX_TRACEBACK=1 for the traceback)']
+  # With the traceback asked for, nothing is hidden.
+  traced = subprocess.run([sys.executable, '-c', _ABANDONED_READS], cwd=tiny.REPO_ROOT,
+                          text=True, capture_output=True, timeout=300,
+                          env={**os.environ, 'RILS_JAX_TRACEBACK': '1'})
+  assert traced.returncode == 1
+  assert 'Event loop is closed' in traced.stderr, traced.stderr
+  assert 'Encountered error while reading' in traced.stderr, traced.stderr
 
 
 def test_the_results_table_is_in_percent_beside_the_chance_levels():
