@@ -260,6 +260,8 @@ def test_a_restored_tokenizer_is_one_file_named_by_its_content(tmp_path, monkeyp
   assert sorted(os.listdir(tmp_path / 'cache' / 'tokenizers')) == sorted(
       [os.path.basename(path), os.path.basename(other)])  # No staged file left.
   assert restore_lib.tokenizer_path(gzip.compress(b'bpe')).endswith('_tokenizer_clip_bpe.txt.gz')
+  os.truncate(path, 3)  # Damaged in the cache: written again.
+  assert restore_lib.tokenizer_path(first) == path and open(path, 'rb').read() == first
   # A cache that cannot be written (here a file where the folder should be): the temporary folder.
   monkeypatch.setenv('RILS_JAX_CACHE', str(tmp_path / 'a_file'))
   (tmp_path / 'a_file').write_bytes(b'')

@@ -63,8 +63,8 @@ def tokenizer_path(tokenizer_bytes: bytes) -> str:
   for folder in (os.path.join(synthetic.cache_dir(), 'tokenizers'),
                  os.path.join(tempfile.gettempdir(), 'rils_jax_tokenizers')):
     path = os.path.join(folder, file_name)
-    if os.path.isfile(path):
-      return path
+    if os.path.isfile(path) and os.path.getsize(path) == len(tokenizer_bytes):
+      return path  # (A file cut short by hand is written again.)
     try:
       os.makedirs(folder, exist_ok=True)
       handle, staged = tempfile.mkstemp(dir=folder, prefix='.' + file_name)
