@@ -247,7 +247,15 @@ class Checkpoints:
     if data_iterator is not None:
       count = jax.process_count()
       name = f'process_{jax.process_index()}-of-{count}.json'
-      if not storage.is_file(storage.join(self.directory, str(step), 'data', name)):
+      data_folder = storage.join(self.directory, str(step), 'data')
+      if not storage.is_dir(data_folder):
+        raise ValueError(
+            f'the checkpoint at step {step} in {self.directory} has no input position (no '
+            f'{data_folder}): it is damaged. Move {storage.join(self.directory, str(step))} '
+            'aside to resume from the checkpoint before it, or pass '
+            '--config.input.resume_position=false to restore the model and optimizer and '
+            'restart the data stream from a new seed')
+      if not storage.is_file(storage.join(data_folder, name)):
         raise ValueError(
             f'the checkpoint at step {step} in {self.directory} holds no input position for '
             f'{count} process(es) ({name}): it was written by another number of processes. '
@@ -288,9 +296,21 @@ class Checkpoints:
     return restored['state'] if stacked is None else relayout(restored['state'], abstract)
 
   def read_json(self, step: int, item: str) -> Dict[str, Any]:
-    """The `config` or `tokenizer` item of `step`."""
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.JsonRestore()}))[item]
+    """The `config` or `tokenizer` item of `step`.
+
+    Raises:
+      ValueError: when the item is missing, cannot be read or is not what it should be (a
+        damaged or emptied checkpoint folder), naming the folder to move aside.
+    """
+    folder = storage.join(self.directory, str(step))
+    try:
+      value = self._manager.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.JsonRestore()}))[item]
+    except (KeyError, ValueError, OSError) as e:  # KeyError: an item not in the folder.
+      raise ValueError(f'the {item!r} item of the checkpoint at step {step} in {self.directory} '
+                       f'cannot be read ({type(e).__name__}: {e}). Move {folder} aside to '
+                       'resume from the checkpoint before it.') from e
+    return checked_item(item, value, folder)
 
   def tokenizer_model(self, step: int) -> bytes:
     """The tokenizer file saved with `step` (a sentencepiece model, or CLIP's gzipped
@@ -357,6 +377,26 @@ def tokenizer_item(data: bytes) -> Dict[str, str]:
           'sha256': tokenizer_lib.fingerprint(data)}
 
 
+# Keys that every saved config has had: one without them is not a run's config.
+_CONFIG_KEYS = ('model', 'optim', 'input')
+
+
+def checked_item(item: str, value: Any, where: str) -> Dict[str, Any]:
+  """`value`, a JSON item read from the checkpoint at `where`, if it has the item's form.
+
+  Raises:
+    ValueError: for an item that is no JSON object, or a `config` without its sections.
+  """
+  if not isinstance(value, dict):
+    raise ValueError(f'the {item!r} item of the checkpoint {where} holds a JSON '
+                     f'{type(value).__name__}, not an object: it is damaged')
+  missing = [k for k in _CONFIG_KEYS if k not in value] if item == 'config' else []
+  if missing:
+    raise ValueError(f'the {item!r} item of the checkpoint {where} lacks {", ".join(missing)}: '
+                     'it is damaged')
+  return value
+
+
 def tokenizer_file(item: Dict[str, Any]) -> bytes:
   """The tokenizer file's bytes from a `tokenizer` item (also of checkpoints written before
   `config.tokenizer.kind`: sentencepiece only, without "kind").
@@ -369,7 +409,11 @@ def tokenizer_file(item: Dict[str, Any]) -> bytes:
   if key not in item:
     raise ValueError(f'the checkpoint\'s tokenizer item (kind {kind!r}, keys {sorted(item)}) '
                      f'holds no tokenizer file this rils_jax reads (kinds {tokenizer_lib.KINDS})')
-  return base64.b64decode(item[key])
+  try:
+    return base64.b64decode(item[key], validate=True)
+  except (ValueError, TypeError) as e:  # binascii.Error is a ValueError.
+    raise ValueError(f'the checkpoint\'s tokenizer item holds no readable {kind} file '
+                     f'({type(e).__name__}: {e}): it is damaged') from e
 
 
 def checkpoint_path(path: str, step: Optional[int] = None) -> str:
@@ -417,10 +461,11 @@ def read_json(path: str, item: str, step: Optional[int] = None) -> Dict[str, Any
     raise FileNotFoundError(f'the checkpoint {storage.dirname(folder)} holds no {item!r} item')
   try:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-      return checkpointer.restore(folder, args=ocp.args.JsonRestore())
+      value = checkpointer.restore(folder, args=ocp.args.JsonRestore())
   except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError.
     raise ValueError(f'the {item!r} item of the checkpoint {storage.dirname(folder)} cannot be '
                      f'read: {type(e).__name__}: {e}') from e
+  return checked_item(item, value, storage.dirname(folder))
 
 
 def read_state(path: str, step: Optional[int] = None) -> Any:

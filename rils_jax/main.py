@@ -198,9 +198,12 @@ def prepare_tokenizer(config, data: records.RecordSource, workdir: str,
     logging.info('Tokenizer trained in %.1f s', time.time() - start)
   try:
     check_vocab(tokenizer_lib.load(tmp), config)
-  except ValueError:
+  except (ValueError, RuntimeError, OSError) as e:  # sentencepiece: RuntimeError or OSError.
     os.remove(tmp)
-    raise
+    if saved_model is None or isinstance(e, ValueError):
+      raise
+    raise ValueError(f'the tokenizer saved in the latest checkpoint of {workdir} cannot be '
+                     f'loaded ({type(e).__name__}: {e}): it is damaged') from e
   if jax.process_index() == 0 or remote:
     os.replace(tmp, path)
   else:

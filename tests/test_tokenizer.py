@@ -262,6 +262,10 @@ def test_a_restored_tokenizer_is_one_file_named_by_its_content(tmp_path, monkeyp
   assert restore_lib.tokenizer_path(gzip.compress(b'bpe')).endswith('_tokenizer_clip_bpe.txt.gz')
   os.truncate(path, 3)  # Damaged in the cache: written again.
   assert restore_lib.tokenizer_path(first) == path and open(path, 'rb').read() == first
+  with open(path, 'r+b') as f:  # Changed, at the same size: written again.
+    f.write(b'\xff')
+  assert restore_lib.tokenizer_path(first) == path and open(path, 'rb').read() == first
+  assert os.stat(path).st_mode & 0o777 == 0o644  # Readable by others in a shared folder.
   # A cache that cannot be written (here a file where the folder should be): the temporary folder.
   monkeypatch.setenv('RILS_JAX_CACHE', str(tmp_path / 'a_file'))
   (tmp_path / 'a_file').write_bytes(b'')

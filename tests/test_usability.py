@@ -3,6 +3,7 @@ mistake as one or two `error:` lines and exits 1 without a traceback (RILS_JAX_T
 it), and a refused training run leaves its workdir as it found it. Also how a resumed run with a
 longer schedule continues, and the results table."""
 
+import base64
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 from rils_jax import main as main_lib
 from rils_jax import optim
 from rils_jax.data import sources
+from rils_jax.evals import restore as restore_lib
 from rils_jax.evals import table
 from tests import tiny
 
@@ -204,6 +206,69 @@ def test_a_failed_restore_shows_its_error_without_the_echo_of_abandoned_reads():
   assert traced.returncode == 1
   assert 'Event loop is closed' in traced.stderr, traced.stderr
   assert 'Encountered error while reading' in traced.stderr, traced.stderr
+
+
+def test_damaged_checkpoint_items_are_named_in_one_message(shapes, tmp_path, monkeypatch):
+  # Found by a helper trying to break the commands: each of these was an AttributeError or
+  # KeyError traceback, or an error that blamed a cache file.
+  monkeypatch.setenv('RILS_JAX_CACHE', str(tmp_path / 'cache'))
+  config = tiny.get_config(f'root={shapes / "data"},steps=2,evals=false')
+  run = tmp_path / 'run'
+  main_lib.train(config, str(run))
+  longer = tiny.get_config(f'root={shapes / "data"},steps=4,evals=false')
+
+  def damaged(name, damage):
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    damage(copy / 'checkpoints' / '2')
+    return copy
+
+  def write(item, text):
+    return lambda step: (step / item / 'metadata').write_text(text)
+
+  empty_config = damaged('empty_config', write('config', '{}'))
+  for call in (lambda: restore_lib.restore(str(empty_config)),
+               lambda: main_lib.train(longer, str(empty_config))):
+    with pytest.raises(ValueError, match=r"'config' item of the checkpoint .*2 lacks model, "
+                       'optim, input: it is damaged'):
+      call()
+  listed = damaged('list_tokenizer', write('tokenizer', '[]'))
+  for call in (lambda: restore_lib.restore(str(listed)),
+               lambda: main_lib.train(longer, str(listed))):
+    with pytest.raises(ValueError, match=r"'tokenizer' item of the checkpoint .*2 holds a JSON "
+                       'list, not an object'):
+      call()
+  emptied = damaged('emptied', lambda step: [shutil.rmtree(p) for p in step.iterdir()
+                                             if p.is_dir()])
+  with pytest.raises(ValueError, match=r"'tokenizer' item of the checkpoint at step 2 in .* "
+                     r'cannot be read \(KeyError.*\)\. Move .*emptied/checkpoints/2 aside'):
+    main_lib.train(longer, str(emptied))
+  cut = damaged('cut_tokenizer', lambda step: (step / 'tokenizer' / 'metadata').write_text(
+      json.dumps({'kind': 'sentencepiece', 'sentencepiece_model': base64.b64encode(
+          tiny_model_bytes(step)[:700]).decode()})))
+  with pytest.raises(ValueError, match=r'the tokenizer saved in the checkpoint .*2 cannot be '
+                     'loaded .*: it is damaged'):
+    restore_lib.restore(str(cut))
+  assert os.listdir(tmp_path / 'cache' / 'tokenizers') == []  # Not kept in the cache.
+  before = sorted(os.listdir(cut))
+  with pytest.raises(ValueError, match=r'the tokenizer saved in the latest checkpoint of .*cut_'
+                     'tokenizer cannot be loaded .*: it is damaged'):
+    main_lib.train(longer, str(cut))
+  assert sorted(os.listdir(cut)) == before  # No staged tokenizer left in the workdir.
+  garbled = damaged('garbled', lambda step: (step / 'tokenizer' / 'metadata').write_text(
+      json.dumps({'kind': 'sentencepiece', 'sentencepiece_model': '@@@@'})))
+  with pytest.raises(ValueError, match='holds no readable sentencepiece file'):
+    restore_lib.restore(str(garbled))
+  no_data = damaged('no_data', lambda step: shutil.rmtree(step / 'data'))
+  with pytest.raises(ValueError, match=r'at step 2 in .* has no input position .*: it is '
+                     'damaged. Move .*no_data/checkpoints/2 aside'):
+    main_lib.train(longer, str(no_data))
+  assert restore_lib.restore(str(run)).step == 2  # The undamaged run restores.
+
+
+def tiny_model_bytes(step):
+  return base64.b64decode(json.loads((step / 'tokenizer' / 'metadata').read_text())[
+      'sentencepiece_model'])
 
 
 def test_the_results_table_is_in_percent_beside_the_chance_levels():

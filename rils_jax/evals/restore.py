@@ -8,6 +8,7 @@ either layer layout (`config.model.scan_layers`: `checkpoints.load_params` conve
 the parameters are read, not the optimizer state.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -45,6 +46,14 @@ def data_parallel_mesh():
       {'mesh': {'slice': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}}))
 
 
+def _holds(path: str, data: bytes) -> bool:
+  try:
+    with open(path, 'rb') as f:
+      return f.read() == data
+  except OSError:
+    return False
+
+
 def tokenizer_path(tokenizer_bytes: bytes) -> str:
   """The path of a file holding `tokenizer_bytes`: `<cache>/tokenizers/<sha256>_<name>`.
 
@@ -63,8 +72,8 @@ def tokenizer_path(tokenizer_bytes: bytes) -> str:
   for folder in (os.path.join(synthetic.cache_dir(), 'tokenizers'),
                  os.path.join(tempfile.gettempdir(), 'rils_jax_tokenizers')):
     path = os.path.join(folder, file_name)
-    if os.path.isfile(path) and os.path.getsize(path) == len(tokenizer_bytes):
-      return path  # (A file cut short by hand is written again.)
+    if _holds(path, tokenizer_bytes):
+      return path  # (A file changed or cut short by hand is written again.)
     try:
       os.makedirs(folder, exist_ok=True)
       handle, staged = tempfile.mkstemp(dir=folder, prefix='.' + file_name)
@@ -73,6 +82,7 @@ def tokenizer_path(tokenizer_bytes: bytes) -> str:
     try:
       with os.fdopen(handle, 'wb') as f:
         f.write(tokenizer_bytes)
+      os.chmod(staged, 0o644)  # Readable by the other users of a shared temporary folder.
       os.replace(staged, path)
     finally:
       if os.path.exists(staged):
@@ -88,13 +98,20 @@ def restore(checkpoint: str, step: Optional[int] = None) -> Restored:
   Raises:
     FileNotFoundError: when there is no checkpoint, or it lacks its config or tokenizer.
     ValueError: when the saved parameters do not fit the saved config's model, or the
-      tokenizer item is of an unknown kind.
+      config or tokenizer item is damaged or of an unknown kind.
   """
   state_dir = checkpoints_lib.checkpoint_path(checkpoint, step)
   folder = storage.dirname(state_dir)
   config = ml_collections.ConfigDict(checkpoints_lib.read_json(folder, 'config'))
   tokenizer_bytes = checkpoints_lib.tokenizer_file(checkpoints_lib.read_json(folder, 'tokenizer'))
-  tokenizer = tokenizer_lib.load(tokenizer_path(tokenizer_bytes))
+  path = tokenizer_path(tokenizer_bytes)
+  try:
+    tokenizer = tokenizer_lib.load(path)
+  except (ValueError, RuntimeError, OSError) as e:  # sentencepiece: RuntimeError or OSError.
+    with contextlib.suppress(OSError):  # Not kept: the checkpoint is at fault, not the cache.
+      os.remove(path)
+    raise ValueError(f'the tokenizer saved in the checkpoint {folder} cannot be loaded '
+                     f'({type(e).__name__}: {e}): it is damaged') from e
   # The attention kernel suits the training machine ('cudnn' cannot run on a CPU host): this
   # machine's own choice, 'auto', computes the same function.
   here = ml_collections.ConfigDict(config.to_dict())
