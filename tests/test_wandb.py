@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import ml_collections
 import pytest
@@ -46,7 +47,24 @@ def _config(**wandb_settings) -> ml_collections.ConfigDict:
   return c
 
 
-def _records(run_folder):
+def _records(run_folder, timeout: float = 60.0):
+  """The records of a finished run's `.wandb` file, once they end with its `exit` record:
+  `run.finish()` can return before wandb's service has written the file out (a CI run read it
+  without its `run` record, which was there a second later)."""
+  deadline = time.monotonic() + timeout
+  from google.protobuf import message  # pylint: disable=import-outside-toplevel
+  while True:
+    try:
+      records = list(_read_records(run_folder))
+    except message.DecodeError:  # A record written in part.
+      records = []
+    if (records and records[-1].WhichOneof('record_type') == 'exit') or (
+        time.monotonic() > deadline):
+      return records
+    time.sleep(0.2)
+
+
+def _read_records(run_folder):
   """The records of the run's `.wandb` file (wandb's transaction log: a 7-byte header, then
   LevelDB log blocks of 32 KiB whose chunks hold serialised `wandb_internal_pb2.Record`s; wandb
   0.31 ships no Python reader of its own)."""
