@@ -226,18 +226,13 @@ def test_damaged_checkpoint_items_are_named_in_one_message(shapes, tmp_path, mon
   def write(item, text):
     return lambda step: (step / item / 'metadata').write_text(text)
 
-  empty_config = damaged('empty_config', write('config', '{}'))
-  for call in (lambda: restore_lib.restore(str(empty_config)),
-               lambda: main_lib.train(longer, str(empty_config))):
-    with pytest.raises(ValueError, match=r"'config' item of the checkpoint .*2 lacks model, "
-                       'optim, input: it is damaged'):
-      call()
-  listed = damaged('list_tokenizer', write('tokenizer', '[]'))
-  for call in (lambda: restore_lib.restore(str(listed)),
-               lambda: main_lib.train(longer, str(listed))):
-    with pytest.raises(ValueError, match=r"'tokenizer' item of the checkpoint .*2 holds a JSON "
-                       'list, not an object'):
-      call()
+  for item, text, said in (
+      ('config', '{}', 'lacks model, optim, input: it is damaged'),
+      ('tokenizer', '[]', 'holds a JSON list, not an object')):
+    copy = damaged(f'odd_{item}', write(item, text))
+    for call in (restore_lib.restore, lambda path: main_lib.train(longer, path)):
+      with pytest.raises(ValueError, match=rf"'{item}' item of the checkpoint .*2 {said}"):
+        call(str(copy))
   emptied = damaged('emptied', lambda step: [shutil.rmtree(p) for p in step.iterdir()
                                              if p.is_dir()])
   with pytest.raises(ValueError, match=r"'tokenizer' item of the checkpoint at step 2 in .* "
